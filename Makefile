@@ -1,0 +1,45 @@
+# Thin wrappers: each target is one command a person could type. `make help` lists them.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test demo-advance sqlmesh lint format clean
+
+help: ## List every target with one line
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its test tools
+
+run: $(STAMP) ## Whole job on the default warehouse: demo data if missing, every pipeline, SQLMesh prod plan
+	$(BIN)/python -m datamart run --demo
+
+test: $(STAMP) ## Run the tests (DuckDB and a throwaway PostgreSQL started by the tests)
+	scripts/ensure-postgres.sh
+	$(BIN)/python -m pytest
+
+demo-advance: $(STAMP) ## Move the demo source one day forward (inserts, updates, soft and hard deletes)
+	$(BIN)/python -m datamart.demo --advance-day
+
+sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse, e.g. make sqlmesh ARGS="plan dev"
+	$(BIN)/python -m datamart sqlmesh $(ARGS)
+
+lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
+	$(BIN)/ruff check datamart tests
+	$(BIN)/ruff format --check datamart tests
+	$(BIN)/python -m datamart sqlmesh lint
+	$(BIN)/python -m datamart sqlmesh format --check
+
+format: $(STAMP) ## Format Python (ruff) and SQL models (sqlmesh format)
+	$(BIN)/ruff format datamart tests
+	$(BIN)/python -m datamart sqlmesh format
+
+clean: ## Remove local data (demo source, bucket, warehouse, dlt working dirs) and caches
+	rm -rf data .cache logs .pytest_cache

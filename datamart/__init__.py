@@ -1,0 +1,1 @@
+"""Declarative dlt ingestion and SQLMesh modelling for a public-service datamart."""

@@ -1,0 +1,102 @@
+"""The whole job: (demo data) → every declared pipeline → SQLMesh prod plan → a short summary."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from datamart.ingest.declarations import load_all, load_named
+from datamart.ingest.runner import PipelineRun, run_pipeline
+from datamart.ingest.sources import bucket_url, source_credentials
+from datamart.settings import PROJECT_ROOT, Warehouse, resolve_warehouse
+from datamart.transform import TransformRun, apply_prod
+
+DEMO_SOURCE = "app_db"
+DEMO_BUCKET = "bucket"
+
+
+@dataclass
+class FlowRun:
+    """Everything one run did, for the summary and for tests."""
+
+    warehouse: Warehouse
+    pipelines: list[PipelineRun] = field(default_factory=list)
+    transform: TransformRun | None = None
+    elapsed: float = 0.0
+
+
+def ensure_demo_secrets(secrets_file: Path = PROJECT_ROOT / ".dlt" / "secrets.toml") -> bool:
+    """Write a local ``.dlt/secrets.toml`` with a random HMAC key if there is none; True when written."""
+    if secrets_file.exists() or os.environ.get("DATAMART__PII_HMAC_KEY"):
+        return False
+    secrets_file.write_text(
+        "# Written by `make run` for the local demo. Keep this key stable: it defines every pseudonym.\n"
+        f'[datamart]\npii_hmac_key = "{secrets.token_hex(32)}"\n'
+    )
+    os.chmod(secrets_file, 0o600)
+    return True
+
+
+def ensure_demo_data(out: TextIO) -> None:
+    """Generate the demo source (day 0) if the app_db source does not exist yet."""
+    from datamart import demo
+
+    url = source_credentials(load_named(DEMO_SOURCE))
+    bucket = Path(bucket_url(load_named(DEMO_BUCKET)))
+    if demo.source_exists(url):
+        return
+    print(f"demo: generating the demo application database and bucket ({url}, {bucket})", file=out)
+    demo.generate(source_url=url, bucket=bucket)
+
+
+def run_flow(
+    warehouse: Warehouse | None = None,
+    demo: bool = False,
+    pipelines_dir: Path | None = None,
+    out: TextIO = sys.stdout,
+) -> FlowRun:
+    """Run every pipeline then the prod plan; raise on the first failure (prod views stay as they were)."""
+    started = time.monotonic()
+    warehouse = warehouse or resolve_warehouse()
+    if demo:
+        if ensure_demo_secrets():
+            print("demo: wrote .dlt/secrets.toml with a random pseudonymisation key", file=out)
+        ensure_demo_data(out)
+    flow = FlowRun(warehouse=warehouse)
+    declarations = load_all()
+    for number, decl in enumerate(declarations, 1):
+        print(f"[{number}/{len(declarations)}] loading pipeline {decl.name} → {decl.dataset}", file=out)
+        run = run_pipeline(decl, warehouse, pipelines_dir=pipelines_dir)
+        print(f"      {run.rows_loaded} rows in {run.elapsed:.1f}s", file=out)
+        flow.pipelines.append(run)
+    print("[sqlmesh] planning and applying prod", file=out)
+    refreshed = [name for run in flow.pipelines for name in run.loaded_tables()]
+    flow.transform = apply_prod(warehouse, refreshed)
+    flow.elapsed = time.monotonic() - started
+    print(summary(flow), file=out)
+    return flow
+
+
+def summary(flow: FlowRun) -> str:
+    """The short report printed at the end of a run."""
+    lines = ["", f"Done in {flow.elapsed:.1f}s. Warehouse: {flow.warehouse.describe()}", ""]
+    lines.append(f"{'table':<36}{'loaded now':>12}{'in warehouse':>14}")
+    for run in flow.pipelines:
+        for table in run.tables:
+            name = f"{run.dataset}.{table.table}"
+            lines.append(f"{name:<36}{table.rows_loaded:>12,}{table.rows_in_warehouse:>14,}")
+    transform = flow.transform
+    if transform is not None:
+        lines.append("")
+        built = ", ".join(transform.models_built) if transform.models_built else "none (nothing changed)"
+        lines.append(f"Models built: {len(transform.models_built)} ({built})")
+        lines.append(f"Audits passed: {transform.audits_passed}")
+        lines.append(f"Published views (what Metabase reads): {', '.join(transform.published_views)}")
+        if transform.published_views:
+            lines.append(f"Query one: {flow.warehouse.query_hint(transform.published_views[0])}")
+    return "\n".join(lines)

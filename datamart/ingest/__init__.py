@@ -1,0 +1,1 @@
+"""Declared dlt pipelines: declarations, sources, personal-data treatments and the runner."""

@@ -1,0 +1,154 @@
+"""Pipeline declarations: one YAML file per pipeline under ``pipelines/``, read into plain dataclasses.
+
+A declaration says what to load and how; the connection itself is a secret looked up by name
+(``sources.<pipeline>.credentials`` / ``SOURCES__<PIPELINE>__CREDENTIALS``), never written in the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from datamart.settings import PIPELINES_DIR
+
+SOURCE_KINDS = ("sql_database", "filesystem")
+WRITE_DISPOSITIONS = ("append", "merge", "replace")
+PERSONAL_TREATMENTS = ("hash", "drop", "year")
+FILE_FORMATS = ("csv", "parquet", "jsonl")
+
+
+class DeclarationError(ValueError):
+    """A declaration is wrong; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class TableDecl:
+    """One table (or file set) of a pipeline and how it is loaded."""
+
+    name: str
+    write_disposition: str = "append"
+    primary_key: tuple[str, ...] = ()
+    cursor: str | None = None
+    personal: dict[str, str] = field(default_factory=dict)
+    files: str | None = None  # filesystem sources: glob relative to the bucket
+    format: str | None = None  # filesystem sources: csv, parquet, jsonl
+
+
+@dataclass(frozen=True)
+class PipelineDecl:
+    """A whole pipeline: its source, the dataset it loads into and its tables."""
+
+    name: str
+    kind: str
+    dataset: str
+    tables: tuple[TableDecl, ...]
+    path: Path
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def table(self, name: str) -> TableDecl:
+        """The declared table ``name``, or an error listing the declared ones."""
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise DeclarationError(
+            f"{self.path.name}: pipeline '{self.name}' declares no table '{name}'; "
+            f"declared: {', '.join(t.name for t in self.tables)}"
+        )
+
+
+_TOP_KEYS = {"name", "description", "source", "dataset", "tables"}
+_TABLE_KEYS = {"write_disposition", "primary_key", "cursor", "personal", "files", "format"}
+
+
+def _fail(path: Path, key: str, message: str) -> DeclarationError:
+    return DeclarationError(f"{path.name}: {key}: {message}")
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+def load_declaration(path: Path) -> PipelineDecl:
+    """Read and check one declaration file."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise _fail(path, "(file)", "expected a mapping with name, source, dataset and tables")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise _fail(path, ", ".join(sorted(unknown)), f"unknown key; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    name = raw.get("name") or path.stem
+    if name != path.stem:
+        raise _fail(path, "name", f"'{name}' must match the file name '{path.stem}'")
+    source = raw.get("source") or {}
+    kind = source.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise _fail(path, "source.kind", f"{kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    if not raw.get("dataset"):
+        raise _fail(path, "dataset", "missing: the warehouse schema to load into, e.g. raw_<source>")
+    tables_raw = raw.get("tables") or {}
+    if not tables_raw:
+        raise _fail(path, "tables", "declare at least one table")
+    tables = tuple(_load_table(path, kind, tname, tdecl or {}) for tname, tdecl in tables_raw.items())
+    options = {k: v for k, v in source.items() if k != "kind"}
+    return PipelineDecl(
+        name=name,
+        kind=kind,
+        dataset=raw["dataset"],
+        tables=tables,
+        path=path,
+        description=str(raw.get("description", "")).strip(),
+        options=options,
+    )
+
+
+def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> TableDecl:
+    where = f"tables.{name}"
+    unknown = set(decl) - _TABLE_KEYS
+    if unknown:
+        raise _fail(path, f"{where}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(_TABLE_KEYS))}")
+    disposition = decl.get("write_disposition", "append")
+    if disposition not in WRITE_DISPOSITIONS:
+        raise _fail(path, f"{where}.write_disposition", f"{disposition!r} is not one of {WRITE_DISPOSITIONS}")
+    primary_key = _as_tuple(decl.get("primary_key"))
+    if disposition == "merge" and not primary_key:
+        raise _fail(path, f"{where}.primary_key", "a merge table needs a primary_key to merge on")
+    personal = {str(c): str(t) for c, t in (decl.get("personal") or {}).items()}
+    for column, treatment in personal.items():
+        if treatment not in PERSONAL_TREATMENTS:
+            raise _fail(path, f"{where}.personal.{column}", f"{treatment!r} is not one of {PERSONAL_TREATMENTS}")
+    if kind == "filesystem":
+        if not decl.get("files"):
+            raise _fail(path, f"{where}.files", "a file table needs a glob, e.g. exports/*.parquet")
+        if decl.get("format") not in FILE_FORMATS:
+            raise _fail(path, f"{where}.format", f"{decl.get('format')!r} is not one of {FILE_FORMATS}")
+    return TableDecl(
+        name=name,
+        write_disposition=disposition,
+        primary_key=primary_key,
+        cursor=decl.get("cursor"),
+        personal=personal,
+        files=decl.get("files"),
+        format=decl.get("format"),
+    )
+
+
+def load_all(directory: Path = PIPELINES_DIR) -> list[PipelineDecl]:
+    """Every declaration under ``directory``, in name order."""
+    return [load_declaration(p) for p in sorted(directory.glob("*.yaml"))]
+
+
+def load_named(name: str, directory: Path = PIPELINES_DIR) -> PipelineDecl:
+    """The declaration of pipeline ``name``, or an error listing the known ones."""
+    path = directory / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(p.stem for p in sorted(directory.glob("*.yaml"))) or "none"
+        raise DeclarationError(f"no pipeline named '{name}' in {directory}; known pipelines: {known}")
+    return load_declaration(path)

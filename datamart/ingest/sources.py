@@ -1,0 +1,131 @@
+"""Turn a pipeline declaration into dlt resources built on dlt's own sources (sql_database, filesystem)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dlt
+from dlt.extract.resource import DltResource
+
+from datamart.ingest.declarations import PipelineDecl, TableDecl
+from datamart.ingest.personal import personal_data_map, require_hmac_key
+from datamart.settings import PROJECT_ROOT, SettingsError
+
+
+def source_credentials(pipeline: PipelineDecl) -> str:
+    """The SQLAlchemy URL of a sql_database pipeline, from ``sources.<name>.credentials``."""
+    key = f"sources.{pipeline.name}.credentials"
+    url = dlt.secrets.get(key)
+    if not url:
+        raise SettingsError(
+            f"pipeline '{pipeline.name}': no connection for its source. Set {key.upper().replace('.', '__')}="
+            "<SQLAlchemy URL> or [sources." + pipeline.name + "] credentials in .dlt/secrets.toml."
+        )
+    return normalise_sqlalchemy_url(str(url))
+
+
+def normalise_sqlalchemy_url(url: str) -> str:
+    """Pin PostgreSQL URLs to psycopg2 and anchor relative SQLite paths at the project root."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{PROJECT_ROOT / url[len('sqlite:///') :]}"
+    return url
+
+
+def bucket_url(pipeline: PipelineDecl) -> str:
+    """The bucket of a filesystem pipeline, from ``sources.<name>.bucket_url``; local paths are made absolute."""
+    key = f"sources.{pipeline.name}.bucket_url"
+    url = dlt.config.get(key)
+    if not url:
+        raise SettingsError(
+            f"pipeline '{pipeline.name}': no bucket. Set {key.upper().replace('.', '__')}=s3://... "
+            f"or [sources.{pipeline.name}] bucket_url in .dlt/config.toml."
+        )
+    url = str(url)
+    if "://" not in url and not os.path.isabs(url):
+        url = str(PROJECT_ROOT / url)
+    return url
+
+
+def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> list[DltResource]:
+    """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map."""
+    selected = [pipeline.table(t) for t in tables] if tables else list(pipeline.tables)
+    if any(t.personal for t in selected):
+        require_hmac_key(pipeline.name)
+    build: Callable[[PipelineDecl, TableDecl], DltResource] = {
+        "sql_database": _sql_resource,
+        "filesystem": _file_resource,
+    }[pipeline.kind]
+    resources = []
+    for table in selected:
+        resource = build(pipeline, table)
+        if table.personal:
+            resource.add_map(personal_data_map(pipeline.name, table.name, table.personal))
+            _rewrite_column_hints(resource, table.personal)
+        resources.append(resource)
+    return resources
+
+
+def _rewrite_column_hints(resource: DltResource, policy: dict[str, str]) -> None:
+    """Make the reflected column hints describe the treated data: no dropped or coarsened source column."""
+    columns = resource.columns
+    if not isinstance(columns, dict):
+        return
+    for column, treatment in policy.items():
+        columns.pop(column, None)  # a coarsened column (birth_date -> birth_year) is typed from its data
+        if treatment == "hash":
+            columns[column] = {"name": column, "data_type": "text", "nullable": True}
+
+
+def _sql_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
+    from dlt.sources.sql_database import sql_table
+
+    dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
+    return sql_table(
+        credentials=source_credentials(pipeline),
+        table=table.name,
+        schema=pipeline.options.get("schema"),
+        backend="pyarrow",
+        chunk_size=int(pipeline.options.get("chunk_size", 100_000)),
+        incremental=_incremental(table),
+        excluded_columns=dropped or None,
+        write_disposition=table.write_disposition,
+        primary_key=list(table.primary_key) or None,
+    )
+
+
+def _incremental(table: TableDecl) -> dlt.sources.incremental[Any] | None:
+    if not table.cursor:
+        return None
+    if table.write_disposition == "merge":
+        # Boundary rows are re-read and merged harmlessly; no per-row dedup hashes kept in the state.
+        return dlt.sources.incremental(table.cursor, primary_key=())
+    # Append tables with a strictly growing cursor (ids): start strictly after the last value seen.
+    return dlt.sources.incremental(table.cursor, range_start="open")
+
+
+def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
+    from dlt.sources.filesystem import filesystem, read_csv, read_jsonl, read_parquet
+
+    url = bucket_url(pipeline)
+    files = filesystem(bucket_url=url, file_glob=str(table.files), **_fs_credentials(pipeline, url))
+    if table.cursor:
+        files.apply_hints(incremental=dlt.sources.incremental(table.cursor))
+    reader = {"csv": read_csv, "parquet": read_parquet, "jsonl": read_jsonl}[str(table.format)]
+    resource = (files | reader()).with_name(table.name)
+    resource.apply_hints(
+        write_disposition=table.write_disposition,
+        primary_key=list(table.primary_key) or None,
+    )
+    return resource
+
+
+def _fs_credentials(pipeline: PipelineDecl, url: str) -> dict[str, Any]:
+    if url.startswith("file://") or "://" not in url or Path(url).exists():
+        return {}
+    return {"credentials": dlt.secrets[f"sources.{pipeline.name}.credentials"]}

@@ -1,0 +1,154 @@
+"""Where things are and which warehouse is used: the one switch shared by dlt and SQLMesh.
+
+The warehouse is chosen by ``DATAMART_TARGET`` (``duckdb``, the default, or ``postgres``). Its credentials are read
+the dlt way only (``.dlt/secrets.toml``, ``.dlt/config.toml`` or ``DESTINATION__<TARGET>__CREDENTIALS``) and handed to
+SQLMesh as ``DATAMART_*`` environment variables that ``config.yaml`` reads, so both tools always point at the same
+database.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = PROJECT_ROOT / "data"
+PIPELINES_DIR = PROJECT_ROOT / "pipelines"
+TARGETS = ("duckdb", "postgres")
+DEFAULT_DUCKDB_PATH = "data/warehouse.duckdb"
+
+
+class SettingsError(RuntimeError):
+    """A configuration problem the user must fix; the message says how."""
+
+
+def configure_environment() -> None:
+    """Point dlt at this project (settings, working dirs) whatever the current directory, and mute telemetry."""
+    os.environ.setdefault("DLT_PROJECT_DIR", str(PROJECT_ROOT))
+    os.environ.setdefault("DLT_LOCAL_DIR", str(PROJECT_ROOT))
+    os.environ.setdefault("DLT_DATA_DIR", str(DATA_DIR / "dlt"))
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+
+
+def selected_target(explicit: str | None = None) -> str:
+    """The warehouse target: the explicit value, else ``DATAMART_TARGET``, else ``duckdb``."""
+    target = (explicit or os.environ.get("DATAMART_TARGET") or "duckdb").strip().lower()
+    if target not in TARGETS:
+        raise SettingsError(f"DATAMART_TARGET={target!r} is not a known warehouse; use one of {', '.join(TARGETS)}.")
+    return target
+
+
+@dataclass(frozen=True)
+class Warehouse:
+    """The resolved warehouse connection, for dlt (as a destination) and SQLMesh (as environment variables)."""
+
+    target: str
+    duckdb_path: Path | None = None
+    pg: Any = None  # dlt PostgresCredentials, resolved
+
+    def dlt_destination(self) -> Any:
+        """A dlt destination bound to this warehouse."""
+        import dlt
+
+        if self.target == "duckdb":
+            return dlt.destinations.duckdb(credentials=str(self.duckdb_path))
+        return dlt.destinations.postgres(credentials=self.pg)
+
+    def sqlmesh_env(self) -> dict[str, str]:
+        """The environment variables ``config.yaml`` reads to reach the same warehouse."""
+        env = {"DATAMART_TARGET": self.target}
+        if self.target == "duckdb":
+            env["DATAMART_DUCKDB_PATH"] = str(self.duckdb_path)
+        else:
+            env.update(
+                DATAMART_PG_HOST=str(self.pg.host),
+                DATAMART_PG_PORT=str(self.pg.port or 5432),
+                DATAMART_PG_USER=str(self.pg.username),
+                DATAMART_PG_PASSWORD=str(self.pg.password or ""),
+                DATAMART_PG_DATABASE=str(self.pg.database),
+            )
+        return env
+
+    def export_for_sqlmesh(self) -> None:
+        """Export :meth:`sqlmesh_env` into this process's environment."""
+        os.environ.update(self.sqlmesh_env())
+
+    def query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run one SQL statement on the warehouse in its own short connection and return the rows."""
+        if self.target == "duckdb":
+            import duckdb
+
+            with duckdb.connect(str(self.duckdb_path)) as conn:
+                return conn.execute(statement, list(params)).fetchall()
+        import psycopg2
+
+        conn = psycopg2.connect(
+            host=self.pg.host,
+            port=self.pg.port,
+            user=self.pg.username,
+            password=self.pg.password,
+            dbname=self.pg.database,
+        )
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(statement, params or None)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def describe(self) -> str:
+        """Where the data lives, without the password."""
+        if self.target == "duckdb":
+            return f"DuckDB file {self.duckdb_path}"
+        return f"PostgreSQL {self.pg.username}@{self.pg.host}:{self.pg.port}/{self.pg.database}"
+
+    def query_hint(self, view: str) -> str:
+        """A command a person can paste to look at a published view."""
+        if self.target == "duckdb":
+            return f'duckdb {self.duckdb_path} -c "SELECT * FROM {view} LIMIT 10"'
+        return (
+            f"psql -h {self.pg.host} -p {self.pg.port} -U {self.pg.username} {self.pg.database} "
+            f'-c "SELECT * FROM {view} LIMIT 10"'
+        )
+
+
+def postgres_warehouse(url: str) -> Warehouse:
+    """A PostgreSQL warehouse from a libpq URL (tests, tools); production resolves it from dlt's config."""
+    from dlt.destinations.impl.postgres.configuration import PostgresCredentials
+
+    creds = PostgresCredentials()
+    creds.parse_native_representation(url)
+    return Warehouse(target="postgres", pg=creds)
+
+
+def resolve_warehouse(target: str | None = None) -> Warehouse:
+    """Resolve the selected warehouse's credentials through dlt's configuration providers."""
+    configure_environment()
+    target = selected_target(target)
+    if target == "duckdb":
+        import dlt
+
+        configured = os.environ.get("DESTINATION__DUCKDB__CREDENTIALS") or dlt.config.get(
+            "destination.duckdb.credentials"
+        )
+        path = Path(str(configured or DEFAULT_DUCKDB_PATH))
+        if not path.is_absolute():
+            path = PROJECT_ROOT / path
+        return Warehouse(target="duckdb", duckdb_path=path)
+
+    from dlt.common.configuration import resolve_configuration
+    from dlt.common.configuration.exceptions import ConfigFieldMissingException
+    from dlt.destinations.impl.postgres.configuration import PostgresCredentials
+
+    try:
+        creds = resolve_configuration(PostgresCredentials(), sections=("destination", "postgres", "credentials"))
+    except ConfigFieldMissingException as exc:
+        raise SettingsError(
+            "DATAMART_TARGET=postgres but the PostgreSQL warehouse credentials are missing "
+            f"({', '.join(exc.fields)}). Set DESTINATION__POSTGRES__CREDENTIALS="
+            "postgresql://user:password@host:5432/datamart or fill [destination.postgres] in "
+            ".dlt/secrets.toml (see .dlt/example.secrets.toml)."
+        ) from None
+    return Warehouse(target="postgres", pg=creds)

@@ -1,0 +1,1 @@
+"""Test and benchmark support: throwaway PostgreSQL servers."""

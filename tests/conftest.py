@@ -1,0 +1,101 @@
+"""Shared fixtures: a real PostgreSQL server for the session and a fresh database per test.
+
+The server is ``DATAMART_TEST_PG_URL`` when set (an admin URL, e.g. ``postgresql://postgres:pw@host:5432/postgres``),
+else a throwaway PostgreSQL cluster started here. A machine without PostgreSQL binaries skips the PostgreSQL tests
+with the reason, except in CI (``CI=true``) where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.testing.postgres import (
+    PostgresUnavailable,
+    ThrowawayPostgres,
+    create_database,
+    drop_database,
+)
+
+_ISOLATED_DLT = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep tests away from the developer's own secrets: dlt reads a copy of the committed config.toml only."""
+    isolated = Path(tempfile.mkdtemp(prefix="datamart-tests-dlt-"))
+    (isolated / ".dlt").mkdir()
+    shutil.copy(PROJECT_ROOT / ".dlt" / "config.toml", isolated / ".dlt" / "config.toml")
+    os.environ["DLT_PROJECT_DIR"] = str(isolated)
+    os.environ["RUNTIME__DLTHUB_TELEMETRY"] = "false"
+    for key in [k for k in os.environ if k.startswith(("DESTINATION__", "SOURCES__", "DATAMART__"))]:
+        del os.environ[key]
+    os.environ.pop("DATAMART_TARGET", None)
+    config.stash[_ISOLATED_DLT] = isolated
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the isolated dlt project folder."""
+    isolated = config.stash.get(_ISOLATED_DLT, None)
+    if isolated is not None:
+        shutil.rmtree(isolated, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """An admin URL of a running PostgreSQL server, for the whole test session."""
+    if os.environ.get("DATAMART_TEST_PG_URL"):
+        yield os.environ["DATAMART_TEST_PG_URL"]
+        return
+    try:
+        server = ThrowawayPostgres()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and PostgreSQL tests cannot run: {exc}")
+        pytest.skip(f"PostgreSQL tests skipped: {exc}")
+    server.start()
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_database(pg_admin_url: str) -> Iterator[str]:
+    """The URL of a new, empty database on the session's server, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    url = create_database(pg_admin_url, name)
+    try:
+        yield url
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def pg_database_factory(pg_admin_url: str) -> Iterator[Callable[[str], str]]:
+    """Create named fresh databases on the session's server (e.g. a source and a warehouse); all dropped after."""
+    created: list[str] = []
+
+    def make(role: str) -> str:
+        name = f"t_{role}_{uuid.uuid4().hex[:8]}"
+        url = create_database(pg_admin_url, name)
+        created.append(name)
+        return url
+
+    yield make
+    for name in created:
+        drop_database(pg_admin_url, name)
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Warehouse:
+    """An empty warehouse of each kind: a DuckDB file in tmp_path, and a fresh PostgreSQL database."""
+    if request.param == "duckdb":
+        return Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
+    return postgres_warehouse(request.getfixturevalue("pg_database_factory")("warehouse"))
