@@ -121,6 +121,11 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
             "name: bad\nsource: {kind: sql_database}\ndataset: raw\ntables: {t: {personal: {email: encrypt}}}\n",
             "tables.t.personal.email: 'encrypt' is not one of",
         ),
+        (
+            "name: bad\nsource: {kind: sql_database}\ndataset: raw\n"
+            "tables: {t: {write_disposition: replace, cursor: updated_at}}\n",
+            "tables.t.cursor: a replace table is emptied when a run reads nothing new",
+        ),
         ("name: bad\nsource: {kind: ftp}\ndataset: raw\ntables: {t: {}}\n", "source.kind: 'ftp' is not one of"),
     ],
 )

@@ -120,6 +120,13 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     primary_key = _as_tuple(decl.get("primary_key"))
     if disposition == "merge" and not primary_key:
         raise _fail(path, f"{where}.primary_key", "a merge table needs a primary_key to merge on")
+    if disposition == "replace" and decl.get("cursor"):
+        raise _fail(
+            path,
+            f"{where}.cursor",
+            "a replace table is emptied when a run reads nothing new; drop the cursor (reload it whole "
+            "every run) or use write_disposition: merge with a primary_key",
+        )
     personal = {str(c): str(t) for c, t in (decl.get("personal") or {}).items()}
     for column, treatment in personal.items():
         if treatment not in PERSONAL_TREATMENTS:
