@@ -57,7 +57,7 @@ def test_personal_columns_never_reach_the_warehouse_in_clear(
             "WHERE table_schema = 'raw_app_db' AND table_name = 'volunteers' ORDER BY ordinal_position"
         )
     ]
-    assert columns == ["id", "email", "birth_year", "department", "created_at", "updated_at", "_dlt_load_id"]
+    assert columns == ["id", "email", "department", "created_at", "updated_at", "birth_year", "_dlt_load_id"]
     rows = warehouse.query("SELECT id, email, birth_year FROM raw_app_db.volunteers ORDER BY id")
     expected = [
         (v[0], hmac.new(KEY.encode(), v[1].encode(), hashlib.sha256).hexdigest(), int(v[5][:4])) for v in VOLUNTEERS

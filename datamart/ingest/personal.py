@@ -2,8 +2,9 @@
 
 - ``hash``: keyed HMAC-SHA256 (hex) with the secret ``datamart.pii_hmac_key``; the same value gives the same
   pseudonym in every table and run, so joins still work, and nobody without the key can recompute it.
-- ``drop``: the column is never selected from the source (see ``sources._sql_resource``) and removed if present.
-- ``year``: a date becomes its year, in a column ``<name minus _date>_year`` (``birth_date`` → ``birth_year``).
+- ``drop``: the column is never selected from the source (``sources._sql_resource``), and removed if present.
+- ``year``: a date becomes its year, ``<name minus _date>_year`` (``birth_date`` → ``birth_year``); SQL sources
+  compute it in the SELECT, so the date never leaves the source.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import dlt
 from dlt.extract.resource import DltResource
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl
-from datamart.ingest.personal import personal_data_map, require_hmac_key
+from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
 from datamart.settings import PROJECT_ROOT, SettingsError
 
 
@@ -86,6 +86,7 @@ def _sql_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
     from dlt.sources.sql_database import sql_table
 
     dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
+    coarsened = [c for c, treatment in table.personal.items() if treatment == "year"]
     return sql_table(
         credentials=source_credentials(pipeline),
         table=table.name,
@@ -94,9 +95,22 @@ def _sql_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
         chunk_size=int(pipeline.options.get("chunk_size", 100_000)),
         incremental=_incremental(table),
         excluded_columns=dropped or None,
+        table_adapter_callback=_coarsen_in_query(coarsened) if coarsened else None,
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )
+
+
+def _coarsen_in_query(columns: list[str]) -> Callable[[Any], Any]:
+    """A table adapter selecting the year of each date column instead of the date: the date never leaves the source."""
+    import sqlalchemy as sa
+
+    def adapt(table: sa.Table) -> Any:
+        selected = [c for c in table.columns if c.name not in columns]
+        years = [sa.cast(sa.extract("year", table.c[c]), sa.BigInteger).label(year_column(c)) for c in columns]
+        return sa.select(*selected, *years).subquery(table.name)
+
+    return adapt
 
 
 def _incremental(table: TableDecl) -> dlt.sources.incremental[Any] | None:
