@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from sqlmesh.utils.errors import SQLMeshError
+
 from datamart.ingest.declarations import DeclarationError
 from datamart.settings import (
     PROJECT_ROOT,
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="load every pipeline, then build and promote the datamart to prod")
     run.add_argument("--demo", action="store_true", help="generate the demo source and a local key if missing")
+    query = commands.add_parser("query", help="run one SQL query on the selected warehouse and print the rows")
+    query.add_argument("sql")
     commands.add_parser("env", help="print the DATAMART_* variables SQLMesh's config.yaml reads (no password)")
     passthrough = commands.add_parser("sqlmesh", help="run the sqlmesh CLI against the selected warehouse")
     passthrough.add_argument("args", nargs=argparse.REMAINDER)
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             from datamart.flow import run_flow
 
             run_flow(warehouse, demo=args.demo)
+        elif args.command == "query":
+            print_rows(warehouse.query(args.sql))
         elif args.command == "env":
             for key, value in warehouse.sqlmesh_env().items():
                 print(f"{key}={'***' if 'PASSWORD' in key else value}")
@@ -47,7 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, DeclarationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SQLMeshError as exc:
+        print(
+            f"error: SQLMesh stopped, prod views were not changed: {exc}\n"
+            'Inspect with `make sqlmesh ARGS="plan"` (or `ARGS=test`, `ARGS=audit`).',
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def print_rows(rows: list[tuple[object, ...]]) -> None:
+    """Rows as tab-separated lines, then their count."""
+    for row in rows:
+        print("\t".join("" if value is None else str(value) for value in row))
+    print(f"({len(rows)} rows)")
 
 
 if __name__ == "__main__":

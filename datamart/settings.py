@@ -106,12 +106,8 @@ class Warehouse:
 
     def query_hint(self, view: str) -> str:
         """A command a person can paste to look at a published view."""
-        if self.target == "duckdb":
-            return f'duckdb {self.duckdb_path} -c "SELECT * FROM {view} LIMIT 10"'
-        return (
-            f"psql -h {self.pg.host} -p {self.pg.port} -U {self.pg.username} {self.pg.database} "
-            f'-c "SELECT * FROM {view} LIMIT 10"'
-        )
+        target = "" if self.target == "duckdb" else "DATAMART_TARGET=postgres "
+        return f'{target}.venv/bin/python -m datamart query "SELECT * FROM {view} LIMIT 10"'
 
 
 def postgres_warehouse(url: str) -> Warehouse:

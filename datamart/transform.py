@@ -48,16 +48,21 @@ def apply_prod(warehouse: Warehouse, refreshed_sources: list[str]) -> TransformR
         plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate)
         built.update({plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements})
     models = [s for s in built.values() if s.is_model and not s.is_external and not s.is_symbolic]
-    result.models_built = sorted(s.name for s in models)
+    result.models_built = sorted(_short_name(s.name) for s in models)
     result.audits_passed = sum(len(s.model.audits) for s in models)
     result.published_views = published_views(context)
     result.elapsed = time.monotonic() - started
     return result
 
 
+def _short_name(fqn: str) -> str:
+    """``schema.table`` from a fully qualified, quoted SQLMesh name (``"catalog"."schema"."table"``)."""
+    return ".".join(fqn.replace('"', "").split(".")[-2:])
+
+
 def _external_name(model: Any) -> str:
     """``raw_app_db.organizations`` for an external model, whatever catalog SQLMesh qualified it with."""
-    return ".".join(model.fqn.replace('"', "").split(".")[-2:])
+    return _short_name(model.fqn)
 
 
 def published_views(context: Any) -> list[str]:
@@ -66,7 +71,7 @@ def published_views(context: Any) -> list[str]:
     for model in context.models.values():
         if model.kind.is_external:
             continue
-        schema_table = ".".join(model.fqn.replace('"', "").split(".")[-2:])
+        schema_table = _short_name(model.fqn)
         if schema_table.split(".")[0] == PUBLISHED_SCHEMA:
             names.append(schema_table)
     return sorted(names)

@@ -18,7 +18,7 @@ from datamart.settings import PROJECT_ROOT, SettingsError
 def source_credentials(pipeline: PipelineDecl) -> str:
     """The SQLAlchemy URL of a sql_database pipeline, from ``sources.<name>.credentials``."""
     key = f"sources.{pipeline.name}.credentials"
-    url = dlt.secrets.get(key)
+    url = dlt.secrets.get(key) or dlt.config.get(key)  # config.toml holds the demo's non-secret SQLite path
     if not url:
         raise SettingsError(
             f"pipeline '{pipeline.name}': no connection for its source. Set {key.upper().replace('.', '__')}="
@@ -117,8 +117,9 @@ def _incremental(table: TableDecl) -> dlt.sources.incremental[Any] | None:
     if not table.cursor:
         return None
     if table.write_disposition == "merge":
-        # Boundary rows are re-read and merged harmlessly; no per-row dedup hashes kept in the state.
-        return dlt.sources.incremental(table.cursor, primary_key=())
+        # Rows sharing the last cursor value are re-read (closed range) and de-duplicated by primary key in the
+        # state, so a run with no source change loads nothing.
+        return dlt.sources.incremental(table.cursor)
     # Append tables with a strictly growing cursor (ids): start strictly after the last value seen.
     return dlt.sources.incremental(table.cursor, range_start="open")
 

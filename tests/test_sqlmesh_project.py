@@ -1,0 +1,31 @@
+"""The SQLMesh project itself: unit tests (tests/test_*.yaml) pass, models are lint- and format-clean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datamart.settings import Warehouse
+from datamart.transform import sqlmesh_context
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Any:
+    """A SQLMesh context on the project, on a throwaway DuckDB file."""
+    return sqlmesh_context(Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb"))
+
+
+def test_sqlmesh_unit_tests_pass(context: Any) -> None:
+    result = context.test()
+    assert result.testsRun >= 7
+    assert result.wasSuccessful(), [str(failure) for failure in result.failures + result.errors]
+
+
+def test_models_are_lint_clean(context: Any) -> None:
+    assert context.lint_models(raise_on_error=True) == []
+
+
+def test_models_are_formatted(context: Any) -> None:
+    assert context.format(check=True), "run `make format`"
