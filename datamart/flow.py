@@ -30,15 +30,19 @@ class FlowRun:
     elapsed: float = 0.0
 
 
-def ensure_demo_secrets(secrets_file: Path = PROJECT_ROOT / ".dlt" / "secrets.toml") -> bool:
+def ensure_demo_secrets() -> bool:
     """Write a local ``.dlt/secrets.toml`` with a random HMAC key if there is none; True when written."""
+    secrets_file = Path(os.environ.get("DLT_PROJECT_DIR") or PROJECT_ROOT) / ".dlt" / "secrets.toml"
     if secrets_file.exists() or os.environ.get("DATAMART__PII_HMAC_KEY"):
         return False
+    key = secrets.token_hex(32)
     secrets_file.write_text(
         "# Written by `make run` for the local demo. Keep this key stable: it defines every pseudonym.\n"
-        f'[datamart]\npii_hmac_key = "{secrets.token_hex(32)}"\n'
+        f'[datamart]\npii_hmac_key = "{key}"\n'
     )
     os.chmod(secrets_file, 0o600)
+    # dlt has already read its secret files in this process: hand it the new key the way it always looks.
+    os.environ["DATAMART__PII_HMAC_KEY"] = key
     return True
 
 

@@ -5,8 +5,11 @@ Expected figures are computed from the demo source with plain SQL, never from th
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -55,13 +58,17 @@ class Stack:
 
 
 def _base_env(tmp_path: Path) -> dict[str, str]:
+    """No warehouse, source or key from the caller; dlt reads a copy of the committed config.toml only."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_", "SQLMESH__"))
     }
+    project = tmp_path / "project"
+    (project / ".dlt").mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / ".dlt" / "config.toml", project / ".dlt" / "config.toml")
     env.update(
-        DATAMART__PII_HMAC_KEY="end-to-end-test-key",
+        DLT_PROJECT_DIR=str(project),
         DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
         SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"),
     )
@@ -70,7 +77,10 @@ def _base_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Stack:
-    """DuckDB: a SQLite source and a DuckDB warehouse; PostgreSQL: a source database and a warehouse database."""
+    """DuckDB: a SQLite source and a DuckDB warehouse, as on a fresh clone (no key: `make run` writes one).
+
+    PostgreSQL: a source database and a warehouse database, configured by environment as in production.
+    """
     env = _base_env(tmp_path)
     if request.param == "duckdb":
         source_url = f"sqlite:///{tmp_path / 'app.sqlite'}"
@@ -81,7 +91,11 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Stack:
         source_url = make_database("source")
         warehouse_url = make_database("warehouse")
         warehouse = postgres_warehouse(warehouse_url)
-        env.update(DATAMART_TARGET="postgres", DESTINATION__POSTGRES__CREDENTIALS=warehouse_url)
+        env.update(
+            DATAMART_TARGET="postgres",
+            DESTINATION__POSTGRES__CREDENTIALS=warehouse_url,
+            DATAMART__PII_HMAC_KEY="end-to-end-test-key",
+        )
     env["SOURCES__APP_DB__CREDENTIALS"] = source_url
     return Stack(env=env, source_url=source_url, bucket=tmp_path / "bucket", warehouse=warehouse)
 
@@ -120,6 +134,18 @@ def _assert_marts_match_source(stack: Stack, after_hard_deletes: bool = False) -
 def test_whole_flow_then_next_day_loads_only_what_changed(stack: Stack) -> None:
     first = _run(stack, "-m", "datamart", "run", "--demo")
     assert "Published views (what Metabase reads): marts." in first
+    secrets_file = Path(stack.env["DLT_PROJECT_DIR"]) / ".dlt" / "secrets.toml"
+    if "DATAMART__PII_HMAC_KEY" not in stack.env:  # the fresh-clone path: a key was written, then used
+        assert "wrote .dlt/secrets.toml" in first
+        assert secrets_file.stat().st_mode & 0o777 == 0o600
+        key = re.search(r'pii_hmac_key = "([0-9a-f]{64})"', secrets_file.read_text()).group(1)
+        email, volunteer_id = stack.source("SELECT email, id FROM volunteers ORDER BY id LIMIT 1")[0]
+        pseudonym = hmac.new(key.encode(), email.encode(), hashlib.sha256).hexdigest()
+        assert stack.warehouse.query(f"SELECT email FROM raw_app_db.volunteers WHERE id = {volunteer_id}") == [
+            (pseudonym,)
+        ]
+    else:
+        assert not secrets_file.exists()
     assert stack.scalar("SELECT count(*) FROM missions") > 0, "the demo source was generated"
     for table, source_table in [("raw_app_db.missions", "missions"), ("raw_app_db.stats_events", "stats_events")]:
         assert _loaded_now(first, table) == stack.scalar(f"SELECT count(*) FROM {source_table}")
