@@ -89,11 +89,11 @@ def run_flow(
 def summary(flow: FlowRun) -> str:
     """The short report printed at the end of a run."""
     lines = ["", f"Done in {flow.elapsed:.1f}s. Warehouse: {flow.warehouse.describe()}", ""]
-    lines.append(f"{'table':<36}{'loaded now':>12}{'in warehouse':>14}")
+    lines.append(f"{'table':<36}{'loaded now':>12}{'deleted now':>13}{'in warehouse':>14}")
     for run in flow.pipelines:
         for table in run.tables:
             name = f"{run.dataset}.{table.table}"
-            lines.append(f"{name:<36}{table.rows_loaded:>12,}{table.rows_in_warehouse:>14,}")
+            lines.append(f"{name:<36}{table.rows_loaded:>12,}{table.rows_deleted:>13,}{table.rows_in_warehouse:>14,}")
     transform = flow.transform
     if transform is not None:
         lines.append("")

@@ -109,12 +109,18 @@ def _run(stack: Stack, *args: str) -> str:
 
 
 def _loaded_now(summary: str, table: str) -> int:
-    match = re.search(rf"^{re.escape(table)}\s+([\d,]+)\s+([\d,]+)$", summary, re.MULTILINE)
+    match = re.search(rf"^{re.escape(table)}\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", summary, re.MULTILINE)
     assert match, f"{table} missing from the summary:\n{summary}"
     return int(match.group(1).replace(",", ""))
 
 
-def _assert_marts_match_source(stack: Stack, after_hard_deletes: bool = False) -> None:
+def _deleted_now(summary: str, table: str) -> int:
+    match = re.search(rf"^{re.escape(table)}\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", summary, re.MULTILINE)
+    assert match, f"{table} missing from the summary:\n{summary}"
+    return int(match.group(2).replace(",", ""))
+
+
+def _assert_marts_match_source(stack: Stack) -> None:
     live_missions = stack.scalar("SELECT count(*) FROM missions WHERE deleted_at IS NULL")
     assert stack.mart("SELECT count(*) FROM marts.missions_v1") == live_missions
     live_organizations = stack.scalar("SELECT count(*) FROM organizations WHERE deleted_at IS NULL")
@@ -122,8 +128,6 @@ def _assert_marts_match_source(stack: Stack, after_hard_deletes: bool = False) -
     for event_type in ("impression", "click", "application"):
         in_source = stack.scalar(f"SELECT count(*) FROM stats_events WHERE event_type = '{event_type}'")
         assert stack.mart(f"SELECT sum({event_type}s) FROM marts.partner_funnel_daily_v1") == in_source
-    if after_hard_deletes:
-        return  # hard deletes (erasure, withdrawn applications) need key-set delete detection: issue 3
     volunteers = stack.scalar("SELECT count(*) FROM volunteers")
     assert stack.mart("SELECT sum(volunteers) FROM marts.volunteer_activity_v1") == volunteers
     applications = stack.scalar("SELECT count(*) FROM applications")
@@ -152,6 +156,8 @@ def test_whole_flow_then_next_day_loads_only_what_changed(stack: Stack) -> None:
     _assert_marts_match_source(stack)
 
     events_before = stack.scalar("SELECT max(id) FROM stats_events")
+    volunteers_before = stack.scalar("SELECT max(id) FROM volunteers")
+    volunteers_before_count = stack.scalar("SELECT count(*) FROM volunteers")
     changed_missions_day_1 = "SELECT count(*) FROM missions WHERE updated_at >= '2026-01-01'"
     _run(stack, "-m", "datamart.demo", "--advance-day", "--bucket", str(stack.bucket))
     new_events = stack.scalar(f"SELECT count(*) FROM stats_events WHERE id > {events_before}")
@@ -159,11 +165,22 @@ def test_whole_flow_then_next_day_loads_only_what_changed(stack: Stack) -> None:
 
     second = _run(stack, "-m", "datamart", "run", "--demo")
     assert _loaded_now(second, "raw_app_db.stats_events") == new_events
-    # Merge tables: the changed rows, plus the boundary rows sharing the last cursor value (re-read, merged).
-    changed = stack.scalar(changed_missions_day_1)
-    assert changed <= _loaded_now(second, "raw_app_db.missions") <= changed + 5
+    # Merge tables: exactly the changed rows (boundary rows of the last cursor value are de-duplicated).
+    assert _loaded_now(second, "raw_app_db.missions") == stack.scalar(changed_missions_day_1)
     assert _loaded_now(second, "raw_bucket.partner_reports") > 0, "the new day's report file was read"
-    _assert_marts_match_source(stack, after_hard_deletes=True)
+    # Hard deletes (erasure, withdrawn applications) are found by comparing key sets.
+    # Soft deletes (deleted_at) are removed from the warehouse too.
+    for table, live in [
+        ("volunteers", ""),
+        ("applications", ""),
+        ("missions", " WHERE deleted_at IS NULL"),
+        ("organizations", " WHERE deleted_at IS NULL"),
+    ]:
+        in_source = stack.scalar(f"SELECT count(*) FROM {table}{live}")
+        assert stack.mart(f"SELECT count(*) FROM raw_app_db.{table}") == in_source, table
+    erased = stack.scalar(f"SELECT count(*) FROM volunteers WHERE id <= {volunteers_before}")
+    assert _deleted_now(second, "raw_app_db.volunteers") == volunteers_before_count - erased
+    _assert_marts_match_source(stack)
 
     third = _run(stack, "-m", "datamart", "run")
     assert _loaded_now(third, "raw_app_db.stats_events") == 0

@@ -31,7 +31,7 @@ def app_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "app.sqlite"
     with sqlite3.connect(path) as conn:
         conn.execute(
-            "CREATE TABLE volunteers (id INTEGER PRIMARY KEY, email TEXT, first_name TEXT, last_name TEXT, "
+            "CREATE TABLE volunteers (id INTEGER PRIMARY KEY, email TEXT NOT NULL, first_name TEXT, last_name TEXT, "
             "phone TEXT, birth_date DATE, postcode TEXT, department TEXT, created_at TIMESTAMP, updated_at TIMESTAMP)"
         )
         conn.executemany("INSERT INTO volunteers VALUES (?,?,?,?,?,?,?,?,?,?)", VOLUNTEERS)
@@ -89,6 +89,21 @@ def test_second_run_loads_only_what_changed(warehouse: Warehouse, app_source: Pa
     ]
 
 
+def test_hard_deletes_are_found_by_comparing_key_sets(warehouse: Warehouse, app_source: Path, tmp_path: Path) -> None:
+    decl = load_named("app_db")
+    assert decl.table("volunteers").deletes == {"hard": "key_set"}
+    _load(warehouse, tmp_path)
+    with sqlite3.connect(app_source) as conn:
+        conn.execute("DELETE FROM volunteers WHERE id = 2")  # a right-to-erasure request
+    run = run_pipeline(decl, warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines")
+    assert (run.tables[0].rows_loaded, run.tables[0].rows_deleted, run.tables[0].rows_in_warehouse) == (0, 1, 2)
+    assert warehouse.query("SELECT id FROM raw_app_db.volunteers ORDER BY id") == [(1,), (3,)]
+    pseudonym = hmac.new(KEY.encode(), VOLUNTEERS[1][1].encode(), hashlib.sha256).hexdigest()
+    assert warehouse.query(f"SELECT count(*) FROM raw_app_db.volunteers WHERE email = '{pseudonym}'") == [(0,)]
+    again = run_pipeline(decl, warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines")
+    assert (again.tables[0].rows_loaded, again.tables[0].rows_deleted) == (0, 0)
+
+
 def test_state_lives_in_the_warehouse_a_fresh_worker_continues(
     warehouse: Warehouse, app_source: Path, tmp_path: Path
 ) -> None:
@@ -125,6 +140,16 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
             "name: bad\nsource: {kind: sql_database}\ndataset: raw\n"
             "tables: {t: {write_disposition: replace, cursor: updated_at}}\n",
             "tables.t.cursor: a replace table is emptied when a run reads nothing new",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database}\ndataset: raw\n"
+            "tables: {t: {write_disposition: append, deletes: {hard: key_set}}}\n",
+            "tables.t.deletes: deletes apply to merge tables only",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database}\ndataset: raw\n"
+            "tables: {t: {write_disposition: merge, primary_key: id, deletes: {hard: guess}}}\n",
+            "tables.t.deletes.hard: 'guess' is not a method; use key_set",
         ),
         ("name: bad\nsource: {kind: ftp}\ndataset: raw\ntables: {t: {}}\n", "source.kind: 'ftp' is not one of"),
     ],

@@ -33,6 +33,7 @@ class TableDecl:
     primary_key: tuple[str, ...] = ()
     cursor: str | None = None
     personal: dict[str, str] = field(default_factory=dict)
+    deletes: dict[str, str] = field(default_factory=dict)  # {"soft": <column>, "hard": "key_set"}
     files: str | None = None  # filesystem sources: glob relative to the bucket
     format: str | None = None  # filesystem sources: csv, parquet, jsonl
 
@@ -61,7 +62,7 @@ class PipelineDecl:
 
 
 _TOP_KEYS = {"name", "description", "source", "dataset", "tables"}
-_TABLE_KEYS = {"write_disposition", "primary_key", "cursor", "personal", "files", "format"}
+_TABLE_KEYS = {"write_disposition", "primary_key", "cursor", "personal", "deletes", "files", "format"}
 
 
 def _fail(path: Path, key: str, message: str) -> DeclarationError:
@@ -131,6 +132,8 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     for column, treatment in personal.items():
         if treatment not in PERSONAL_TREATMENTS:
             raise _fail(path, f"{where}.personal.{column}", f"{treatment!r} is not one of {PERSONAL_TREATMENTS}")
+    deletes = {str(k): str(v) for k, v in (decl.get("deletes") or {}).items()}
+    _check_deletes(path, where, kind, disposition, primary_key, deletes)
     if kind == "filesystem":
         if not decl.get("files"):
             raise _fail(path, f"{where}.files", "a file table needs a glob, e.g. exports/*.parquet")
@@ -142,9 +145,28 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         primary_key=primary_key,
         cursor=decl.get("cursor"),
         personal=personal,
+        deletes=deletes,
         files=decl.get("files"),
         format=decl.get("format"),
     )
+
+
+def _check_deletes(
+    path: Path, where: str, kind: str, disposition: str, primary_key: tuple[str, ...], deletes: dict[str, str]
+) -> None:
+    unknown = set(deletes) - {"soft", "hard"}
+    if unknown:
+        key = f"{where}.deletes.{sorted(unknown)[0]}"
+        raise _fail(path, key, "unknown key; allowed: soft (a column), hard (key_set)")
+    if deletes and disposition != "merge":
+        raise _fail(path, f"{where}.deletes", "deletes apply to merge tables only (set write_disposition: merge)")
+    if "hard" in deletes:
+        if deletes["hard"] != "key_set":
+            raise _fail(path, f"{where}.deletes.hard", f"{deletes['hard']!r} is not a method; use key_set")
+        if kind != "sql_database":
+            raise _fail(path, f"{where}.deletes.hard", "key_set compares keys with a SQL source: sql_database only")
+        if not primary_key:
+            raise _fail(path, f"{where}.deletes.hard", "key_set needs the table's primary_key")
 
 
 def load_all(directory: Path = PIPELINES_DIR) -> list[PipelineDecl]:

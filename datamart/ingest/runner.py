@@ -21,6 +21,7 @@ class TableLoad:
     table: str
     rows_loaded: int
     rows_in_warehouse: int
+    rows_deleted: int = 0
 
 
 @dataclass
@@ -34,12 +35,12 @@ class PipelineRun:
 
     @property
     def rows_loaded(self) -> int:
-        """Rows written this run, all tables together."""
-        return sum(t.rows_loaded for t in self.tables)
+        """Rows written or deleted this run, all tables together."""
+        return sum(t.rows_loaded + t.rows_deleted for t in self.tables)
 
     def loaded_tables(self) -> list[str]:
         """Qualified names (``dataset.table``) of the tables that received rows this run."""
-        return [f"{self.dataset}.{t.table}" for t in self.tables if t.rows_loaded]
+        return [f"{self.dataset}.{t.table}" for t in self.tables if t.rows_loaded or t.rows_deleted]
 
 
 def default_pipelines_dir(warehouse: Warehouse) -> Path:
@@ -69,20 +70,21 @@ def run_pipeline(
 ) -> PipelineRun:
     """Extract, normalise and load one pipeline; raise if any load job failed."""
     started = time.monotonic()
-    resources = build_resources(decl, tables)
+    deletions: dict[str, int] = {}
+    resources = build_resources(decl, tables, warehouse=warehouse, deletions=deletions)
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
     info = pipeline.run(resources)
     info.raise_on_failed_jobs()
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
-    names = [r.name for r in resources]
+    names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     totals = count_rows(pipeline, names)
-    return PipelineRun(
-        pipeline=decl.name,
-        dataset=decl.dataset,
-        elapsed=time.monotonic() - started,
-        tables=[TableLoad(n, int(row_counts.get(n, 0)), totals[n]) for n in names],
-    )
+    loads = []
+    for name in names:
+        deleted = deletions.get(name, 0)
+        # dlt counts deletion rows with the table's rows: report them apart
+        loads.append(TableLoad(name, int(row_counts.get(name, 0)) - deleted, totals[name], deleted))
+    return PipelineRun(pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads)
 
 
 def count_rows(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, int]:

@@ -11,8 +11,9 @@ import dlt
 from dlt.extract.resource import DltResource
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl
+from datamart.ingest.deletes import apply_delete_hints, key_set_deletions
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
-from datamart.settings import PROJECT_ROOT, SettingsError
+from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
 
 
 def source_credentials(pipeline: PipelineDecl) -> str:
@@ -52,8 +53,17 @@ def bucket_url(pipeline: PipelineDecl) -> str:
     return url
 
 
-def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> list[DltResource]:
-    """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map."""
+def build_resources(
+    pipeline: PipelineDecl,
+    tables: list[str] | None = None,
+    warehouse: Warehouse | None = None,
+    deletions: dict[str, int] | None = None,
+) -> list[DltResource]:
+    """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map.
+
+    Tables declaring ``deletes: {hard: key_set}`` get a second resource sending the keys gone from the source
+    (needs ``warehouse``); the number of keys found is written into ``deletions`` per table.
+    """
     selected = [pipeline.table(t) for t in tables] if tables else list(pipeline.tables)
     if any(t.personal for t in selected):
         require_hmac_key(pipeline.name)
@@ -67,7 +77,14 @@ def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> 
         if table.personal:
             resource.add_map(personal_data_map(pipeline.name, table.name, table.personal))
             _rewrite_column_hints(resource, table.personal)
+        if table.deletes:
+            apply_delete_hints(resource, table)
         resources.append(resource)
+        if table.deletes.get("hard") == "key_set":
+            if warehouse is None:
+                raise ValueError(f"{pipeline.name}.{table.name}: key_set delete detection needs the warehouse")
+            counter = deletions if deletions is not None else {}
+            resources.append(key_set_deletions(pipeline, table, source_credentials(pipeline), warehouse, counter))
     return resources
 
 

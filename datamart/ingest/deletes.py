@@ -1,0 +1,123 @@
+"""Delete detection for merge tables: soft deletes by a column, hard deletes by comparing key sets.
+
+A cursor never sees a row that was deleted in the source. When a table declares ``deletes: {hard: key_set}``, each
+run reads the primary-key columns only, from the source and from the warehouse, and sends the keys that disappeared
+as deletion rows: dlt's ``hard_delete`` column hint makes the merge remove them, in the same atomic load as the
+table's new and changed rows. ``deletes: {soft: <column>}`` puts the same hint on the source's own marker column,
+so a row whose marker is set is removed from the warehouse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import dlt
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+from dlt.extract.resource import DltResource
+
+from datamart.ingest.declarations import PipelineDecl, TableDecl
+from datamart.settings import Warehouse
+
+DELETED_MARKER = "_datamart_deleted_at"
+KEY_BATCH = 200_000
+
+
+def apply_delete_hints(resource: DltResource, table: TableDecl) -> None:
+    """Mark the soft-delete column ``hard_delete`` and let non-key columns be null (deletion rows carry keys only)."""
+    columns = resource.columns
+    if not isinstance(columns, dict):
+        return
+    for name, hint in columns.items():
+        if name not in table.primary_key:
+            hint["nullable"] = True
+    soft = table.deletes.get("soft")
+    if soft:
+        columns.setdefault(soft, {"name": soft})["hard_delete"] = True
+
+
+MARKER_HINT = {
+    DELETED_MARKER: {"name": DELETED_MARKER, "data_type": "timestamp", "nullable": True, "hard_delete": True}
+}
+
+
+def key_set_deletions(
+    pipeline: PipelineDecl, table: TableDecl, source_url: str, warehouse: Warehouse, counter: dict[str, int]
+) -> DltResource:
+    """A resource yielding one deletion row per key present in the warehouse but gone from the source."""
+
+    def deleted_keys() -> Iterator[pa.Table]:
+        warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table)
+        if warehouse_keys is None or warehouse_keys.num_rows == 0:
+            return
+        source_keys = _source_keys(source_url, pipeline.options.get("schema"), table)
+        if source_keys.num_rows == 0:
+            gone = warehouse_keys
+        else:
+            kept = pc.is_in(_joined(warehouse_keys), value_set=_joined(source_keys))
+            gone = warehouse_keys.filter(pc.invert(kept))
+        counter[table.name] = gone.num_rows
+        if gone.num_rows:
+            now = pa.array([datetime.now(UTC).replace(tzinfo=None)] * gone.num_rows, type=pa.timestamp("us"))
+            yield gone.append_column(DELETED_MARKER, now)
+
+    return dlt.resource(
+        deleted_keys,
+        name=f"{table.name}__deletions",
+        table_name=table.name,
+        write_disposition="merge",
+        primary_key=list(table.primary_key),
+        columns=MARKER_HINT,
+    )
+
+
+def _joined(keys: pa.Table) -> pa.Array:
+    """One comparable array per key set: the key itself, or the key columns joined as text."""
+    if keys.num_columns == 1:
+        column = keys.column(0).combine_chunks()
+        return column.cast(pa.int64()) if pa.types.is_integer(column.type) else column.cast(pa.string())
+    parts = [keys.column(i).cast(pa.string()) for i in range(keys.num_columns)]
+    return pc.binary_join_element_wise(*parts, "\x1f").combine_chunks()
+
+
+def _source_keys(source_url: str, schema: str | None, table: TableDecl) -> pa.Table:
+    """The primary-key columns of the source table, streamed in batches (no other column is read)."""
+    engine = sa.create_engine(source_url)
+    try:
+        quote = engine.dialect.identifier_preparer.quote
+        qualified = f"{quote(schema)}.{quote(table.name)}" if schema else quote(table.name)
+        statement = f"SELECT {', '.join(quote(c) for c in table.primary_key)} FROM {qualified}"
+        with engine.connect().execution_options(stream_results=True) as conn:
+            result = conn.execute(sa.text(statement))
+            return _to_arrow(table.primary_key, iter(lambda: result.fetchmany(KEY_BATCH), []))
+    finally:
+        engine.dispose()
+
+
+def _warehouse_keys(warehouse: Warehouse, dataset: str, table: TableDecl) -> pa.Table | None:
+    """The primary-key columns of the loaded table, or None when it was never loaded."""
+    placeholder = "%s" if warehouse.target == "postgres" else "?"
+    exists = warehouse.query(
+        f"SELECT 1 FROM information_schema.tables WHERE table_schema = {placeholder} AND table_name = {placeholder}",
+        (dataset, table.name),
+    )
+    if not exists:
+        return None
+    columns = ", ".join(_quote(c) for c in table.primary_key)
+    rows = warehouse.query(f"SELECT {columns} FROM {_quote(dataset)}.{_quote(table.name)}")
+    return _to_arrow(table.primary_key, [rows])
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _to_arrow(columns: tuple[str, ...], batches: Any) -> pa.Table:
+    """Rows (in batches of tuples) as an arrow table of the key columns."""
+    tables = [pa.table({c: [row[i] for row in rows] for i, c in enumerate(columns)}) for rows in batches if rows]
+    if not tables:
+        return pa.table({c: pa.array([], pa.int64()) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive")
