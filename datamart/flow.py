@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from datamart.ingest.declarations import load_all, load_named
-from datamart.ingest.runner import PipelineRun, run_pipeline
+from datamart.ingest.runner import PipelineRun, format_loads, run_pipeline
 from datamart.ingest.sources import bucket_url, source_credentials
 from datamart.settings import PROJECT_ROOT, Warehouse, resolve_warehouse
 from datamart.transform import TransformRun, apply_prod
@@ -79,8 +79,7 @@ def run_flow(
         print(f"      {run.rows_loaded} rows in {run.elapsed:.1f}s", file=out)
         flow.pipelines.append(run)
     print("[sqlmesh] planning and applying prod", file=out)
-    refreshed = [name for run in flow.pipelines for name in run.loaded_tables()]
-    flow.transform = apply_prod(warehouse, refreshed)
+    flow.transform = apply_prod(warehouse)
     flow.elapsed = time.monotonic() - started
     print(summary(flow), file=out)
     return flow
@@ -89,11 +88,7 @@ def run_flow(
 def summary(flow: FlowRun) -> str:
     """The short report printed at the end of a run."""
     lines = ["", f"Done in {flow.elapsed:.1f}s. Warehouse: {flow.warehouse.describe()}", ""]
-    lines.append(f"{'table':<36}{'loaded now':>12}{'deleted now':>13}{'in warehouse':>14}")
-    for run in flow.pipelines:
-        for table in run.tables:
-            name = f"{run.dataset}.{table.table}"
-            lines.append(f"{name:<36}{table.rows_loaded:>12,}{table.rows_deleted:>13,}{table.rows_in_warehouse:>14,}")
+    lines.append(format_loads(flow.pipelines))
     transform = flow.transform
     if transform is not None:
         lines.append("")

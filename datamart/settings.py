@@ -98,6 +98,15 @@ class Warehouse:
         finally:
             conn.close()
 
+    def table_exists(self, schema: str, table: str) -> bool:
+        """Whether ``schema.table`` exists in the warehouse."""
+        placeholder = "%s" if self.target == "postgres" else "?"
+        statement = (
+            "SELECT count(*) FROM information_schema.tables "
+            f"WHERE table_schema = {placeholder} AND table_name = {placeholder}"
+        )
+        return bool(self.query(statement, (schema, table))[0][0])
+
     def describe(self) -> str:
         """Where the data lives, without the password."""
         if self.target == "duckdb":

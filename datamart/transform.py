@@ -29,30 +29,48 @@ def sqlmesh_context(warehouse: Warehouse, **kwargs: Any) -> Any:
     return Context(paths=[str(PROJECT_ROOT)], **kwargs)
 
 
-def apply_prod(warehouse: Warehouse, refreshed_sources: list[str]) -> TransformRun:
-    """Apply model changes to prod, then rebuild what reads the raw tables that received rows this run.
+def apply_prod(warehouse: Warehouse) -> TransformRun:
+    """Apply model changes to prod, then rebuild what reads raw data loaded since prod was last built.
 
-    A prod plan rebuilds only changed models; models whose inputs received new rows are restated (SQLMesh accepts
-    external models in ``restate_models`` and restates everything downstream of them). A failing audit raises before
-    the views are swapped, so prod keeps serving the previous version.
+    A prod plan rebuilds only changed models. Data loaded by dlt since the last prod plan (by this command or by
+    ``dlt pipeline <name> run`` alone) is found in each raw dataset's ``_dlt_loads`` table; the external models of
+    those datasets are restated (SQLMesh restates everything downstream of them). A failing audit raises before the
+    views are swapped, so prod keeps serving the previous version.
     """
     started = time.monotonic()
     context = sqlmesh_context(warehouse)
     result = TransformRun()
-    prod_existed = context.state_reader.get_environment("prod") is not None
+    prod = context.state_reader.get_environment("prod")
     plan = context.plan("prod", auto_apply=True, no_prompts=True)
     built = {s.name: s for s in plan.new_snapshots}
-    known_sources = {_external_name(m) for m in context.models.values() if m.kind.is_external}
-    restate = sorted(set(refreshed_sources) & known_sources)
-    if prod_existed and restate:
-        plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate)
-        built.update({plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements})
+    if prod is not None and prod.finalized_ts:
+        externals = [m for m in context.models.values() if m.kind.is_external]
+        fresh = datasets_loaded_since(
+            warehouse, {_short_name(m.fqn).split(".")[0] for m in externals}, prod.finalized_ts
+        )
+        restate = sorted(_short_name(m.fqn) for m in externals if _short_name(m.fqn).split(".")[0] in fresh)
+        if restate:
+            plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate)
+            built.update({plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements})
     models = [s for s in built.values() if s.is_model and not s.is_external and not s.is_symbolic]
     result.models_built = sorted(_short_name(s.name) for s in models)
     result.audits_passed = sum(len(s.model.audits) for s in models)
     result.published_views = published_views(context)
     result.elapsed = time.monotonic() - started
     return result
+
+
+def datasets_loaded_since(warehouse: Warehouse, datasets: set[str], since_ms: int) -> set[str]:
+    """The raw datasets where dlt completed a load after ``since_ms`` (epoch milliseconds)."""
+    fresh = set()
+    for dataset in sorted(datasets):
+        if not warehouse.table_exists(dataset, "_dlt_loads"):
+            continue  # dlt never loaded this dataset
+        latest = warehouse.query(f'SELECT max(load_id) FROM "{dataset}"."_dlt_loads" WHERE status = 0')[0][0]
+        # dlt's load ids are the epoch seconds at which the load package was created
+        if latest is not None and float(latest) * 1000 > since_ms - 1000:
+            fresh.add(dataset)
+    return fresh
 
 
 def _short_name(fqn: str) -> str:

@@ -14,7 +14,7 @@ import yaml
 
 from datamart.settings import PIPELINES_DIR
 
-SOURCE_KINDS = ("sql_database", "filesystem")
+SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
 WRITE_DISPOSITIONS = ("append", "merge", "replace")
 PERSONAL_TREATMENTS = ("hash", "drop", "year")
 FILE_FORMATS = ("csv", "parquet", "jsonl")
@@ -49,6 +49,7 @@ class PipelineDecl:
     path: Path
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    raw_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # each table's YAML mapping (rest_api)
 
     def table(self, name: str) -> TableDecl:
         """The declared table ``name``, or an error listing the declared ones."""
@@ -98,6 +99,11 @@ def load_declaration(path: Path) -> PipelineDecl:
     if not tables_raw:
         raise _fail(path, "tables", "declare at least one table")
     tables = tuple(_load_table(path, kind, tname, tdecl or {}) for tname, tdecl in tables_raw.items())
+    raw_tables = {str(tname): dict(tdecl or {}) for tname, tdecl in tables_raw.items()}
+    if kind == "rest_api":
+        from datamart.ingest.rest import validate_rest_declaration  # here: rest.py imports this module
+
+        validate_rest_declaration(path, source, raw_tables)
     options = {k: v for k, v in source.items() if k != "kind"}
     return PipelineDecl(
         name=name,
@@ -107,14 +113,20 @@ def load_declaration(path: Path) -> PipelineDecl:
         path=path,
         description=str(raw.get("description", "")).strip(),
         options=options,
+        raw_tables=raw_tables,
     )
 
 
 def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> TableDecl:
     where = f"tables.{name}"
-    unknown = set(decl) - _TABLE_KEYS
+    allowed = _TABLE_KEYS
+    if kind == "rest_api":
+        from datamart.ingest.rest import REST_TABLE_KEYS  # here: rest.py imports this module
+
+        allowed = (_TABLE_KEYS - {"files", "format"}) | REST_TABLE_KEYS
+    unknown = set(decl) - allowed
     if unknown:
-        raise _fail(path, f"{where}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(_TABLE_KEYS))}")
+        raise _fail(path, f"{where}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
     disposition = decl.get("write_disposition", "append")
     if disposition not in WRITE_DISPOSITIONS:
         raise _fail(path, f"{where}.write_disposition", f"{disposition!r} is not one of {WRITE_DISPOSITIONS}")

@@ -2,14 +2,14 @@
 
 A cursor never sees a row that was deleted in the source. When a table declares ``deletes: {hard: key_set}``, each
 run reads the primary-key columns only, from the source and from the warehouse, and sends the keys that disappeared
-as deletion rows: dlt's ``hard_delete`` column hint makes the merge remove them, in the same atomic load as the
-table's new and changed rows. ``deletes: {soft: <column>}`` puts the same hint on the source's own marker column,
-so a row whose marker is set is removed from the warehouse.
+as deletion rows: dlt's ``hard_delete`` column hint makes the merge remove them, in a load that follows the one of
+the new and changed rows (a failed deletion load is recomputed by the next run: the key sets still differ).
+``deletes: {soft: <column>}`` puts the same hint on the source's own marker column, so a row whose marker is set
+is removed from the warehouse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,38 +39,45 @@ def apply_delete_hints(resource: DltResource, table: TableDecl) -> None:
         columns.setdefault(soft, {"name": soft})["hard_delete"] = True
 
 
-MARKER_HINT = {
-    DELETED_MARKER: {"name": DELETED_MARKER, "data_type": "timestamp", "nullable": True, "hard_delete": True}
-}
+def deletion_marker(resource: DltResource, table: TableDecl) -> tuple[str, str]:
+    """The column that flags a deletion row, and its type: the soft-delete column when declared (dlt allows one
+    ``hard_delete`` column per table), else our own timestamp marker."""
+    soft = table.deletes.get("soft")
+    if not soft:
+        return DELETED_MARKER, "timestamp"
+    columns = resource.columns if isinstance(resource.columns, dict) else {}
+    return soft, "bool" if columns.get(soft, {}).get("data_type") == "bool" else "timestamp"
 
 
-def key_set_deletions(
-    pipeline: PipelineDecl, table: TableDecl, source_url: str, warehouse: Warehouse, counter: dict[str, int]
-) -> DltResource:
-    """A resource yielding one deletion row per key present in the warehouse but gone from the source."""
+def gone_keys(pipeline: PipelineDecl, table: TableDecl, source_url: str, warehouse: Warehouse) -> pa.Table:
+    """The keys present in the warehouse but gone from the source (key columns only are read on both sides)."""
+    warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table)
+    if warehouse_keys is None or warehouse_keys.num_rows == 0:
+        return pa.table({c: pa.array([], pa.int64()) for c in table.primary_key})
+    source_keys = _source_keys(source_url, pipeline.options.get("schema"), table)
+    if source_keys.num_rows == 0:
+        return warehouse_keys
+    kept = pc.is_in(_joined(warehouse_keys), value_set=_joined(source_keys))
+    return warehouse_keys.filter(pc.invert(kept))
 
-    def deleted_keys() -> Iterator[pa.Table]:
-        warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table)
-        if warehouse_keys is None or warehouse_keys.num_rows == 0:
-            return
-        source_keys = _source_keys(source_url, pipeline.options.get("schema"), table)
-        if source_keys.num_rows == 0:
-            gone = warehouse_keys
-        else:
-            kept = pc.is_in(_joined(warehouse_keys), value_set=_joined(source_keys))
-            gone = warehouse_keys.filter(pc.invert(kept))
-        counter[table.name] = gone.num_rows
-        if gone.num_rows:
-            now = pa.array([datetime.now(UTC).replace(tzinfo=None)] * gone.num_rows, type=pa.timestamp("us"))
-            yield gone.append_column(DELETED_MARKER, now)
 
+def deletion_resource(table: TableDecl, gone: pa.Table, marker: tuple[str, str]) -> DltResource:
+    """A resource of deletion rows (the keys and the marker set) that dlt's merge turns into deletes."""
+    marker_column, marker_type = marker
+    # Arrow, like the table's own items: dict rows would add a _dlt_id column to the table.
+    keys = pa.schema([pa.field(f.name, f.type, nullable=False) for f in gone.schema])
+    if marker_type == "bool":
+        flags = pa.array([True] * gone.num_rows, type=pa.bool_())
+    else:
+        now = datetime.now(UTC).replace(tzinfo=None)  # naive UTC, like the timestamps dlt loads from sources
+        flags = pa.array([now] * gone.num_rows, type=pa.timestamp("us"))
     return dlt.resource(
-        deleted_keys,
+        [gone.cast(keys).append_column(marker_column, flags)],
         name=f"{table.name}__deletions",
         table_name=table.name,
         write_disposition="merge",
         primary_key=list(table.primary_key),
-        columns=MARKER_HINT,
+        columns={marker_column: {"name": marker_column, "data_type": marker_type, "hard_delete": True}},
     )
 
 

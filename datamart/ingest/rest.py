@@ -19,6 +19,7 @@ from dlt.common.exceptions import DictValidationException
 from dlt.common.validation import validate_dict
 from dlt.extract.resource import DltResource
 from dlt.sources.rest_api import rest_api_resources
+from dlt.sources.rest_api.config_setup import create_paginator
 from dlt.sources.rest_api.typing import (
     Endpoint,
     HeaderCursorPaginatorConfig,
@@ -107,7 +108,9 @@ def validate_rest_declaration(path: Path, source: dict[str, Any], tables: dict[s
     pipeline = path.stem
     unknown = sorted(set(source) - set(SOURCE_KEYS))
     if unknown:
-        raise _fail(path, f"source.{unknown[0]}", f"unknown key for a rest_api source; allowed: {', '.join(SOURCE_KEYS)}")
+        raise _fail(
+            path, f"source.{unknown[0]}", f"unknown key for a rest_api source; allowed: {', '.join(SOURCE_KEYS)}"
+        )
     _check_base_url(path, pipeline, source.get("base_url"))
     _check_auth(path, pipeline, source.get("auth"))
     _check_no_inline_secrets(path, "source.headers", source.get("headers"))
@@ -186,9 +189,9 @@ def _check_paginator(path: Path, where: str, paginator: Any) -> None:
     allowed = spec.__required_keys__ | spec.__optional_keys__
     unknown = sorted(set(config) - allowed)
     if unknown:
-        raise _fail(path, f"{where}.{unknown[0]}", f"unknown key for paginator {kind}; allowed: {', '.join(sorted(allowed))}")
-    from dlt.sources.rest_api.config_setup import create_paginator
-
+        raise _fail(
+            path, f"{where}.{unknown[0]}", f"unknown key for paginator {kind}; allowed: {', '.join(sorted(allowed))}"
+        )
     try:
         create_paginator(config)
     except (TypeError, ValueError) as exc:
@@ -213,7 +216,9 @@ def _check_table(path: Path, name: str, decl: dict[str, Any], tables: dict[str, 
     if "auth" in unknown:
         raise _fail(path, f"{where}.endpoint.auth", "auth is declared once, under source.auth (its secret by name)")
     if unknown:
-        raise _fail(path, f"{where}.endpoint.{unknown[0]}", f"unknown endpoint key; allowed: {', '.join(ENDPOINT_KEYS)}")
+        raise _fail(
+            path, f"{where}.endpoint.{unknown[0]}", f"unknown endpoint key; allowed: {', '.join(ENDPOINT_KEYS)}"
+        )
     _check_no_inline_secrets(path, f"{where}.endpoint.headers", endpoint.get("headers"))
     _check_no_inline_secrets(path, f"{where}.endpoint.params", endpoint.get("params"))
     for param, value in (endpoint.get("params") or {}).items():
@@ -338,5 +343,6 @@ def build_rest_resources(
             if key in raw:
                 resource[key] = copy.deepcopy(raw[key])
         resources.append(resource)
-    built = {r.name: r for r in rest_api_resources({"client": client, "resources": resources})}  # type: ignore[typeddict-item]
+    config: Any = {"client": client, "resources": resources}  # dlt's RESTAPIConfig
+    built = {r.name: r for r in rest_api_resources(config)}
     return [built[t.name] for t in tables]

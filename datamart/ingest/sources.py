@@ -11,8 +11,9 @@ import dlt
 from dlt.extract.resource import DltResource
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl
-from datamart.ingest.deletes import apply_delete_hints, key_set_deletions
+from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
+from datamart.ingest.rest import build_rest_resources
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
 
 
@@ -53,39 +54,55 @@ def bucket_url(pipeline: PipelineDecl) -> str:
     return url
 
 
-def build_resources(
-    pipeline: PipelineDecl,
-    tables: list[str] | None = None,
-    warehouse: Warehouse | None = None,
-    deletions: dict[str, int] | None = None,
-) -> list[DltResource]:
-    """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map.
-
-    Tables declaring ``deletes: {hard: key_set}`` get a second resource sending the keys gone from the source
-    (needs ``warehouse``); the number of keys found is written into ``deletions`` per table.
-    """
-    selected = [pipeline.table(t) for t in tables] if tables else list(pipeline.tables)
+def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> list[DltResource]:
+    """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map."""
+    selected = _selected(pipeline, tables)
     if any(t.personal for t in selected):
         require_hmac_key(pipeline.name)
-    build: Callable[[PipelineDecl, TableDecl], DltResource] = {
-        "sql_database": _sql_resource,
-        "filesystem": _file_resource,
-    }[pipeline.kind]
+    if pipeline.kind == "rest_api":
+        built = build_rest_resources(pipeline, selected, pipeline.raw_tables)
+    else:
+        build: Callable[[PipelineDecl, TableDecl], DltResource] = {
+            "sql_database": _sql_resource,
+            "filesystem": _file_resource,
+        }[pipeline.kind]
+        built = [build(pipeline, table) for table in selected]
     resources = []
-    for table in selected:
-        resource = build(pipeline, table)
+    for table, resource in zip(selected, built, strict=True):
         if table.personal:
             resource.add_map(personal_data_map(pipeline.name, table.name, table.personal))
             _rewrite_column_hints(resource, table.personal)
         if table.deletes:
             apply_delete_hints(resource, table)
         resources.append(resource)
-        if table.deletes.get("hard") == "key_set":
-            if warehouse is None:
-                raise ValueError(f"{pipeline.name}.{table.name}: key_set delete detection needs the warehouse")
-            counter = deletions if deletions is not None else {}
-            resources.append(key_set_deletions(pipeline, table, source_credentials(pipeline), warehouse, counter))
     return resources
+
+
+def build_deletions(
+    pipeline: PipelineDecl,
+    resources: list[DltResource],
+    warehouse: Warehouse,
+    counter: dict[str, int],
+    tables: list[str] | None = None,
+) -> list[DltResource]:
+    """For tables declaring ``deletes: {hard: key_set}`` with keys gone from the source: their deletion rows.
+
+    The number of keys found is written into ``counter`` per table; tables with none get no resource (no load).
+    """
+    by_name = {r.name: r for r in resources}
+    deletions = []
+    for table in _selected(pipeline, tables):
+        if table.deletes.get("hard") != "key_set":
+            continue
+        gone = gone_keys(pipeline, table, source_credentials(pipeline), warehouse)
+        counter[table.name] = gone.num_rows
+        if gone.num_rows:
+            deletions.append(deletion_resource(table, gone, deletion_marker(by_name[table.name], table)))
+    return deletions
+
+
+def _selected(pipeline: PipelineDecl, tables: list[str] | None) -> list[TableDecl]:
+    return [pipeline.table(t) for t in tables] if tables else list(pipeline.tables)
 
 
 def _rewrite_column_hints(resource: DltResource, policy: dict[str, str]) -> None:

@@ -1,0 +1,62 @@
+"""``dlt pipeline <name> run``: dlt's CLI plugin that runs a declared pipeline (registered in pyproject.toml).
+
+Open-source dlt has no ``run`` operation; its CLI loads plugins from the ``dlt`` entry-point group and its ``pipeline``
+command composes additively, so this module adds ``run`` beside ``info``, ``show``, ``drop``…
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dlt.common.configuration import plugins
+
+
+class RunCommand:
+    """The ``run`` operation of ``dlt pipeline``."""
+
+    command = "run"
+    parent = "pipeline"
+    compose = "replace"
+    help_string = "Run a declared pipeline (pipelines/<name>.yaml, or 'all'): extract, pseudonymise, load"
+    description = (
+        "Runs the pipeline declared in pipelines/<name>.yaml into the warehouse selected by DATAMART_TARGET "
+        "(DuckDB by default). Use `dlt pipeline all run` for every declared pipeline. Run it from the project root."
+    )
+    docs_url = None
+
+    def configure_parser(self, parser: argparse.ArgumentParser) -> None:
+        """Options of ``dlt pipeline <name> run``."""
+        parser.add_argument("--table", action="append", dest="tables", metavar="TABLE", help="only this table")
+        parser.add_argument(
+            "--full-refresh",
+            action="store_true",
+            help="drop the selected tables (all without --table) and their incremental state, then reload them",
+        )
+        parser.add_argument("--target", choices=("duckdb", "postgres"), help="warehouse (default: DATAMART_TARGET)")
+        parser.add_argument("--dry-run", action="store_true", help="print what would be loaded; load nothing")
+        parser.add_argument("--retries", type=int, default=3, help="attempts on transient errors (default 3)")
+
+    def execute(self, args: argparse.Namespace) -> None:
+        """Run, then exit non-zero with the reason when anything failed."""
+        from datamart.ingest.cli import run_command
+
+        code = run_command(
+            name=args.pipeline_name,
+            tables=args.tables,
+            full_refresh=args.full_refresh,
+            target=args.target,
+            dry_run=args.dry_run,
+            attempts=max(1, args.retries),
+            pipelines_dir=Path(args.pipelines_dir) if getattr(args, "pipelines_dir", None) else None,
+        )
+        if code:
+            sys.exit(code)
+
+
+@plugins.hookimpl(specname="plug_cli")
+def plug_cli_datamart_run(host: str) -> Any:
+    """Register ``run`` under ``dlt pipeline`` (the ``dlt`` host only)."""
+    return RunCommand if host == "dlt" else None

@@ -1,0 +1,172 @@
+"""What ``dlt pipeline <name> run`` does: validate, run with retries on transient errors, print a summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
+from datamart.ingest.runner import PipelineRun, format_loads, make_pipeline, run_pipeline
+from datamart.settings import SettingsError, Warehouse, configure_environment, resolve_warehouse
+
+ALL = "all"
+
+
+def run_command(
+    name: str | None,
+    tables: list[str] | None = None,
+    full_refresh: bool = False,
+    target: str | None = None,
+    dry_run: bool = False,
+    attempts: int = 3,
+    pipelines_dir: Path | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Run one declared pipeline (or ``all``); returns the exit code (0 ok, 1 run failed, 2 wrong input)."""
+    configure_environment()
+    try:
+        if not name:
+            raise DeclarationError("name the pipeline to run: dlt pipeline <name> run (or `all`)")
+        declarations = load_all() if name == ALL else [load_named(name)]
+        if tables and len(declarations) > 1:
+            raise DeclarationError("--table selects tables of one pipeline: name the pipeline instead of `all`")
+        for decl in declarations:
+            for table in tables or []:
+                decl.table(table)  # unknown table: stops here, before anything runs
+        warehouse = resolve_warehouse(target)
+    except (DeclarationError, SettingsError) as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+
+    if dry_run:
+        for decl in declarations:
+            print(describe_plan(decl, warehouse, tables, full_refresh, pipelines_dir), file=out)
+        return 0
+
+    runs: list[PipelineRun] = []
+    for decl in declarations:
+        try:
+            runs.append(
+                run_with_retries(decl, warehouse, tables, full_refresh, attempts, pipelines_dir, out=out, err=err)
+            )
+        except (DeclarationError, SettingsError) as exc:
+            print(f"error: {exc}", file=err)
+            return 2
+        except Exception as exc:  # noqa: BLE001 - reported with what to do, then a non-zero exit
+            print(failure_message(decl, exc), file=err)
+            if runs:
+                print(format_loads(runs), file=out)
+            return 1
+    print(format_loads(runs), file=out)
+    return 0
+
+
+def run_with_retries(
+    decl: PipelineDecl,
+    warehouse: Warehouse,
+    tables: list[str] | None = None,
+    full_refresh: bool = False,
+    attempts: int = 3,
+    pipelines_dir: Path | None = None,
+    backoff: float = 2.0,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> PipelineRun:
+    """Run a pipeline, retrying with exponential backoff when the failure is transient (connection, timeout)."""
+    for attempt in range(1, attempts + 1):
+        print(f"{decl.name}: extracting and loading {', '.join(tables or [t.name for t in decl.tables])}", file=out)
+        try:
+            return run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh=full_refresh)
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = backoff * 2 ** (attempt - 1)
+            print(
+                f"{decl.name}: transient error ({_root(exc)}); retry {attempt + 1}/{attempts} in {delay:.0f}s", file=err
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for lost connections and timeouts anywhere in the exception chain; never for data or declaration errors."""
+    import psycopg2
+    import sqlalchemy.exc
+    from dlt.common.destination.exceptions import DestinationTransientException
+
+    transient = (
+        ConnectionError,
+        TimeoutError,
+        psycopg2.OperationalError,
+        sqlalchemy.exc.OperationalError,
+        DestinationTransientException,
+    )
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, transient):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _root(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
+    """One paragraph: which pipeline and step failed, the root error, and what to run next."""
+    step = getattr(exc, "step", None)
+    where = f" at step {step}" if step else ""
+    hint = (
+        "the source or the warehouse could not be reached: check the connection, then rerun the same command"
+        if is_transient(exc)
+        else f"fix the cause, then rerun `dlt pipeline {decl.name} run`: loaded data is never half-applied, and "
+        f"`dlt pipeline {decl.name} failed-jobs` shows the failed load jobs"
+    )
+    return f"error: pipeline '{decl.name}' failed{where}: {_root(exc)}\nwhat to do: {hint}"
+
+
+def describe_plan(
+    decl: PipelineDecl,
+    warehouse: Warehouse,
+    tables: list[str] | None,
+    full_refresh: bool,
+    pipelines_dir: Path | None = None,
+) -> str:
+    """What a run would do, per table, from the declaration and the incremental state kept in the warehouse."""
+    pipeline = make_pipeline(decl, warehouse, pipelines_dir)
+    pipeline.sync_destination()
+    state = pipeline.state.get("sources", {}).get(decl.name, {}).get("resources", {})
+    lines = [f"dry run: pipeline {decl.name} ({decl.kind}) → {warehouse.describe()}, dataset {decl.dataset}"]
+    for table in decl.tables:
+        if tables and table.name not in tables:
+            continue
+        last = _last_value(state, table.name, table.cursor)
+        if full_refresh:
+            read = "everything (full refresh: table and state dropped first)"
+        elif table.cursor:
+            read = f"rows with {table.cursor} after {last}" if last is not None else "everything (first run)"
+        else:
+            read = "everything"
+        extras = []
+        if table.deletes:
+            extras.append("deletes " + ", ".join(f"{k}={v}" for k, v in table.deletes.items()))
+        if table.personal:
+            extras.append("personal " + ", ".join(f"{c}:{t}" for c, t in table.personal.items()))
+        detail = f"; {'; '.join(extras)}" if extras else ""
+        lines.append(f"  {table.name}: {table.write_disposition}, reads {read}{detail}")
+    return "\n".join(lines)
+
+
+def _last_value(state: dict[str, Any], table: str, cursor: str | None) -> Any:
+    if not cursor:
+        return None
+    incremental = state.get(table, {}).get("incremental", {})
+    return incremental.get(cursor, {}).get("last_value")
