@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
-from datamart.ingest.runner import PipelineRun, format_loads, make_pipeline, run_pipeline
+from datamart.ingest.runner import PipelineRun, format_loads, is_transient, make_pipeline, root_cause, run_pipeline
 from datamart.settings import SettingsError, Warehouse, configure_environment, resolve_warehouse
 
 ALL = "all"
@@ -85,39 +85,11 @@ def run_with_retries(
                 raise
             delay = backoff * 2 ** (attempt - 1)
             print(
-                f"{decl.name}: transient error ({_root(exc)}); retry {attempt + 1}/{attempts} in {delay:.0f}s", file=err
+                f"{decl.name}: transient error ({root_cause(exc)}); retry {attempt + 1}/{attempts} in {delay:.0f}s",
+                file=err,
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for lost connections and timeouts anywhere in the exception chain; never for data or declaration errors."""
-    import psycopg2
-    import sqlalchemy.exc
-    from dlt.common.destination.exceptions import DestinationTransientException
-
-    transient = (
-        ConnectionError,
-        TimeoutError,
-        psycopg2.OperationalError,
-        sqlalchemy.exc.OperationalError,
-        DestinationTransientException,
-    )
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, transient):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _root(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
@@ -127,10 +99,11 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     hint = (
         "the source or the warehouse could not be reached: check the connection, then rerun the same command"
         if is_transient(exc)
-        else f"fix the cause, then rerun `dlt pipeline {decl.name} run`: loaded data is never half-applied, and "
-        f"`dlt pipeline {decl.name} failed-jobs` shows the failed load jobs"
+        else f"fix the cause (the source data, or the table's schema_contract in {decl.path.name}), then rerun "
+        f"`dlt pipeline {decl.name} run`: a failed load is never half-applied, and the next run discards it and "
+        "re-reads those rows from the source"
     )
-    return f"error: pipeline '{decl.name}' failed{where}: {_root(exc)}\nwhat to do: {hint}"
+    return f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}"
 
 
 def describe_plan(

@@ -34,6 +34,7 @@ class TableDecl:
     cursor: str | None = None
     personal: dict[str, str] = field(default_factory=dict)
     deletes: dict[str, str] = field(default_factory=dict)  # {"soft": <column>, "hard": "key_set"}
+    schema_contract: dict[str, str] = field(default_factory=dict)  # dlt's: tables / columns / data_type
     files: str | None = None  # filesystem sources: glob relative to the bucket
     format: str | None = None  # filesystem sources: csv, parquet, jsonl
 
@@ -63,7 +64,18 @@ class PipelineDecl:
 
 
 _TOP_KEYS = {"name", "description", "source", "dataset", "tables"}
-_TABLE_KEYS = {"write_disposition", "primary_key", "cursor", "personal", "deletes", "files", "format"}
+_TABLE_KEYS = {
+    "write_disposition",
+    "primary_key",
+    "cursor",
+    "personal",
+    "deletes",
+    "schema_contract",
+    "files",
+    "format",
+}
+CONTRACT_ENTITIES = ("tables", "columns", "data_type")
+CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
 
 
 def _fail(path: Path, key: str, message: str) -> DeclarationError:
@@ -144,6 +156,16 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     for column, treatment in personal.items():
         if treatment not in PERSONAL_TREATMENTS:
             raise _fail(path, f"{where}.personal.{column}", f"{treatment!r} is not one of {PERSONAL_TREATMENTS}")
+    contract = decl.get("schema_contract") or {}
+    if isinstance(contract, str):
+        contract = dict.fromkeys(CONTRACT_ENTITIES, contract)
+    for entity, mode in contract.items():
+        if entity not in CONTRACT_ENTITIES or mode not in CONTRACT_MODES:
+            raise _fail(
+                path,
+                f"{where}.schema_contract.{entity}",
+                f"{entity}: {mode} is not a contract; entities {CONTRACT_ENTITIES}, modes {CONTRACT_MODES}",
+            )
     deletes = {str(k): str(v) for k, v in (decl.get("deletes") or {}).items()}
     _check_deletes(path, where, kind, disposition, primary_key, deletes)
     if kind == "filesystem":
@@ -158,6 +180,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         cursor=decl.get("cursor"),
         personal=personal,
         deletes=deletes,
+        schema_contract={str(k): str(v) for k, v in contract.items()},
         files=decl.get("files"),
         format=decl.get("format"),
     )

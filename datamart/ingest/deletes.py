@@ -27,13 +27,10 @@ KEY_BATCH = 200_000
 
 
 def apply_delete_hints(resource: DltResource, table: TableDecl) -> None:
-    """Mark the soft-delete column ``hard_delete`` and let non-key columns be null (deletion rows carry keys only)."""
+    """Mark the soft-delete column ``hard_delete`` (deletion rows carry keys only: see ``relax_not_null``)."""
     columns = resource.columns
     if not isinstance(columns, dict):
         return
-    for name, hint in columns.items():
-        if name not in table.primary_key:
-            hint["nullable"] = True
     soft = table.deletes.get("soft")
     if soft:
         columns.setdefault(soft, {"name": soft})["hard_delete"] = True

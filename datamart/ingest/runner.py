@@ -23,6 +23,7 @@ class TableLoad:
     rows_loaded: int
     rows_in_warehouse: int
     rows_deleted: int = 0
+    new_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -74,11 +75,11 @@ def run_pipeline(
     deletions: dict[str, int] = {}
     resources = build_resources(decl, tables)
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
+    pipeline.sync_destination()  # a fresh worker continues from the state kept in the warehouse
     if pipeline.has_pending_data:
-        # A previous run extracted but did not finish loading: finish that first (dlt would otherwise load only
-        # the pending packages and silently skip this run's extract).
-        logger.warning("%s: loading the packages a previous run left pending", decl.name)
-        pipeline.run().raise_on_failed_jobs()
+        finish_or_abort_pending(pipeline)
+    names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
+    columns_before = _columns(pipeline, names)
     info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None)
     info.raise_on_failed_jobs()
     normalized = pipeline.last_trace.last_normalize_info
@@ -86,12 +87,72 @@ def run_pipeline(
     deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables)
     if deletion_resources:
         pipeline.run(deletion_resources).raise_on_failed_jobs()
-    names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
+    columns_after = _columns(pipeline, names)
     totals = count_rows(pipeline, names)
     loads = []
     for name in names:
-        loads.append(TableLoad(name, int(row_counts.get(name, 0)), totals[name], deletions.get(name, 0)))
+        new = tuple(c for c in columns_after[name] if columns_before[name] and c not in columns_before[name])
+        loads.append(TableLoad(name, int(row_counts.get(name, 0)), totals[name], deletions.get(name, 0), new))
     return PipelineRun(pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads)
+
+
+def finish_or_abort_pending(pipeline: dlt.Pipeline) -> None:
+    """Load what a previous run left pending; if it fails for good, abort it so this run re-reads the source.
+
+    dlt would otherwise retry the same broken package at every run and skip every new extract (a type change, a
+    value the warehouse refuses…). Aborting restores the incremental state of before that package, so the rows
+    are read again from the source, this time through the fixed declaration or data: nothing is lost.
+    """
+    try:
+        pipeline.run().raise_on_failed_jobs()
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        logger.warning(
+            "%s: a previous run left a load that fails (%s); aborting it and re-reading from the source",
+            pipeline.pipeline_name,
+            root_cause(exc),
+        )
+        pipeline.abort_packages()
+
+
+def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
+    """The data columns dlt's schema knows per table (empty before the first load)."""
+    if not pipeline.default_schema_name:
+        return {t: [] for t in tables}
+    schema_tables = pipeline.default_schema.tables
+    return {t: [c for c in schema_tables.get(t, {}).get("columns", {}) if not c.startswith("_dlt")] for t in tables}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for lost connections and timeouts anywhere in the exception chain; never for data or declaration errors."""
+    import psycopg2
+    import sqlalchemy.exc
+    from dlt.common.destination.exceptions import DestinationTransientException
+
+    transient = (
+        ConnectionError,
+        TimeoutError,
+        psycopg2.OperationalError,
+        sqlalchemy.exc.OperationalError,
+        DestinationTransientException,
+    )
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, transient):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def count_rows(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, int]:
@@ -116,6 +177,14 @@ def format_loads(runs: list[PipelineRun]) -> str:
         for table in run.tables:
             name = f"{run.dataset}.{table.table}"
             lines.append(f"{name:<36}{table.rows_loaded:>12,}{table.rows_deleted:>13,}{table.rows_in_warehouse:>14,}")
+    changes = [
+        f"  {run.dataset}.{table.table}: new column(s) {', '.join(table.new_columns)}"
+        for run in runs
+        for table in run.tables
+        if table.new_columns
+    ]
+    if changes:
+        lines += ["schema changes:", *changes]
     seconds = sum(run.elapsed for run in runs)
     lines.append(f"{len(runs)} pipeline(s) in {seconds:.1f}s")
     return "\n".join(lines)

@@ -54,6 +54,15 @@ def bucket_url(pipeline: PipelineDecl) -> str:
     return url
 
 
+# Arrow-based extraction (SQL tables, files) cannot turn a type change into a variant column: dlt would fail at load
+# time and leave a package that blocks every later run. Stop at extract with a clear message instead, unless the table
+# declares `schema_contract: {data_type: evolve}`. REST rows are dicts: dlt's default (evolve) makes variants there.
+DEFAULT_CONTRACTS: dict[str, dict[str, str]] = {
+    "sql_database": {"data_type": "freeze"},
+    "filesystem": {"data_type": "freeze"},
+}
+
+
 def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> list[DltResource]:
     """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map."""
     selected = _selected(pipeline, tables)
@@ -72,8 +81,12 @@ def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> 
         if table.personal:
             resource.add_map(personal_data_map(pipeline.name, table.name, table.personal))
             _rewrite_column_hints(resource, table.personal)
+        relax_not_null(resource, table)
         if table.deletes:
             apply_delete_hints(resource, table)
+        contract = {**DEFAULT_CONTRACTS.get(pipeline.kind, {}), **table.schema_contract}
+        if contract:
+            resource.apply_hints(schema_contract=contract)
         resources.append(resource)
     return resources
 
@@ -101,6 +114,16 @@ def build_deletions(
     return deletions
 
 
+def relax_not_null(resource: DltResource, table: TableDecl) -> None:
+    """Raw tables accept nulls outside the primary key: deletion rows and variant columns need it, and a NOT NULL
+    copied from the source would turn a source-side change into a failed load."""
+    columns = resource.columns
+    if isinstance(columns, dict):
+        for name, hint in columns.items():
+            if name not in table.primary_key:
+                hint["nullable"] = True
+
+
 def _selected(pipeline: PipelineDecl, tables: list[str] | None) -> list[TableDecl]:
     return [pipeline.table(t) for t in tables] if tables else list(pipeline.tables)
 
@@ -121,11 +144,14 @@ def _sql_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
 
     dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
     coarsened = [c for c, treatment in table.personal.items() if treatment == "year"]
+    # A type change evolves into a variant column (places__v_text) only row by row: dlt's arrow path cannot.
+    variants = table.schema_contract.get("data_type") == "evolve"
     return sql_table(
         credentials=source_credentials(pipeline),
         table=table.name,
         schema=pipeline.options.get("schema"),
-        backend="pyarrow",
+        backend="sqlalchemy" if variants else "pyarrow",
+        reflection_level="minimal" if variants else "full",
         chunk_size=int(pipeline.options.get("chunk_size", 100_000)),
         incremental=_incremental(table),
         excluded_columns=dropped or None,

@@ -1,0 +1,123 @@
+"""Schema evolution: new source columns arrive by themselves, type changes follow the contract, nothing wedges."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from datamart.ingest.declarations import PipelineDecl, load_declaration
+from datamart.ingest.runner import format_loads, make_pipeline, run_pipeline
+from datamart.settings import Warehouse
+
+
+def declaration(tmp_path: Path, contract: str = "") -> PipelineDecl:
+    """A one-table pipeline `shop` reading `missions` from the test's SQLite source."""
+    directory = tmp_path / "declarations"
+    directory.mkdir(exist_ok=True)
+    path = directory / "shop.yaml"
+    path.write_text(
+        "name: shop\nsource: {kind: sql_database}\ndataset: raw_shop\ntables:\n"
+        f"  missions: {{write_disposition: merge, primary_key: id, cursor: updated_at{contract}}}\n"
+    )
+    return load_declaration(path)
+
+
+@pytest.fixture
+def source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> sqlite3.Connection:
+    """A SQLite source with a `missions` table, wired as the `shop` pipeline's connection."""
+    path = tmp_path / "shop.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        "CREATE TABLE missions (id INTEGER PRIMARY KEY, places INTEGER NOT NULL, updated_at TIMESTAMP NOT NULL);"
+        "INSERT INTO missions VALUES (1, 5, '2025-01-01 00:00:00'), (2, 6, '2025-01-02 00:00:00');"
+    )
+    monkeypatch.setenv("SOURCES__SHOP__CREDENTIALS", f"sqlite:///{path}")
+    return conn
+
+
+def retype_places_to_text(conn: sqlite3.Connection) -> None:
+    """The application changes `places` from a number to text, and one row now says 'N/A'."""
+    conn.executescript(
+        "ALTER TABLE missions RENAME TO old;"
+        "CREATE TABLE missions (id INTEGER PRIMARY KEY, places TEXT NOT NULL, updated_at TIMESTAMP NOT NULL);"
+        "INSERT INTO missions SELECT * FROM old; DROP TABLE old;"
+        "UPDATE missions SET places = 'N/A', updated_at = '2025-02-01 00:00:00' WHERE id = 2;"
+    )
+
+
+def test_a_new_source_column_arrives_and_the_summary_names_it(
+    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+) -> None:
+    decl = declaration(tmp_path)
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    source.executescript(
+        "ALTER TABLE missions ADD COLUMN city TEXT;"
+        "UPDATE missions SET city = 'Lyon', updated_at = '2025-03-01 00:00:00' WHERE id = 1;"
+    )
+    run = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert run.tables[0].new_columns == ("city",)
+    assert "raw_shop.missions: new column(s) city" in format_loads([run])
+    assert warehouse.query("SELECT id, city FROM raw_shop.missions ORDER BY id") == [(1, "Lyon"), (2, None)]
+
+
+def test_a_type_change_stops_with_a_clear_message_and_blocks_nothing(
+    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+) -> None:
+    decl = declaration(tmp_path)
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    retype_places_to_text(source)
+    with pytest.raises(Exception, match=r"Column: `places`.*data_type.*freeze") as error:
+        run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert "Incoming column: {'name': 'places', 'nullable': True, 'data_type': 'text'}" in str(error.value)
+    assert not make_pipeline(decl, warehouse, tmp_path / "p").has_pending_data  # stopped at extract: no wedge
+    assert warehouse.query("SELECT id, places FROM raw_shop.missions ORDER BY id") == [(1, 5), (2, 6)]
+
+    # The team accepts the change: a new contract takes effect with one reload of the table (--full-refresh).
+    evolving = declaration(tmp_path, ", schema_contract: {data_type: evolve}")
+    run_pipeline(evolving, warehouse, pipelines_dir=tmp_path / "p", full_refresh=True)
+    assert warehouse.query("SELECT id, places FROM raw_shop.missions ORDER BY id") == [(1, "5"), (2, "N/A")]
+    source.execute("INSERT INTO missions VALUES (3, '7', '2025-03-01 00:00:00')")
+    assert run_pipeline(evolving, warehouse, pipelines_dir=tmp_path / "p").tables[0].rows_loaded == 1
+
+
+def test_a_type_change_evolves_into_a_variant_column_when_declared(
+    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+) -> None:
+    decl = declaration(tmp_path, ", schema_contract: {data_type: evolve}")
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    retype_places_to_text(source)
+    run = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert run.tables[0].new_columns == ("places__v_text",)
+    assert warehouse.query("SELECT id, places, places__v_text FROM raw_shop.missions ORDER BY id") == [
+        (1, 5, None),
+        (2, None, "N/A"),
+    ]
+
+
+@pytest.mark.postgres
+def test_a_load_the_warehouse_refuses_is_discarded_and_reread_after_the_fix(
+    pg_database_factory: object, source: sqlite3.Connection, tmp_path: Path
+) -> None:
+    from datamart.settings import postgres_warehouse
+
+    url = pg_database_factory("warehouse")  # type: ignore[operator]
+    warehouse = postgres_warehouse(url)
+    decl = declaration(tmp_path)
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:  # a rule the warehouse enforces
+        cur.execute("ALTER TABLE raw_shop.missions ADD CONSTRAINT places_positive CHECK (places >= 0)")
+    source.execute("UPDATE missions SET places = -1, updated_at = '2025-02-01 00:00:00' WHERE id = 2")
+    with pytest.raises(Exception, match="places_positive"):
+        run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert make_pipeline(decl, warehouse, tmp_path / "p").has_pending_data  # dlt keeps the failed package
+
+    # Fixed in the source: the next run discards the failed package and reads the row again.
+    source.execute("UPDATE missions SET places = 1, updated_at = '2025-02-02 00:00:00' WHERE id = 2")
+    source.execute("INSERT INTO missions VALUES (3, 7, '2025-02-03 00:00:00')")
+    run = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert run.tables[0].rows_loaded == 2
+    assert warehouse.query("SELECT id, places FROM raw_shop.missions ORDER BY id") == [(1, 5), (2, 1), (3, 7)]
+    assert not make_pipeline(decl, warehouse, tmp_path / "p").has_pending_data
