@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test demo-advance sqlmesh lint format clean
+.PHONY: help install run test demo-advance sqlmesh external-models lint format clean
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ demo-advance: $(STAMP) ## Move the demo source one day forward (inserts, updates
 
 sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse, e.g. make sqlmesh ARGS="plan dev"
 	$(BIN)/python -m datamart sqlmesh $(ARGS)
+
+external-models: $(STAMP) ## Regenerate external_models.yaml from the dlt pipelines' schemas (after a source changes)
+	$(BIN)/python -m datamart.external_models
 
 lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
 	$(BIN)/ruff check datamart tests

@@ -121,3 +121,27 @@ def test_a_load_the_warehouse_refuses_is_discarded_and_reread_after_the_fix(
     assert run.tables[0].rows_loaded == 2
     assert warehouse.query("SELECT id, places FROM raw_shop.missions ORDER BY id") == [(1, 5), (2, 1), (3, 7)]
     assert not make_pipeline(decl, warehouse, tmp_path / "p").has_pending_data
+
+
+def test_rows_committed_late_inside_the_lag_window_are_not_lost_nor_doubled(
+    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+) -> None:
+    decl = declaration(tmp_path, ", lag: 3600")
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")  # last updated_at seen: 2025-01-02 00:00:00
+    # A transaction that started earlier commits now: its updated_at is 30 minutes BEFORE the last value seen.
+    source.execute("INSERT INTO missions VALUES (3, 9, '2025-01-01 23:30:00')")
+    run = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert run.tables[0].rows_loaded >= 1
+    assert warehouse.query("SELECT id, places FROM raw_shop.missions ORDER BY id") == [(1, 5), (2, 6), (3, 9)]
+    # Outside the window it would be lost: that is what the lag is declared for.
+    source.execute("INSERT INTO missions VALUES (4, 1, '2024-12-01 00:00:00')")
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert warehouse.query("SELECT count(*) FROM raw_shop.missions WHERE id = 4") == [(0,)]
+
+
+def test_without_a_lag_the_late_row_is_lost(warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path) -> None:
+    decl = declaration(tmp_path)
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    source.execute("INSERT INTO missions VALUES (3, 9, '2025-01-01 23:30:00')")
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
+    assert warehouse.query("SELECT count(*) FROM raw_shop.missions WHERE id = 3") == [(0,)]

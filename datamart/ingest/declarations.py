@@ -35,6 +35,7 @@ class TableDecl:
     personal: dict[str, str] = field(default_factory=dict)
     deletes: dict[str, str] = field(default_factory=dict)  # {"soft": <column>, "hard": "key_set"}
     schema_contract: dict[str, str] = field(default_factory=dict)  # dlt's: tables / columns / data_type
+    lag: float | None = None  # re-read window below the last cursor value (seconds for timestamps)
     files: str | None = None  # filesystem sources: glob relative to the bucket
     format: str | None = None  # filesystem sources: csv, parquet, jsonl
 
@@ -71,6 +72,7 @@ _TABLE_KEYS = {
     "personal",
     "deletes",
     "schema_contract",
+    "lag",
     "files",
     "format",
 }
@@ -166,6 +168,17 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
                 f"{where}.schema_contract.{entity}",
                 f"{entity}: {mode} is not a contract; entities {CONTRACT_ENTITIES}, modes {CONTRACT_MODES}",
             )
+    lag = decl.get("lag")
+    if lag is not None:
+        if not isinstance(lag, int | float) or lag <= 0:
+            raise _fail(path, f"{where}.lag", f"{lag!r} is not a positive number (seconds for a timestamp cursor)")
+        if not decl.get("cursor") or disposition != "merge":
+            raise _fail(
+                path,
+                f"{where}.lag",
+                "a lag re-reads rows below the last cursor value: it needs a cursor and write_disposition: merge "
+                "(an append table would load the re-read rows twice)",
+            )
     deletes = {str(k): str(v) for k, v in (decl.get("deletes") or {}).items()}
     _check_deletes(path, where, kind, disposition, primary_key, deletes)
     if kind == "filesystem":
@@ -181,6 +194,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         personal=personal,
         deletes=deletes,
         schema_contract={str(k): str(v) for k, v in contract.items()},
+        lag=float(lag) if lag is not None else None,
         files=decl.get("files"),
         format=decl.get("format"),
     )

@@ -179,7 +179,7 @@ def _incremental(table: TableDecl) -> dlt.sources.incremental[Any] | None:
     if table.write_disposition == "merge":
         # Rows sharing the last cursor value are re-read (closed range) and de-duplicated by primary key in the
         # state, so a run with no source change loads nothing.
-        return dlt.sources.incremental(table.cursor)
+        return dlt.sources.incremental(table.cursor, lag=table.lag)
     # Append tables with a strictly growing cursor (ids): start strictly after the last value seen.
     return dlt.sources.incremental(table.cursor, range_start="open")
 

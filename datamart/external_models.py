@@ -1,0 +1,291 @@
+"""Generate ``external_models.yaml`` (the raw tables SQLMesh reads) from the dlt pipelines' own schemas.
+
+Command: ``python -m datamart.external_models`` writes the file; ``--check`` exits 1 and prints a unified diff when
+the committed file is stale (a declaration or the source changed without regenerating).
+
+Where the schemas come from: a dlt schema is only complete after a run. Reflecting a ``sql_database`` table gives
+the source's columns, but the coarsened personal columns (``birth_date`` → ``birth_year``) are typed from the data
+and ``_dlt_load_id`` is added by the normalize step, so "extracting nothing" cannot give the final columns. The
+generation therefore runs every declared pipeline, with the project's own code (:func:`run_pipeline`), on the demo
+source (docs/demo-source.md) generated at a small scale into a temporary folder, loading into a temporary DuckDB file
+with temporary dlt working dirs, and takes each pipeline's ``default_schema``. It needs no warehouse, no secret and
+no network, works on a fresh clone and is deterministic (the demo is seeded); it never reads the developer's or
+production's data. Limit: the pipelines must run against the demo source, i.e. the demo must mirror the real source's
+tables (it does for ``app_db`` and ``bucket``); a pipeline the demo cannot feed fails with dlt's error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dlt.common.schema import Schema
+
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_all
+from datamart.ingest.deletes import DELETED_MARKER
+from datamart.ingest.personal import HMAC_KEY_SECRET, year_column
+from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment
+
+EXTERNAL_MODELS_PATH = PROJECT_ROOT / "external_models.yaml"
+COMMAND = "python -m datamart.external_models"
+DEMO_SCALE = 0.05  # the schema does not depend on the volume; small keeps the generation at a few seconds
+DLT_LOAD_ID = "_dlt_load_id"
+# dlt's defaults for a decimal without precision (DuckDB and PostgreSQL capabilities: DECIMAL(38,9))
+DEFAULT_DECIMAL = (38, 9)
+
+HEADER = f"""\
+# GENERATED FILE, do not edit: regenerate with `{COMMAND}` (or `make external-models`);
+# tests/test_external_models.py fails when it is stale.
+# The raw tables loaded by dlt (pipelines/*.yaml), declared for SQLMesh from the dlt pipelines' own schemas, as
+# produced by running every declared pipeline on the demo source. Names are <dataset>.<table>; SQLMesh qualifies
+# them with the gateway's default catalog.
+# dlt's own columns: `{DLT_LOAD_ID}` (the load that wrote the row) is declared, staging may use it. Not declared:
+# `_dlt_id` (a row key dlt adds only to tables loaded from non-arrow items, e.g. CSV: present or not depending on
+# the reader, meaningless for analyses) and `{DELETED_MARKER}` (the hard-delete marker: created only once a
+# deletion has happened, and always null in the table since marked rows are removed by the merge).
+"""
+
+# dlt data type -> SQLMesh type (DuckDB dialect, as dlt creates it in DuckDB)
+_SIMPLE_TYPES = {
+    "text": "text",
+    "double": "double",
+    "bool": "boolean",
+    "date": "date",
+    "time": "time",
+    "json": "json",
+    "binary": "blob",
+}
+_INTEGER_TYPES = ((8, "tinyint"), (16, "smallint"), (32, "integer"), (64, "bigint"), (128, "hugeint"))
+
+
+class ExternalModelsError(RuntimeError):
+    """The schemas cannot be turned into external models; the message names the pipeline, table and fix."""
+
+
+@dataclass(frozen=True)
+class DemoSource:
+    """A generated demo source: the SQLite application database and the bucket folder."""
+
+    source_url: str
+    bucket: Path
+
+
+def sqlmesh_type(column: dict[str, Any], where: str) -> str:
+    """The SQLMesh (DuckDB dialect) type of a dlt column schema."""
+    data_type = column.get("data_type")
+    precision = column.get("precision")
+    if data_type in _SIMPLE_TYPES:
+        return _SIMPLE_TYPES[data_type]
+    if data_type == "bigint":
+        if precision is None:
+            return "bigint"
+        for bits, name in _INTEGER_TYPES:
+            if precision <= bits:
+                return name
+        raise ExternalModelsError(f"{where}: bigint with precision {precision} bits has no DuckDB integer type")
+    if data_type == "timestamp":
+        # dlt's default is timezone-aware; sources with naive timestamps carry the hint timezone: false
+        return "timestamptz" if column.get("timezone", True) else "timestamp"
+    if data_type == "decimal":
+        scale = column.get("scale")
+        if precision is None:
+            return "decimal({},{})".format(*DEFAULT_DECIMAL)
+        return f"decimal({precision},{DEFAULT_DECIMAL[1] if scale is None else scale})"
+    if data_type == "wei":
+        return f"decimal({precision or DEFAULT_DECIMAL[0]},{column.get('scale') or 0})"
+    raise ExternalModelsError(
+        f"{where}: dlt data type {data_type!r} has no SQLMesh mapping; add it to datamart/external_models.py"
+    )
+
+
+def table_description(decl: PipelineDecl, table: TableDecl) -> str:
+    """Which pipeline loads the table and how: write disposition, key, cursor, deletes, columns never loaded."""
+    key = ", ".join(table.primary_key)
+    text = f"Loaded by dlt pipeline {decl.name} (pipelines/{decl.path.name})"
+    if table.write_disposition == "merge":
+        text += f", merged on {key}"
+        if table.deletes:
+            detected = []
+            if table.deletes.get("soft"):
+                detected.append(f"soft deletes by {table.deletes['soft']}")
+            if table.deletes.get("hard") == "key_set":
+                detected.append(f"hard deletes found by comparing the {key} key sets at each run")
+            text += f"; current state, deleted rows removed ({', '.join(detected)})"
+        else:
+            text += "; current state (rows deleted at the source are kept)"
+    elif table.write_disposition == "append":
+        text += ", append-only; rows are never updated nor deleted"
+        if key:
+            text += f" (primary key {key})"
+    else:
+        text += "; replaced whole at every run"
+    if table.cursor:
+        text += f"; incremental on {table.cursor}"
+        if decl.kind == "filesystem":
+            text += " (only files new or changed since the last run are read)"
+    dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
+    if dropped:
+        text += f". Personal columns never loaded ({', '.join(dropped)})"
+    return text + "."
+
+
+def column_descriptions(table: TableDecl, columns: list[str]) -> dict[str, str]:
+    """Descriptions of the columns with a declared treatment: personal data, soft-delete marker, dlt's load id."""
+    described: dict[str, str] = {}
+    for source_column, treatment in table.personal.items():
+        if treatment == "hash":
+            described[source_column] = (
+                f"Pseudonymised: keyed HMAC-SHA256 (hex) of the {source_column} with the secret {HMAC_KEY_SECRET}; "
+                "same value, same pseudonym."
+            )
+        elif treatment == "year":
+            described[year_column(source_column)] = (
+                f"Year of {source_column} (coarsened at extraction: the date never leaves the source)."
+            )
+    soft = table.deletes.get("soft")
+    if soft:
+        described[soft] = "Soft-delete marker of the source: rows where it is set are removed at load (always null)."
+    described[DLT_LOAD_ID] = "The dlt load that wrote the row" + (
+        " (or last updated it)." if table.write_disposition == "merge" else "."
+    )
+    return {c: described[c] for c in columns if c in described}
+
+
+def external_model(decl: PipelineDecl, table: TableDecl, schema: Schema) -> dict[str, Any]:
+    """The external-model entry of one declared table, its columns in the order of the dlt schema."""
+    where = f"pipeline {decl.name}, table {table.name}"
+    if table.name not in schema.tables:
+        raise ExternalModelsError(
+            f"{where}: not in dlt's schema '{schema.name}' (nothing was ever loaded into it); run the pipeline "
+            f"once so that it is created, then rerun `{COMMAND}`"
+        )
+    columns = {
+        name: sqlmesh_type(dict(column), f"{where}, column {name}")
+        for name, column in schema.get_table_columns(table.name).items()  # complete columns only: typed, loaded
+        if name == DLT_LOAD_ID or not (name.startswith("_dlt_") or name == DELETED_MARKER)
+    }
+    entry: dict[str, Any] = {
+        "name": f"{decl.dataset}.{table.name}",
+        "description": table_description(decl, table),
+        "dialect": "duckdb",
+        "columns": columns,
+    }
+    descriptions = column_descriptions(table, list(columns))
+    if descriptions:
+        entry["column_descriptions"] = descriptions
+    return entry
+
+
+def render_external_models(schemas: list[tuple[PipelineDecl, Schema]]) -> str:
+    """The text of external_models.yaml: every declared table of every pipeline, in declaration order."""
+    sections = [HEADER]
+    for decl, schema in schemas:
+        title = f"# --- {decl.dataset}: pipeline {decl.name} (pipelines/{decl.path.name}) ---"
+        if decl.description:
+            title += f"\n# {decl.description}"
+        entries = [
+            yaml.safe_dump([external_model(decl, table, schema)], sort_keys=False, allow_unicode=True, width=100)
+            for table in decl.tables
+        ]
+        sections.append(title + "\n" + "\n".join(entries))
+    return "\n".join(sections)
+
+
+def generate_demo_source(work_dir: Path, scale: float = DEMO_SCALE) -> DemoSource:
+    """Generate the demo source (day 0) into ``work_dir``: a SQLite application database and a bucket folder."""
+    from datamart import demo
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    source = DemoSource(source_url=f"sqlite:///{work_dir / 'app.sqlite'}", bucket=work_dir / "bucket")
+    demo.generate(source_url=source.source_url, bucket=source.bucket, scale=scale)
+    return source
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore the previous values."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def dlt_schemas_from_declarations(
+    source: DemoSource, work_dir: Path, declarations: list[PipelineDecl] | None = None
+) -> list[tuple[PipelineDecl, Schema]]:
+    """Each pipeline's dlt schema after a first run on ``source`` into a fresh DuckDB file under ``work_dir``."""
+    from datamart.ingest.runner import make_pipeline, run_pipeline
+
+    declarations = load_all() if declarations is None else declarations
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir))  # always from scratch: no earlier state
+    warehouse = Warehouse(target="duckdb", duckdb_path=run_dir / "warehouse.duckdb")
+    env = {"DATAMART__PII_HMAC_KEY": "external-models-generation"}  # pseudonyms are thrown away with the run
+    for decl in declarations:
+        prefix = f"SOURCES__{decl.name.upper()}__"
+        if decl.kind == "sql_database":
+            env[prefix + "CREDENTIALS"] = source.source_url
+        elif decl.kind == "filesystem":
+            env[prefix + "BUCKET_URL"] = str(source.bucket)
+        else:
+            raise DeclarationError(
+                f"{decl.path.name}: a {decl.kind} pipeline cannot run on the demo source; external models are "
+                "generated for sql_database and filesystem pipelines only"
+            )
+    schemas = []
+    with _environment(env):
+        for decl in declarations:
+            print(f"external models: running pipeline {decl.name} on the demo source", file=sys.stderr)
+            run_pipeline(decl, warehouse, pipelines_dir=run_dir / "pipelines")
+            schemas.append((decl, make_pipeline(decl, warehouse, run_dir / "pipelines").default_schema))
+    return schemas
+
+
+def generate_from_demo(work_dir: Path, declarations: list[PipelineDecl] | None = None) -> str:
+    """The external_models.yaml text: demo source → every pipeline into a temp DuckDB → dlt schemas → YAML."""
+    print(f"external models: generating the demo source (scale {DEMO_SCALE}) in {work_dir}", file=sys.stderr)
+    source = generate_demo_source(work_dir / "demo")
+    return render_external_models(dlt_schemas_from_declarations(source, work_dir, declarations))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write external_models.yaml, or with ``--check`` print the diff and return 1 when it is stale."""
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 with a diff when the committed file is stale")
+    args = parser.parse_args(argv)
+    configure_environment()
+    with tempfile.TemporaryDirectory(prefix="datamart-external-models-") as tmp:
+        text = generate_from_demo(Path(tmp))
+    relative = EXTERNAL_MODELS_PATH.relative_to(PROJECT_ROOT)
+    if args.check:
+        committed = EXTERNAL_MODELS_PATH.read_text(encoding="utf-8") if EXTERNAL_MODELS_PATH.exists() else ""
+        if committed == text:
+            print(f"external models: {relative} is up to date", file=sys.stderr)
+            return 0
+        diff = difflib.unified_diff(
+            committed.splitlines(keepends=True), text.splitlines(keepends=True), f"{relative} (committed)", "generated"
+        )
+        sys.stdout.writelines(diff)
+        print(f"external models: {relative} is stale; regenerate with `{COMMAND}`", file=sys.stderr)
+        return 1
+    EXTERNAL_MODELS_PATH.write_text(text, encoding="utf-8")
+    print(f"external models: wrote {relative}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""external_models.yaml is generated from the dlt pipelines' schemas, committed up to date, and follows the source."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dlt.common.schema import Schema
+from dlt.common.schema.utils import new_table
+
+from datamart import external_models
+from datamart.external_models import (
+    DemoSource,
+    ExternalModelsError,
+    dlt_schemas_from_declarations,
+    generate_demo_source,
+    render_external_models,
+    sqlmesh_type,
+)
+from datamart.ingest.declarations import PipelineDecl, load_named
+
+Schemas = list[tuple[PipelineDecl, Schema]]
+
+
+@pytest.fixture(scope="module")
+def schemas(tmp_path_factory: pytest.TempPathFactory) -> Schemas:
+    """The dlt schemas of every declared pipeline, after a first run on a fresh demo source."""
+    work = tmp_path_factory.mktemp("external-models")
+    return dlt_schemas_from_declarations(generate_demo_source(work / "demo"), work)
+
+
+@pytest.fixture(scope="module")
+def rendered(schemas: Schemas) -> str:
+    """The generated external_models.yaml text."""
+    return render_external_models(schemas)
+
+
+def _models(text: str) -> dict[str, dict[str, Any]]:
+    return {entry["name"]: entry for entry in yaml.safe_load(text)}
+
+
+def test_committed_file_is_a_fresh_generation(rendered: str) -> None:
+    committed = external_models.EXTERNAL_MODELS_PATH.read_text(encoding="utf-8")
+    assert committed == rendered, "external_models.yaml is stale: run `make external-models` and commit it"
+
+
+def test_a_changed_declaration_makes_the_committed_file_stale(schemas: Schemas) -> None:
+    committed = external_models.EXTERNAL_MODELS_PATH.read_text(encoding="utf-8")
+    app_db = next(decl for decl, _ in schemas if decl.name == "app_db")
+    volunteers = app_db.table("volunteers")
+    changed = dataclasses.replace(volunteers, personal={**volunteers.personal, "department": "hash"})
+    changed_decl = dataclasses.replace(
+        app_db, tables=tuple(changed if t.name == "volunteers" else t for t in app_db.tables)
+    )
+    text = render_external_models([(changed_decl if d is app_db else d, s) for d, s in schemas])
+
+    assert text != committed
+    department = _models(text)["raw_app_db.volunteers"]["column_descriptions"]["department"]
+    assert department.startswith("Pseudonymised: keyed HMAC-SHA256 (hex) of the department")
+
+
+def test_types_and_descriptions_follow_the_declarations(rendered: str) -> None:
+    models = _models(rendered)
+    assert list(models) == [
+        "raw_app_db.organizations",
+        "raw_app_db.missions",
+        "raw_app_db.volunteers",
+        "raw_app_db.applications",
+        "raw_app_db.stats_events",
+        "raw_bucket.partners",
+        "raw_bucket.partner_reports",
+    ]
+    volunteers = models["raw_app_db.volunteers"]
+    assert volunteers["columns"] == {
+        "id": "bigint",
+        "email": "text",
+        "department": "text",
+        "created_at": "timestamp",
+        "updated_at": "timestamp",
+        "birth_year": "bigint",
+        "_dlt_load_id": "text",
+    }
+    assert volunteers["column_descriptions"]["email"].startswith("Pseudonymised: keyed HMAC-SHA256 (hex) of the email")
+    assert volunteers["column_descriptions"]["birth_year"].startswith("Year of birth_date")
+    assert "never loaded (first_name, last_name, phone, postcode)" in volunteers["description"]
+    assert "current state, deleted rows removed" in volunteers["description"]
+    assert "append-only" in models["raw_app_db.stats_events"]["description"]
+    assert models["raw_app_db.stats_events"]["columns"]["occurred_at"] == "timestamp"
+    assert models["raw_app_db.missions"]["columns"]["start_date"] == "date"
+    assert models["raw_bucket.partners"]["columns"]["active"] == "boolean"
+    assert "rows deleted at the source are kept" in models["raw_bucket.partners"]["description"]
+    for name, model in models.items():
+        assert list(model["columns"])[-1] == "_dlt_load_id", name
+        assert not [c for c in model["columns"] if c.startswith("_dlt_") and c != "_dlt_load_id"], name
+
+
+def test_dlt_internal_columns_other_than_the_load_id_are_left_out() -> None:
+    decl = load_named("app_db")
+    schema = Schema("app_db")
+    columns = [
+        {"name": "id", "data_type": "bigint"},
+        {"name": "email", "data_type": "text"},
+        {"name": "score", "data_type": "decimal", "precision": 10, "scale": 2},
+        {"name": "never_seen"},  # a hint without data: not a column of the warehouse table
+        {"name": "_datamart_deleted_at", "data_type": "timestamp", "timezone": False},
+        {"name": "_dlt_id", "data_type": "text"},
+        {"name": "_dlt_load_id", "data_type": "text"},
+    ]
+    for table in decl.tables:
+        schema.update_table(new_table(table.name, columns=columns))  # type: ignore[arg-type]
+    model = _models(render_external_models([(decl, schema)]))["raw_app_db.volunteers"]
+    assert model["columns"] == {"id": "bigint", "email": "text", "score": "decimal(10,2)", "_dlt_load_id": "text"}
+
+
+def test_dlt_types_map_to_sqlmesh_types() -> None:
+    assert sqlmesh_type({"data_type": "timestamp", "timezone": False}, "t") == "timestamp"
+    assert sqlmesh_type({"data_type": "timestamp"}, "t") == "timestamptz"  # dlt's default is timezone-aware
+    assert sqlmesh_type({"data_type": "decimal"}, "t") == "decimal(38,9)"
+    assert sqlmesh_type({"data_type": "bigint", "precision": 32}, "t") == "integer"
+    assert sqlmesh_type({"data_type": "binary"}, "t") == "blob"
+    assert sqlmesh_type({"data_type": "json"}, "t") == "json"
+    with pytest.raises(ExternalModelsError, match="t: dlt data type 'interval' has no SQLMesh mapping"):
+        sqlmesh_type({"data_type": "interval"}, "t")
+
+
+def test_a_new_source_column_appears_after_a_rerun(tmp_path: Path) -> None:
+    source: DemoSource = generate_demo_source(tmp_path / "demo")
+    with sqlite3.connect(source.source_url[len("sqlite:///") :]) as conn:
+        conn.execute("ALTER TABLE missions ADD COLUMN remote_share DOUBLE")
+        conn.execute("UPDATE missions SET remote_share = 0.5 WHERE id % 2 = 0")
+    text = render_external_models(dlt_schemas_from_declarations(source, tmp_path, [load_named("app_db")]))
+
+    columns = _models(text)["raw_app_db.missions"]["columns"]
+    assert columns["remote_share"] == "double"
+    assert list(columns)[-2:] == ["remote_share", "_dlt_load_id"]
+
+
+def test_check_prints_a_diff_and_fails_when_stale(
+    rendered: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "external_models.yaml"
+    target.write_text(rendered.replace("email: text", "email: varchar"), encoding="utf-8")
+    monkeypatch.setattr(external_models, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(external_models, "EXTERNAL_MODELS_PATH", target)
+    monkeypatch.setattr(external_models, "generate_from_demo", lambda work_dir: rendered)
+    monkeypatch.setattr(external_models, "configure_environment", lambda: None)  # keep the session's dlt dirs
+
+    assert external_models.main(["--check"]) == 1
+    out, err = capsys.readouterr()
+    assert "-    email: varchar\n+    email: text\n" in out
+    assert "external_models.yaml is stale; regenerate with `python -m datamart.external_models`" in err
+    assert external_models.main([]) == 0
+    assert target.read_text(encoding="utf-8") == rendered
+    assert external_models.main(["--check"]) == 0
