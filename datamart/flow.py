@@ -96,6 +96,8 @@ def summary(flow: FlowRun) -> str:
         lines.append(f"Models built: {len(transform.models_built)} ({built})")
         lines.append(f"Audits passed: {transform.audits_passed}")
         lines.append(f"Published views (what Metabase reads): {', '.join(transform.published_views)}")
+        if transform.grants is not None:
+            lines.append(transform.grants.format())
         if transform.published_views:
             lines.append(f"Query one: {flow.warehouse.query_hint(transform.published_views[0])}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ DATA_DIR = PROJECT_ROOT / "data"
 PIPELINES_DIR = PROJECT_ROOT / "pipelines"
 TARGETS = ("duckdb", "postgres")
 DEFAULT_DUCKDB_PATH = "data/warehouse.duckdb"
+PUBLISHED_SCHEMA = "marts"  # the one schema Metabase reads
 
 
 class SettingsError(RuntimeError):

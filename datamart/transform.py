@@ -6,9 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamart.settings import PROJECT_ROOT, Warehouse
-
-PUBLISHED_SCHEMA = "marts"
+from datamart.grants import GrantReport, apply_metabase_grants
+from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse
 
 
 @dataclass
@@ -18,6 +17,7 @@ class TransformRun:
     models_built: list[str] = field(default_factory=list)
     audits_passed: int = 0
     published_views: list[str] = field(default_factory=list)
+    grants: GrantReport | None = None
     elapsed: float = 0.0
 
 
@@ -56,6 +56,7 @@ def apply_prod(warehouse: Warehouse) -> TransformRun:
     result.models_built = sorted(_short_name(s.name) for s in models)
     result.audits_passed = sum(len(s.model.audits) for s in models)
     result.published_views = published_views(context)
+    result.grants = apply_metabase_grants(warehouse)  # after every promotion: a view swap drops the views' grants
     result.elapsed = time.monotonic() - started
     return result
 

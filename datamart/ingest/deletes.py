@@ -74,7 +74,10 @@ def deletion_resource(table: TableDecl, gone: pa.Table, marker: tuple[str, str])
         table_name=table.name,
         write_disposition="merge",
         primary_key=list(table.primary_key),
-        columns={marker_column: {"name": marker_column, "data_type": marker_type, "hard_delete": True}},
+        columns={
+            **{k: {"name": k, "nullable": False, "primary_key": True} for k in table.primary_key},
+            marker_column: {"name": marker_column, "data_type": marker_type, "hard_delete": True},
+        },
     )
 
 

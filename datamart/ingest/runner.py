@@ -121,7 +121,8 @@ def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
     if not pipeline.default_schema_name:
         return {t: [] for t in tables}
     schema_tables = pipeline.default_schema.tables
-    return {t: [c for c in schema_tables.get(t, {}).get("columns", {}) if not c.startswith("_dlt")] for t in tables}
+    internal = ("_dlt", "_datamart")  # dlt's columns and our deletion marker
+    return {t: [c for c in schema_tables.get(t, {}).get("columns", {}) if not c.startswith(internal)] for t in tables}
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -116,12 +116,13 @@ def build_deletions(
 
 def relax_not_null(resource: DltResource, table: TableDecl) -> None:
     """Raw tables accept nulls outside the primary key: deletion rows and variant columns need it, and a NOT NULL
-    copied from the source would turn a source-side change into a failed load."""
+    copied from the source would turn a source-side change into a failed load. Key columns are never null,
+    whatever the source's reflection says (SQLite reports its INTEGER PRIMARY KEY nullable), so every resource
+    writing the table agrees and a frozen data_type contract sees no change."""
     columns = resource.columns
     if isinstance(columns, dict):
         for name, hint in columns.items():
-            if name not in table.primary_key:
-                hint["nullable"] = True
+            hint["nullable"] = name not in table.primary_key
 
 
 def _selected(pipeline: PipelineDecl, tables: list[str] | None) -> list[TableDecl]:

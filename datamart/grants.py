@@ -1,0 +1,263 @@
+"""Metabase's read-only PostgreSQL role: it connects, sees the published schema, selects from its views, nothing else.
+
+Why this runs after EVERY prod promotion: SQLMesh swaps a prod view by ``DROP VIEW … CASCADE`` + ``CREATE VIEW``
+(PostgreSQL cannot ``CREATE OR REPLACE`` a view whose columns change), and a dropped view takes its grants with it.
+``ALTER DEFAULT PRIVILEGES`` is not enough: it only adds privileges to objects that one given role creates later,
+never revokes anything and says nothing of what already exists. So the grants are re-applied, idempotently and in one
+transaction, each time the views may have been recreated.
+
+What the role gets, on the warehouse database only: CONNECT on the database, USAGE on ``marts``, SELECT on every table
+and view in ``marts``. Everything else is revoked from the role and, where PUBLIC would give it, from PUBLIC: every
+other schema (raw datasets, staging, intermediate, SQLMesh's physical ``sqlmesh__*`` schemas and its state schema,
+other environments' ``<schema>__<env>``), CREATE on ``marts``, CREATE on schema ``public`` (PostgreSQL 15 no longer
+gives it to PUBLIC, older servers still do: any role could create tables there) and CREATE on the database (never a
+default, revoked in case someone granted it). PUBLIC keeps USAGE on schema ``public`` (extensions' functions live there)
+and CONNECT/TEMP on the database, PostgreSQL's defaults; the datamart database is a dedicated one.
+
+The role name is the dlt config value ``datamart.metabase_role`` (default ``metabase``); its password is the secret
+``datamart.metabase_password`` (``DATAMART__METABASE_PASSWORD``). The password is hashed on the client (SCRAM or MD5,
+as the server expects), so it never travels nor lands in a server log in clear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from datamart.settings import PUBLISHED_SCHEMA, SettingsError, Warehouse, configure_environment
+
+DEFAULT_ROLE = "metabase"
+# Attributes that would let the role read or change more than the published views.
+_FORBIDDEN_ATTRIBUTES = {
+    "rolsuper": "SUPERUSER",
+    "rolcreatedb": "CREATEDB",
+    "rolcreaterole": "CREATEROLE",
+    "rolreplication": "REPLICATION",
+    "rolbypassrls": "BYPASSRLS",
+}
+# Built-in roles whose membership reads or writes every table.
+_FORBIDDEN_MEMBERSHIPS = ("pg_read_all_data", "pg_write_all_data", "pg_write_server_files", "pg_execute_server_program")
+
+
+class GrantError(SettingsError):
+    """The Metabase role cannot be set up safely; the message names the role and the fix."""
+
+
+@dataclass
+class GrantReport:
+    """What :func:`apply_metabase_grants` did."""
+
+    role: str
+    views: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    created: bool = False
+    can_login: bool = False
+
+    def format(self) -> str:
+        """Lines for the run summary (never the password)."""
+        views = ", ".join(self.views) if self.views else "none"
+        created = ", created" if self.created else ""
+        login = "" if self.can_login else ", NOLOGIN"
+        lines = [f"Metabase role {self.role}{created}{login}: may read {views} (and nothing else)"]
+        lines += [f"WARNING: {warning}" for warning in self.warnings]
+        return "\n".join(lines)
+
+
+def metabase_role_name() -> str:
+    """The configured role name (``datamart.metabase_role``, default ``metabase``)."""
+    import dlt
+
+    configure_environment()
+    name = dlt.config.get("datamart.metabase_role")
+    name = str(name).strip() if name is not None else DEFAULT_ROLE
+    if not name:
+        raise GrantError("datamart.metabase_role is empty: set DATAMART__METABASE_ROLE to a role name, e.g. metabase.")
+    return name
+
+
+def metabase_password() -> str | None:
+    """The role's password from the secret ``datamart.metabase_password``, or None when it is not set."""
+    import dlt
+
+    configure_environment()
+    password = dlt.secrets.get("datamart.metabase_password")
+    return str(password) if password not in (None, "") else None
+
+
+def apply_metabase_grants(warehouse: Warehouse) -> GrantReport | None:
+    """Create or check Metabase's role and grant it the published views only; None on DuckDB (a file has no roles)."""
+    if warehouse.target != "postgres":
+        return None
+    import psycopg2
+
+    role = metabase_role_name()
+    password = metabase_password()
+    if role.lower() in ("public", "none", "current_user", "session_user") or role.startswith("pg_"):
+        raise GrantError(f"datamart.metabase_role={role!r} is a reserved name: set DATAMART__METABASE_ROLE=metabase.")
+    if role == warehouse.pg.username:
+        raise GrantError(
+            f"datamart.metabase_role={role!r} is the warehouse's own user (the one dlt and SQLMesh write with): "
+            "give Metabase a separate role, e.g. DATAMART__METABASE_ROLE=metabase."
+        )
+    pg = warehouse.pg
+    conn = psycopg2.connect(host=pg.host, port=pg.port, user=pg.username, password=pg.password, dbname=pg.database)
+    try:
+        with conn:  # one transaction: commit on success, rollback on any error
+            with conn.cursor() as cur:
+                report = _apply(cur, conn, role, password, str(pg.database))
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise GrantError(
+            f"cannot set up the Metabase role {role!r} as {pg.username!r}: {str(exc).strip()}. Run the job with a "
+            f"warehouse user that owns the database {pg.database!r} and has CREATEROLE, or have an administrator "
+            f"create the role once: CREATE ROLE {role} LOGIN PASSWORD '…'."
+        ) from None
+    finally:
+        conn.close()
+    return report
+
+
+def _apply(cur: Any, conn: Any, role: str, password: str | None, database: str) -> GrantReport:
+    """The grants and revokes, on an open transaction."""
+    from psycopg2 import sql
+    from psycopg2.extensions import encrypt_password
+
+    report = GrantReport(role=role)
+    who = sql.Identifier(role)
+    db = sql.Identifier(database)
+    published = sql.Identifier(PUBLISHED_SCHEMA)
+
+    # Serialise concurrent runs (two jobs promoting at once) on this role's grants.
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"datamart.metabase_grants.{role}",))
+    attributes = ", ".join(_FORBIDDEN_ATTRIBUTES)
+    cur.execute(f"SELECT rolcanlogin, {attributes} FROM pg_roles WHERE rolname = %s", (role,))
+    row = cur.fetchone()
+    if row is None:
+        if password is not None:
+            hashed = encrypt_password(password, role, conn)
+            cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(who), (hashed,))
+        else:
+            cur.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(who))
+        cur.execute(
+            sql.SQL("COMMENT ON ROLE {} IS %s").format(who),
+            ("Metabase: reads the published datamart views only (datamart/grants.py re-applies its grants)",),
+        )
+        report.created = True
+        report.can_login = password is not None
+    else:
+        forbidden = [name for name, value in zip(_FORBIDDEN_ATTRIBUTES.values(), row[1:], strict=True) if value]
+        if forbidden:
+            raise GrantError(
+                f"the Metabase role {role!r} has {', '.join(forbidden)}: it could read or change everything. "
+                f"Remove them (ALTER ROLE {role} {' '.join('NO' + a for a in forbidden)}) or point "
+                "DATAMART__METABASE_ROLE at a plain role."
+            )
+        report.can_login = bool(row[0])
+        if password is not None:
+            # The secret is the source of truth: a role created NOLOGIN by an earlier run can log in once it is set.
+            hashed = encrypt_password(password, role, conn)
+            cur.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD %s").format(who), (hashed,))
+            report.can_login = True
+    if not report.can_login:
+        report.warnings.append(
+            f"role {role} cannot log in (no password): set the secret datamart.metabase_password "
+            "(DATAMART__METABASE_PASSWORD, or [datamart] metabase_password in .dlt/secrets.toml) and run again."
+        )
+    _check_memberships(cur, role, report)
+
+    # The database: connect, never create schemas; PUBLIC must not give CREATE either.
+    cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, who))
+    cur.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM PUBLIC, {}").format(db, who))
+    # Schema public: PostgreSQL < 15 lets every role create tables there (PUBLIC has CREATE); 15 no longer does.
+    cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'public'")
+    if cur.fetchone():
+        cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC, {}").format(who))
+
+    # Every schema but the published one: nothing for the role, nothing through PUBLIC either.
+    cur.execute(
+        "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%%' AND nspname <> 'information_schema' "
+        "AND nspname <> %s ORDER BY nspname",
+        (PUBLISHED_SCHEMA,),
+    )
+    for (schema,) in cur.fetchall():
+        name = sql.Identifier(schema)
+        if schema == "public":  # keep PUBLIC's USAGE: extensions' functions live there; the role gets nothing
+            cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(name, who))
+        else:
+            cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC, {}").format(name, who))
+        cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM PUBLIC, {}").format(name, who))
+        cur.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM PUBLIC, {}").format(name, who))
+        cur.execute(sql.SQL("REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {} FROM {}").format(name, who))
+
+    # The published schema: USAGE, SELECT on what is there now, nothing more.
+    cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (PUBLISHED_SCHEMA,))
+    if cur.fetchone() is None:
+        report.warnings.append(
+            f"schema {PUBLISHED_SCHEMA} does not exist yet: run the prod plan (python -m datamart run), "
+            "then grant again."
+        )
+    else:
+        cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(published, who))
+        cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA {} FROM PUBLIC, {}").format(published, who))
+        cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(published, who))
+        cur.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(published, who))
+        cur.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY c.relname",
+            (PUBLISHED_SCHEMA,),
+        )
+        for (relation,) in cur.fetchall():
+            cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(PUBLISHED_SCHEMA, relation), who))
+            report.views.append(f"{PUBLISHED_SCHEMA}.{relation}")
+        if not report.views:
+            report.warnings.append(f"schema {PUBLISHED_SCHEMA} holds no view yet: Metabase will see nothing.")
+
+    _verify(cur, role, database, report)
+    return report
+
+
+def _check_memberships(cur: Any, role: str, report: GrantReport) -> None:
+    """Refuse a role that inherits everything (pg_read_all_data, a superuser); warn about other memberships."""
+    cur.execute(
+        "SELECT g.rolname, g.rolsuper FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+        "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %s ORDER BY g.rolname",
+        (role,),
+    )
+    groups = cur.fetchall()
+    dangerous = [name for name, is_super in groups if is_super or name in _FORBIDDEN_MEMBERSHIPS]
+    if dangerous:
+        raise GrantError(
+            f"the Metabase role {role!r} is a member of {', '.join(dangerous)}, which reads everything: "
+            f"REVOKE {', '.join(dangerous)} FROM {role}, or point DATAMART__METABASE_ROLE at a plain role."
+        )
+    others = [name for name, _ in groups]
+    if others:
+        report.warnings.append(
+            f"role {role} is a member of {', '.join(others)}: it may also read what those roles can read "
+            f"(REVOKE … FROM {role} if that is not intended)."
+        )
+
+
+def _verify(cur: Any, role: str, database: str, report: GrantReport) -> None:
+    """Fail the transaction if a revoke silently did nothing (REVOKE only warns when we do not own the object)."""
+    cur.execute(
+        "SELECT has_database_privilege(%s, %s, 'CREATE')",  # counts what PUBLIC gives too
+        (role, database),
+    )
+    if cur.fetchone()[0]:
+        raise GrantError(
+            f"the Metabase role {role!r} can still create schemas in database {database!r}: run the job as the "
+            f"database's owner, or as the owner run REVOKE CREATE ON DATABASE {database} FROM PUBLIC, {role}."
+        )
+    cur.execute(
+        "SELECT n.nspname FROM pg_namespace n WHERE n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema' "
+        "AND (has_schema_privilege(%s, n.oid, 'CREATE') "
+        "OR (n.nspname NOT IN (%s, 'public') AND has_schema_privilege(%s, n.oid, 'USAGE'))) ORDER BY 1",
+        (role, PUBLISHED_SCHEMA, role),
+    )
+    leaks = [schema for (schema,) in cur.fetchall()]
+    if leaks:
+        raise GrantError(
+            f"the Metabase role {role!r} still has privileges on schema(s) {', '.join(leaks)} after the revokes "
+            "(they are owned by another user, or granted by one): run the job as their owner, or as the owner run "
+            f"REVOKE ALL ON SCHEMA … FROM PUBLIC, {role}."
+        )

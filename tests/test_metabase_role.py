@@ -1,0 +1,297 @@
+"""Metabase's read-only role on a real PostgreSQL warehouse: connect AS the role and do what Metabase does.
+
+The whole flow runs on PostgreSQL (source in one fresh database, warehouse in another), grants are applied, then a
+psycopg2 connection as the role lists schemas and tables, selects from a published view, and fails on everything else.
+A second promotion (the next demo day, restated marts) and a forced view swap (a changed published model, planned to
+prod from a copy of the project) show when SQLMesh drops the views' grants and that re-applying restores access.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+from psycopg2 import errors, sql
+
+from datamart import demo
+from datamart.flow import run_flow
+from datamart.flow import summary as flow_summary
+from datamart.grants import GrantError, apply_metabase_grants
+from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.transform import PUBLISHED_SCHEMA, published_views, sqlmesh_context
+
+pytestmark = pytest.mark.postgres
+
+PASSWORD = "metabase-test-password"
+HIDDEN_SCHEMAS = {"raw_app_db", "raw_bucket", "staging", "intermediate", "sqlmesh"}
+# What a role with no privilege still sees in information_schema.schemata: PUBLIC's USAGE on these.
+VISIBLE_SCHEMAS = {PUBLISHED_SCHEMA, "public", "pg_catalog", "information_schema"}
+
+
+@dataclass
+class Stack:
+    """A filled demo source, its bucket, an empty PostgreSQL warehouse and Metabase's role name."""
+
+    source_url: str
+    bucket: Path
+    pipelines_dir: Path
+    warehouse: Warehouse
+    role: str
+
+
+def _drop_role(admin_url: str, role: str) -> None:
+    """Drop the role and what it holds in every database of the server (roles are cluster-wide)."""
+    admin = psycopg2.connect(admin_url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            if cur.fetchone() is None:
+                return
+            cur.execute("SELECT datname FROM pg_database WHERE datallowconn")
+            databases = [name for (name,) in cur.fetchall()]
+        for database in databases:
+            conn = psycopg2.connect(admin_url, dbname=database)
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            finally:
+                conn.close()
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    finally:
+        admin.close()
+
+
+@pytest.fixture
+def role(pg_admin_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A unique Metabase role name for this test (roles outlive databases), dropped after it."""
+    name = f"metabase_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("DATAMART__METABASE_ROLE", name)
+    monkeypatch.delenv("DATAMART__METABASE_PASSWORD", raising=False)
+    yield name
+    _drop_role(pg_admin_url, name)
+
+
+@pytest.fixture
+def stack(
+    role: str, pg_database_factory: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Stack:
+    """The environment of a production run: source, bucket, key and warehouse set by environment variables."""
+    source_url = pg_database_factory("source")
+    warehouse_url = pg_database_factory("warehouse")
+    warehouse = postgres_warehouse(warehouse_url)
+    bucket = tmp_path / "bucket"
+    demo.generate(source_url=source_url, bucket=bucket, scale=0.2)
+    env = {
+        "DATAMART_TARGET": "postgres",
+        "DESTINATION__POSTGRES__CREDENTIALS": warehouse_url,
+        "SOURCES__APP_DB__CREDENTIALS": source_url,
+        "SOURCES__BUCKET__BUCKET_URL": str(bucket),
+        "DATAMART__PII_HMAC_KEY": "metabase-role-test-key",
+        "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
+        "DATAMART__METABASE_PASSWORD": PASSWORD,
+        **warehouse.sqlmesh_env(),  # set through monkeypatch so that SQLMesh's exports are undone after the test
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Stack(source_url, bucket, tmp_path / "pipelines", warehouse, role)
+
+
+def _connect_as(warehouse: Warehouse, role: str) -> Any:
+    """A connection as Metabase would open it: the role, its password, the warehouse database."""
+    pg = warehouse.pg
+    conn = psycopg2.connect(host=pg.host, port=pg.port, user=role, password=PASSWORD, dbname=pg.database)
+    conn.autocommit = True
+    return conn
+
+
+def _rows(conn: Any, statement: str) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(statement)
+        return cur.fetchall()
+
+
+def _visible_tables(conn: Any) -> list[str]:
+    """What Metabase's sync lists: information_schema.tables outside the system schemas."""
+    rows = _rows(
+        conn,
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+        "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+    )
+    return [name for (name,) in rows]
+
+
+def _view_oids(warehouse: Warehouse) -> dict[str, int]:
+    """The published views' OIDs: a new OID means SQLMesh dropped and recreated the view."""
+    rows = warehouse.query(
+        "SELECT c.relname, c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind = 'v'",
+        (PUBLISHED_SCHEMA,),
+    )
+    return {f"{PUBLISHED_SCHEMA}.{name}": int(oid) for name, oid in rows}
+
+
+def _can_read_missions(stack: Stack) -> bool:
+    """Whether the role can select from marts.missions_v1 right now."""
+    conn = _connect_as(stack.warehouse, stack.role)
+    try:
+        _rows(conn, "SELECT count(*) FROM marts.missions_v1")
+        return True
+    except errors.InsufficientPrivilege:
+        return False
+    finally:
+        conn.close()
+
+
+def _assert_reads_published_views_only(stack: Stack, published: list[str]) -> None:
+    """Checks 2 and 3: the role lists exactly the published views and counts the same rows as the superuser."""
+    conn = _connect_as(stack.warehouse, stack.role)
+    try:
+        assert _visible_tables(conn) == published
+        as_role = _rows(conn, "SELECT count(*) FROM marts.missions_v1")[0][0]
+    finally:
+        conn.close()
+    assert as_role == stack.warehouse.query("SELECT count(*) FROM marts.missions_v1")[0][0] > 0
+
+
+def _physical_table(warehouse: Warehouse, view: str) -> str:
+    """The SQLMesh physical table a prod view selects from, read from its definition."""
+    schema, name = view.split(".")
+    definition = warehouse.query(
+        "SELECT definition FROM pg_views WHERE schemaname = %s AND viewname = %s", (schema, name)
+    )[0][0]
+    match = re.search(r"FROM\s+(sqlmesh__\w+\.\w+)", definition)
+    assert match, f"no physical table in the definition of {view}: {definition}"
+    return match.group(1)
+
+
+def _plan_changed_model(stack: Stack, tmp_path: Path) -> None:
+    """Promote a changed marts.missions_v1 to prod from a copy of the project: a real view swap."""
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT_ROOT, project, ignore=_project_ignore)
+    model = project / "models" / "marts" / "missions_v1.sql"
+    text = model.read_text()
+    assert text.rstrip().endswith("FROM missions_with_applications")
+    model.write_text(text.rstrip() + "\nWHERE\n  NOT mission_id IS NULL\n")
+    stack.warehouse.export_for_sqlmesh()
+    from sqlmesh import Context
+
+    context = Context(paths=[str(project)])
+    context.plan("prod", auto_apply=True, no_prompts=True)
+
+
+def _project_ignore(folder: str, names: list[str]) -> set[str]:
+    """Copy only what SQLMesh reads: config, models, audits, macros, external models, unit tests."""
+    if Path(folder) == PROJECT_ROOT:
+        keep = {"config.yaml", "external_models.yaml", "models", "audits", "macros", "tests"}
+        return {name for name in names if name not in keep}
+    if Path(folder) == PROJECT_ROOT / "tests":
+        return {name for name in names if not name.endswith(".yaml")}
+    return {name for name in names if name in ("__pycache__", ".cache")}
+
+
+def test_metabase_reads_published_views_only_after_every_promotion(stack: Stack, tmp_path: Path) -> None:
+    flow = run_flow(stack.warehouse, pipelines_dir=stack.pipelines_dir, out=io.StringIO())
+    published = published_views(sqlmesh_context(stack.warehouse))
+    assert published and flow.transform is not None and flow.transform.published_views == published
+
+    report = flow.transform.grants  # the promotion applied them
+    assert report is not None and report.role == stack.role
+    assert report.created and report.can_login and report.warnings == []
+    assert f"Metabase role {stack.role}, created: may read marts." in flow_summary(flow)
+    assert report.views == published
+    assert PASSWORD not in report.format()
+
+    conn = _connect_as(stack.warehouse, stack.role)
+    try:
+        # 1. the schemas Metabase's sync would offer
+        schemas = {name for (name,) in _rows(conn, "SELECT schema_name FROM information_schema.schemata")}
+        assert PUBLISHED_SCHEMA in schemas
+        assert schemas <= VISIBLE_SCHEMAS, f"the role sees {sorted(schemas - VISIBLE_SCHEMAS)}"
+        assert not schemas & HIDDEN_SCHEMAS
+        assert not any(name.startswith("sqlmesh__") or "__" in name for name in schemas)
+        # 2. the tables it would sync: exactly the published views
+        assert _visible_tables(conn) == published
+        # 3. a question on a published view
+        as_role = _rows(conn, "SELECT count(*) FROM marts.missions_v1")[0][0]
+        assert as_role == stack.warehouse.query("SELECT count(*) FROM marts.missions_v1")[0][0] > 0
+        # 4. raw data, staging, SQLMesh's physical table behind the view and its state: refused
+        physical = _physical_table(stack.warehouse, "marts.missions_v1")
+        assert physical.startswith("sqlmesh__marts.")
+        for relation in ("raw_app_db.volunteers", "staging.stg_app_db__missions", physical, "sqlmesh._environments"):
+            with pytest.raises(errors.InsufficientPrivilege):
+                _rows(conn, f"SELECT * FROM {relation} LIMIT 1")
+        # 5. no table of its own, in public or in the published schema
+        for schema in ("public", PUBLISHED_SCHEMA):
+            with pytest.raises(errors.InsufficientPrivilege):
+                _rows(conn, f"CREATE TABLE {schema}.metabase_scratch (id int)")
+        with pytest.raises(errors.InsufficientPrivilege):
+            _rows(conn, "CREATE SCHEMA metabase_scratch")
+    finally:
+        conn.close()
+
+    # Idempotent: a second application changes nothing and creates nothing.
+    again = apply_metabase_grants(stack.warehouse)
+    assert again is not None and not again.created and again.views == published
+
+    # 6a. The next day: new rows, marts restated by the prod plan.
+    oids = _view_oids(stack.warehouse)
+    demo.advance_day(source_url=stack.source_url, bucket=stack.bucket)
+    second = run_flow(stack.warehouse, pipelines_dir=stack.pipelines_dir, out=io.StringIO())
+    assert second.transform is not None and "marts.missions_v1" in second.transform.models_built
+    restatement_recreated = {v for v in published if _view_oids(stack.warehouse).get(v) != oids.get(v)}
+    # Measured with SQLMesh 0.236: a restatement rebuilds the physical tables and leaves the views (and their grants).
+    assert restatement_recreated == set()
+    assert _can_read_missions(stack)
+    assert second.transform.grants is not None and second.transform.grants.views == published
+    _assert_reads_published_views_only(stack, published)
+
+    # 6b. A changed published model promoted to prod: SQLMesh drops and recreates its view, and its grants with it.
+    oids = _view_oids(stack.warehouse)
+    _plan_changed_model(stack, tmp_path)
+    assert _view_oids(stack.warehouse)["marts.missions_v1"] != oids["marts.missions_v1"], "the view was swapped"
+    assert not _can_read_missions(stack), "without re-applying the grants, the swapped view is no longer readable"
+    report = apply_metabase_grants(stack.warehouse)
+    assert report is not None and report.views == published
+    _assert_reads_published_views_only(stack, published)
+
+
+def test_role_without_password_is_created_nologin_with_a_warning(role: str, pg_database: str) -> None:
+    report = apply_metabase_grants(postgres_warehouse(pg_database))
+    assert report is not None and report.created and not report.can_login
+    assert any("DATAMART__METABASE_PASSWORD" in warning for warning in report.warnings)
+    assert any("schema marts does not exist yet" in warning for warning in report.warnings)
+    rows = postgres_warehouse(pg_database).query(
+        "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = %s", (role,)
+    )
+    assert rows == [(False, False, False, False)]
+
+
+def test_role_with_superuser_rights_is_refused(
+    role: str, pg_database: str, pg_admin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warehouse = postgres_warehouse(pg_database)
+    admin = psycopg2.connect(pg_admin_url)
+    try:
+        with admin, admin.cursor() as cur:
+            cur.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEDB").format(sql.Identifier(role)))
+    finally:
+        admin.close()
+    monkeypatch.setenv("DATAMART__METABASE_PASSWORD", PASSWORD)
+    with pytest.raises(GrantError, match=rf"{role}.*CREATEDB.*NOCREATEDB") as raised:
+        apply_metabase_grants(warehouse)
+    assert PASSWORD not in str(raised.value)
+
+
+def test_duckdb_has_no_roles(tmp_path: Path) -> None:
+    assert apply_metabase_grants(Warehouse(target="duckdb", duckdb_path=tmp_path / "w.duckdb")) is None
