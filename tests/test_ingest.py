@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from datamart.ingest.declarations import DeclarationError, load_declaration, load_named
-from datamart.ingest.runner import run_pipeline
-from datamart.settings import SettingsError, Warehouse
+from datamart.ingest.runner import format_loads, run_pipeline
+from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
 
 KEY = "test-pseudonymisation-key"
 VOLUNTEERS = [
@@ -102,6 +102,33 @@ def test_hard_deletes_are_found_by_comparing_key_sets(warehouse: Warehouse, app_
     assert warehouse.query(f"SELECT count(*) FROM raw_app_db.volunteers WHERE email = '{pseudonym}'") == [(0,)]
     again = run_pipeline(decl, warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines")
     assert (again.tables[0].rows_loaded, again.tables[0].rows_deleted) == (0, 0)
+
+
+def test_a_new_column_in_a_table_with_personal_data_waits_for_its_classification(
+    warehouse: Warehouse, app_source: Path, tmp_path: Path
+) -> None:
+    _load(warehouse, tmp_path)
+    with sqlite3.connect(app_source) as conn:
+        conn.execute("ALTER TABLE volunteers ADD COLUMN nickname TEXT")
+        conn.execute("UPDATE volunteers SET nickname = 'Lele', updated_at = '2026-01-02 00:00:00' WHERE id = 1")
+    run = run_pipeline(load_named("app_db"), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines")
+    assert run.tables[0].held_back == ("nickname",)
+    assert run.tables[0].rows_loaded == 1  # the row itself is loaded, without the unclassified column
+    assert "new column(s) nickname NOT loaded" in format_loads([run])
+    assert not any("Lele" in str(v) for row in warehouse.query("SELECT * FROM raw_app_db.volunteers") for v in row)
+
+    # Classified as not personal: loaded from the next change on.
+    declaration = tmp_path / "declarations" / "app_db.yaml"
+    declaration.parent.mkdir()
+    text = (PROJECT_ROOT / "pipelines" / "app_db.yaml").read_text()
+    declaration.write_text(text.replace("      postcode: drop\n", "      postcode: drop\n      nickname: keep\n"))
+    with sqlite3.connect(app_source) as conn:
+        conn.execute("UPDATE volunteers SET updated_at = '2026-01-03 00:00:00' WHERE id = 1")
+    run = run_pipeline(
+        load_declaration(declaration), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines"
+    )
+    assert run.tables[0].new_columns == ("nickname",) and run.tables[0].held_back == ()
+    assert warehouse.query("SELECT nickname FROM raw_app_db.volunteers WHERE id = 1") == [("Lele",)]
 
 
 def test_state_lives_in_the_warehouse_a_fresh_worker_continues(

@@ -16,7 +16,7 @@ from datamart.settings import PIPELINES_DIR
 
 SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
 WRITE_DISPOSITIONS = ("append", "merge", "replace")
-PERSONAL_TREATMENTS = ("hash", "drop", "year")
+PERSONAL_TREATMENTS = ("hash", "drop", "year", "keep")
 FILE_FORMATS = ("csv", "parquet", "jsonl")
 
 

@@ -11,7 +11,7 @@ import dlt
 from dlt.common import logger
 
 from datamart.ingest.declarations import PipelineDecl
-from datamart.ingest.sources import build_deletions, build_resources
+from datamart.ingest.sources import build_deletions, build_resources, check_secrets
 from datamart.settings import DATA_DIR, Warehouse
 
 
@@ -24,6 +24,7 @@ class TableLoad:
     rows_in_warehouse: int
     rows_deleted: int = 0
     new_columns: tuple[str, ...] = ()
+    held_back: tuple[str, ...] = ()
 
 
 @dataclass
@@ -73,13 +74,15 @@ def run_pipeline(
     """
     started = time.monotonic()
     deletions: dict[str, int] = {}
-    resources = build_resources(decl, tables)
+    held_back: dict[str, list[str]] = {}
+    check_secrets(decl, tables)
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
     pipeline.sync_destination()  # a fresh worker continues from the state kept in the warehouse
     if pipeline.has_pending_data:
         finish_or_abort_pending(pipeline)
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
+    resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
     info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None)
     info.raise_on_failed_jobs()
     normalized = pipeline.last_trace.last_normalize_info
@@ -92,7 +95,8 @@ def run_pipeline(
     loads = []
     for name in names:
         new = tuple(c for c in columns_after[name] if columns_before[name] and c not in columns_before[name])
-        loads.append(TableLoad(name, int(row_counts.get(name, 0)), totals[name], deletions.get(name, 0), new))
+        held = tuple(held_back.get(name, []))
+        loads.append(TableLoad(name, int(row_counts.get(name, 0)), totals[name], deletions.get(name, 0), new, held))
     return PipelineRun(pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads)
 
 
@@ -183,6 +187,13 @@ def format_loads(runs: list[PipelineRun]) -> str:
         for run in runs
         for table in run.tables
         if table.new_columns
+    ]
+    changes += [
+        f"  {run.dataset}.{table.table}: new column(s) {', '.join(table.held_back)} NOT loaded: the table holds "
+        f"personal data; classify them under personal: in pipelines/{run.pipeline}.yaml (keep, hash, drop or year)"
+        for run in runs
+        for table in run.tables
+        if table.held_back
     ]
     if changes:
         lines += ["schema changes:", *changes]

@@ -63,11 +63,22 @@ DEFAULT_CONTRACTS: dict[str, dict[str, str]] = {
 }
 
 
-def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> list[DltResource]:
-    """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map."""
+def build_resources(
+    pipeline: PipelineDecl,
+    tables: list[str] | None = None,
+    known_columns: dict[str, list[str]] | None = None,
+    held_back: dict[str, list[str]] | None = None,
+) -> list[DltResource]:
+    """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map.
+
+    In a SQL table with personal columns, a source column that is neither in ``known_columns`` (what the warehouse
+    already has) nor classified under ``personal:`` is held back, and listed in ``held_back``: an unclassified column
+    of a table holding personal data may itself be personal.
+    """
     selected = _selected(pipeline, tables)
-    if any(t.personal for t in selected):
-        require_hmac_key(pipeline.name)
+    known_columns = known_columns if known_columns is not None else {}
+    held_back = held_back if held_back is not None else {}
+    check_secrets(pipeline, tables)
     if pipeline.kind == "rest_api":
         built = build_rest_resources(pipeline, selected, pipeline.raw_tables)
     else:
@@ -75,7 +86,12 @@ def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> 
             "sql_database": _sql_resource,
             "filesystem": _file_resource,
         }[pipeline.kind]
-        built = [build(pipeline, table) for table in selected]
+        built = [
+            _sql_resource(pipeline, t, known_columns.get(t.name, []), held_back.setdefault(t.name, []))
+            if pipeline.kind == "sql_database"
+            else build(pipeline, t)
+            for t in selected
+        ]
     resources = []
     for table, resource in zip(selected, built, strict=True):
         if table.personal:
@@ -89,6 +105,12 @@ def build_resources(pipeline: PipelineDecl, tables: list[str] | None = None) -> 
             resource.apply_hints(schema_contract=contract)
         resources.append(resource)
     return resources
+
+
+def check_secrets(pipeline: PipelineDecl, tables: list[str] | None = None) -> None:
+    """Stop before anything is read or written when a secret the declaration needs is missing."""
+    if any("hash" in t.personal.values() for t in _selected(pipeline, tables)):
+        require_hmac_key(pipeline.name)
 
 
 def build_deletions(
@@ -140,11 +162,19 @@ def _rewrite_column_hints(resource: DltResource, policy: dict[str, str]) -> None
             columns[column] = {"name": column, "data_type": "text", "nullable": True}
 
 
-def _sql_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
+def _sql_resource(
+    pipeline: PipelineDecl, table: TableDecl, known: list[str] | None = None, held_back: list[str] | None = None
+) -> DltResource:
     from dlt.sources.sql_database import sql_table
 
     dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
     coarsened = [c for c, treatment in table.personal.items() if treatment == "year"]
+    hold = bool(table.personal and known)  # before the first load, every column of the source is the baseline
+    adapter = (
+        _select_adapter(coarsened, table, known or [], held_back if held_back is not None else [])
+        if (coarsened or hold)
+        else None
+    )
     # A type change evolves into a variant column (places__v_text) only row by row: dlt's arrow path cannot.
     variants = table.schema_contract.get("data_type") == "evolve"
     return sql_table(
@@ -156,20 +186,28 @@ def _sql_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
         chunk_size=int(pipeline.options.get("chunk_size", 100_000)),
         incremental=_incremental(table),
         excluded_columns=dropped or None,
-        table_adapter_callback=_coarsen_in_query(coarsened) if coarsened else None,
+        table_adapter_callback=adapter,
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )
 
 
-def _coarsen_in_query(columns: list[str]) -> Callable[[Any], Any]:
-    """A table adapter selecting the year of each date column instead of the date: the date never leaves the source."""
+def _select_adapter(coarsened: list[str], table: TableDecl, known: list[str], held_back: list[str]) -> Any:
+    """A table adapter whose SELECT reads the year of each coarsened date (the date never leaves the source) and
+    leaves out the unclassified new columns of a table with personal data (listed in ``held_back``)."""
     import sqlalchemy as sa
 
-    def adapt(table: sa.Table) -> Any:
-        selected = [c for c in table.columns if c.name not in columns]
-        years = [sa.cast(sa.extract("year", table.c[c]), sa.BigInteger).label(year_column(c)) for c in columns]
-        return sa.select(*selected, *years).subquery(table.name)
+    def adapt(source: sa.Table) -> Any:
+        selected = []
+        for column in source.columns:
+            if column.name in coarsened:
+                continue
+            if table.personal and known and column.name not in known and column.name not in table.personal:
+                held_back.append(column.name)
+                continue
+            selected.append(column)
+        years = [sa.cast(sa.extract("year", source.c[c]), sa.BigInteger).label(year_column(c)) for c in coarsened]
+        return sa.select(*selected, *years).subquery(source.name)
 
     return adapt
 
