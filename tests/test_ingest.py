@@ -7,6 +7,7 @@ import hmac
 import sqlite3
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from datamart.ingest.declarations import DeclarationError, load_declaration, load_named
@@ -25,19 +26,42 @@ VOLUNTEERS = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def app_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A small SQLite application database with personal data, wired as the app_db source."""
-    path = tmp_path / "app.sqlite"
-    with sqlite3.connect(path) as conn:
-        conn.execute(
-            "CREATE TABLE volunteers (id INTEGER PRIMARY KEY, email TEXT NOT NULL, first_name TEXT, last_name TEXT, "
-            "phone TEXT, birth_date DATE, postcode TEXT, department TEXT, created_at TIMESTAMP, updated_at TIMESTAMP)"
-        )
-        conn.executemany("INSERT INTO volunteers VALUES (?,?,?,?,?,?,?,?,?,?)", VOLUNTEERS)
-    monkeypatch.setenv("SOURCES__APP_DB__CREDENTIALS", f"sqlite:///{path}")
+class Source:
+    """The application database of a test: a SQLite file or a real PostgreSQL database, same DDL and statements."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def execute(self, statement: str, rows: list[tuple[object, ...]] | None = None) -> None:
+        """Run one statement (for each of ``rows`` when given) and commit."""
+        if self.url.startswith("sqlite:///"):
+            with sqlite3.connect(self.url[len("sqlite:///") :]) as conn:
+                conn.executemany(statement, rows) if rows else conn.execute(statement)
+            return
+        conn = psycopg2.connect(self.url)
+        try:
+            with conn, conn.cursor() as cur:
+                statement = statement.replace("?", "%s")
+                cur.executemany(statement, rows) if rows else cur.execute(statement)
+        finally:
+            conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def app_source(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Source:
+    """A small application database with personal data, wired as the app_db source: SQLite, then PostgreSQL."""
+    if request.param == "sqlite":
+        source = Source(f"sqlite:///{tmp_path / 'app.sqlite'}")
+    else:
+        source = Source(request.getfixturevalue("pg_database_factory")("source"))
+    source.execute(
+        "CREATE TABLE volunteers (id INTEGER PRIMARY KEY, email TEXT NOT NULL, first_name TEXT, last_name TEXT, "
+        "phone TEXT, birth_date DATE, postcode TEXT, department TEXT, created_at TIMESTAMP, updated_at TIMESTAMP)"
+    )
+    source.execute("INSERT INTO volunteers VALUES (?,?,?,?,?,?,?,?,?,?)", VOLUNTEERS)
+    monkeypatch.setenv("SOURCES__APP_DB__CREDENTIALS", source.url)
     monkeypatch.setenv("DATAMART__PII_HMAC_KEY", KEY)
-    return path
+    return source
 
 
 def _load(warehouse: Warehouse, tmp_path: Path) -> dict[str, int]:
@@ -46,7 +70,7 @@ def _load(warehouse: Warehouse, tmp_path: Path) -> dict[str, int]:
 
 
 def test_personal_columns_never_reach_the_warehouse_in_clear(
-    warehouse: Warehouse, app_source: Path, tmp_path: Path
+    warehouse: Warehouse, app_source: Source, tmp_path: Path
 ) -> None:
     assert _load(warehouse, tmp_path) == {"volunteers": 3}
 
@@ -70,16 +94,15 @@ def test_personal_columns_never_reach_the_warehouse_in_clear(
             assert clear not in dump
 
 
-def test_second_run_loads_only_what_changed(warehouse: Warehouse, app_source: Path, tmp_path: Path) -> None:
+def test_second_run_loads_only_what_changed(warehouse: Warehouse, app_source: Source, tmp_path: Path) -> None:
     assert _load(warehouse, tmp_path) == {"volunteers": 3}
     assert _load(warehouse, tmp_path) == {"volunteers": 0}
 
-    with sqlite3.connect(app_source) as conn:
-        conn.execute("UPDATE volunteers SET department = '69', updated_at = '2026-01-01 09:00:00' WHERE id = 2")
-        conn.execute(
-            "INSERT INTO volunteers VALUES (4, 'new@example.org', 'N', 'E', '0600000000', '1970-07-07', '69001', "
-            "'69', '2026-01-01 10:00:00', '2026-01-01 10:00:00')"
-        )
+    app_source.execute("UPDATE volunteers SET department = '69', updated_at = '2026-01-01 09:00:00' WHERE id = 2")
+    app_source.execute(
+        "INSERT INTO volunteers VALUES (4, 'new@example.org', 'N', 'E', '0600000000', '1970-07-07', '69001', "
+        "'69', '2026-01-01 10:00:00', '2026-01-01 10:00:00')"
+    )
     assert _load(warehouse, tmp_path) == {"volunteers": 2}
     assert warehouse.query("SELECT id, department FROM raw_app_db.volunteers ORDER BY id") == [
         (1, "75"),
@@ -89,12 +112,11 @@ def test_second_run_loads_only_what_changed(warehouse: Warehouse, app_source: Pa
     ]
 
 
-def test_hard_deletes_are_found_by_comparing_key_sets(warehouse: Warehouse, app_source: Path, tmp_path: Path) -> None:
+def test_hard_deletes_are_found_by_comparing_key_sets(warehouse: Warehouse, app_source: Source, tmp_path: Path) -> None:
     decl = load_named("app_db")
     assert decl.table("volunteers").deletes == {"hard": "key_set"}
     _load(warehouse, tmp_path)
-    with sqlite3.connect(app_source) as conn:
-        conn.execute("DELETE FROM volunteers WHERE id = 2")  # a right-to-erasure request
+    app_source.execute("DELETE FROM volunteers WHERE id = 2")  # a right-to-erasure request
     run = run_pipeline(decl, warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines")
     assert (run.tables[0].rows_loaded, run.tables[0].rows_deleted, run.tables[0].rows_in_warehouse) == (0, 1, 2)
     assert warehouse.query("SELECT id FROM raw_app_db.volunteers ORDER BY id") == [(1,), (3,)]
@@ -105,12 +127,11 @@ def test_hard_deletes_are_found_by_comparing_key_sets(warehouse: Warehouse, app_
 
 
 def test_a_new_column_in_a_table_with_personal_data_waits_for_its_classification(
-    warehouse: Warehouse, app_source: Path, tmp_path: Path
+    warehouse: Warehouse, app_source: Source, tmp_path: Path
 ) -> None:
     _load(warehouse, tmp_path)
-    with sqlite3.connect(app_source) as conn:
-        conn.execute("ALTER TABLE volunteers ADD COLUMN nickname TEXT")
-        conn.execute("UPDATE volunteers SET nickname = 'Lele', updated_at = '2026-01-02 00:00:00' WHERE id = 1")
+    app_source.execute("ALTER TABLE volunteers ADD COLUMN nickname TEXT")
+    app_source.execute("UPDATE volunteers SET nickname = 'Lele', updated_at = '2026-01-02 00:00:00' WHERE id = 1")
     run = run_pipeline(load_named("app_db"), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines")
     assert run.tables[0].held_back == ("nickname",)
     assert run.tables[0].rows_loaded == 1  # the row itself is loaded, without the unclassified column
@@ -122,8 +143,7 @@ def test_a_new_column_in_a_table_with_personal_data_waits_for_its_classification
     declaration.parent.mkdir()
     text = (PROJECT_ROOT / "pipelines" / "app_db.yaml").read_text()
     declaration.write_text(text.replace("      postcode: drop\n", "      postcode: drop\n      nickname: keep\n"))
-    with sqlite3.connect(app_source) as conn:
-        conn.execute("UPDATE volunteers SET updated_at = '2026-01-03 00:00:00' WHERE id = 1")
+    app_source.execute("UPDATE volunteers SET updated_at = '2026-01-03 00:00:00' WHERE id = 1")
     run = run_pipeline(
         load_declaration(declaration), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines"
     )
@@ -132,7 +152,7 @@ def test_a_new_column_in_a_table_with_personal_data_waits_for_its_classification
 
 
 def test_state_lives_in_the_warehouse_a_fresh_worker_continues(
-    warehouse: Warehouse, app_source: Path, tmp_path: Path
+    warehouse: Warehouse, app_source: Source, tmp_path: Path
 ) -> None:
     assert _load(warehouse, tmp_path) == {"volunteers": 3}
     fresh_worker = tmp_path / "fresh-worker"
@@ -142,7 +162,7 @@ def test_state_lives_in_the_warehouse_a_fresh_worker_continues(
 
 
 def test_missing_pseudonymisation_key_stops_before_extraction(
-    app_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    app_source: Source, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("DATAMART__PII_HMAC_KEY")  # tests never read the developer's .dlt/secrets.toml
     warehouse = Warehouse(target="duckdb", duckdb_path=tmp_path / "wh.duckdb")

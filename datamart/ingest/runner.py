@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ class PipelineRun:
         return sum(t.rows_loaded + t.rows_deleted for t in self.tables)
 
 
+PROGRESS_SECONDS = 15.0
+
+
 def default_pipelines_dir(warehouse: Warehouse) -> Path:
     """dlt's local working dirs (``DATAMART_PIPELINES_DIR`` or under data/), one per warehouse target.
 
@@ -58,6 +62,8 @@ def make_pipeline(decl: PipelineDecl, warehouse: Warehouse, pipelines_dir: Path 
         destination=warehouse.dlt_destination(),
         dataset_name=decl.dataset,
         pipelines_dir=str(pipelines_dir or default_pipelines_dir(warehouse)),
+        # progress of long loads (rows and files per step) on stderr, every PROGRESS_SECONDS
+        progress=dlt.progress.log(log_period=PROGRESS_SECONDS, logger=sys.stderr, dump_system_stats=False),
     )
 
 
