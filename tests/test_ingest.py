@@ -210,6 +210,24 @@ def test_declaration_mistakes_name_file_and_key(tmp_path: Path, text: str, messa
     assert message in str(error.value)
 
 
+def test_a_cursor_missing_from_the_source_stops_before_anything_is_loaded(
+    warehouse: Warehouse, app_source: Source, tmp_path: Path
+) -> None:
+    path = tmp_path / "app_db.yaml"
+    text = (PROJECT_ROOT / "pipelines" / "app_db.yaml").read_text()
+    path.write_text(
+        text.replace(
+            "cursor: updated_at\n    deletes: {hard: key_set}   # a right",
+            "cursor: updatedAt\n    deletes: {hard: key_set}   # a right",
+        )
+    )
+    with pytest.raises(
+        DeclarationError, match=r"app_db.yaml: tables.volunteers.cursor: column 'updatedAt' does not exist"
+    ):
+        run_pipeline(load_declaration(path), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "p")
+    assert not warehouse.table_exists("raw_app_db", "volunteers")
+
+
 def test_unknown_pipeline_lists_the_known_ones() -> None:
     with pytest.raises(DeclarationError, match=r"no pipeline named 'nope'.*known pipelines: app_db, bucket"):
         load_named("nope")

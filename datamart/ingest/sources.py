@@ -10,7 +10,7 @@ from typing import Any
 import dlt
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.declarations import PipelineDecl, TableDecl
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
 from datamart.ingest.rest import build_rest_resources
@@ -92,6 +92,9 @@ def build_resources(
             else build(pipeline, t)
             for t in selected
         ]
+    if pipeline.kind == "sql_database":
+        for table, resource in zip(selected, built, strict=True):
+            check_columns_exist(pipeline, table, resource)
     resources = []
     for table, resource in zip(selected, built, strict=True):
         if table.personal:
@@ -105,6 +108,21 @@ def build_resources(
             resource.apply_hints(schema_contract=contract)
         resources.append(resource)
     return resources
+
+
+def check_columns_exist(pipeline: PipelineDecl, table: TableDecl, resource: DltResource) -> None:
+    """Stop before anything is loaded when a declared cursor or key column is not in the source table."""
+    columns = resource.columns if isinstance(resource.columns, dict) else {}
+    if not columns:
+        return  # minimal reflection (variant mode): the source is checked by the query itself
+    available = set(columns) | {year_column(c) for c, t in table.personal.items() if t == "year"}
+    for key, names in (("cursor", [table.cursor] if table.cursor else []), ("primary_key", list(table.primary_key))):
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise DeclarationError(
+                f"{pipeline.path.name}: tables.{table.name}.{key}: column {missing[0]!r} does not exist in the "
+                f"source table {table.name}; its columns: {', '.join(sorted(columns))}"
+            )
 
 
 def check_secrets(pipeline: PipelineDecl, tables: list[str] | None = None) -> None:
