@@ -108,16 +108,28 @@ def _run(stack: Stack, *args: str) -> str:
     return result.stdout
 
 
+def _summary_row(summary: str, table: str) -> dict[str, int]:
+    """One table's line of the run summary: read, inserted, updated, deleted, in warehouse."""
+    match = re.search(rf"^{re.escape(table)}((?:\s+[\d,]+){{5}})$", summary, re.MULTILINE)
+    assert match, f"{table} missing from the summary:\n{summary}"
+    numbers = [int(n.replace(",", "")) for n in match.group(1).split()]
+    return dict(zip(("read", "inserted", "updated", "deleted", "in_warehouse"), numbers, strict=True))
+
+
 def _loaded_now(summary: str, table: str) -> int:
-    match = re.search(rf"^{re.escape(table)}\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", summary, re.MULTILINE)
-    assert match, f"{table} missing from the summary:\n{summary}"
-    return int(match.group(1).replace(",", ""))
+    return _summary_row(summary, table)["read"]
 
 
-def _deleted_now(summary: str, table: str) -> int:
-    match = re.search(rf"^{re.escape(table)}\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", summary, re.MULTILINE)
-    assert match, f"{table} missing from the summary:\n{summary}"
-    return int(match.group(2).replace(",", ""))
+def _generator_day(output: str) -> dict[str, dict[str, int]]:
+    """The demo generator's own account of a day: inserted, updated, soft- and hard-deleted rows per table."""
+    counts = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] in ("organizations", "missions", "volunteers", "applications", "stats_events"):
+            numbers = [int(p.replace(",", "")) for p in parts[1:]]
+            counts[parts[0]] = dict(zip(("inserted", "updated", "soft", "hard"), numbers, strict=True))
+    assert len(counts) == 5, output
+    return counts
 
 
 def _assert_marts_match_source(stack: Stack) -> None:
@@ -178,7 +190,7 @@ def test_whole_flow_then_next_day_loads_only_what_changed(stack: Stack) -> None:
     volunteers_before = stack.scalar("SELECT max(id) FROM volunteers")
     volunteers_before_count = stack.scalar("SELECT count(*) FROM volunteers")
     changed_missions_day_1 = "SELECT count(*) FROM missions WHERE updated_at >= '2026-01-01'"
-    _run(stack, "-m", "datamart.demo", "--advance-day", "--bucket", str(stack.bucket))
+    day = _generator_day(_run(stack, "-m", "datamart.demo", "--advance-day", "--bucket", str(stack.bucket)))
     new_events = stack.scalar(f"SELECT count(*) FROM stats_events WHERE id > {events_before}")
     assert new_events > 0
 
@@ -198,7 +210,15 @@ def test_whole_flow_then_next_day_loads_only_what_changed(stack: Stack) -> None:
         in_source = stack.scalar(f"SELECT count(*) FROM {table}{live}")
         assert stack.mart(f"SELECT count(*) FROM raw_app_db.{table}") == in_source, table
     erased = stack.scalar(f"SELECT count(*) FROM volunteers WHERE id <= {volunteers_before}")
-    assert _deleted_now(second, "raw_app_db.volunteers") == volunteers_before_count - erased
+    assert _summary_row(second, "raw_app_db.volunteers")["deleted"] == volunteers_before_count - erased
+    # The summary tells exactly what the generator did in the source that day.
+    for table, done in day.items():
+        row = _summary_row(second, f"raw_app_db.{table}")
+        assert (row["inserted"], row["updated"], row["deleted"]) == (
+            done["inserted"],
+            done["updated"],
+            done["soft"] + done["hard"],
+        ), table
     _assert_marts_match_source(stack)
 
     third = _run(stack, "-m", "datamart", "run")

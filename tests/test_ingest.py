@@ -103,7 +103,8 @@ def test_second_run_loads_only_what_changed(warehouse: Warehouse, app_source: So
         "INSERT INTO volunteers VALUES (4, 'new@example.org', 'N', 'E', '0600000000', '1970-07-07', '69001', "
         "'69', '2026-01-01 10:00:00', '2026-01-01 10:00:00')"
     )
-    assert _load(warehouse, tmp_path) == {"volunteers": 2}
+    run = run_pipeline(load_named("app_db"), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "pipelines")
+    assert (run.tables[0].rows_loaded, run.tables[0].inserted, run.tables[0].updated) == (2, 1, 1)
     assert warehouse.query("SELECT id, department FROM raw_app_db.volunteers ORDER BY id") == [
         (1, "75"),
         (2, "69"),

@@ -23,9 +23,12 @@ class TableLoad:
     table: str
     rows_loaded: int
     rows_in_warehouse: int
-    rows_deleted: int = 0
+    rows_deleted: int = 0  # hard deletes found by comparing key sets
     new_columns: tuple[str, ...] = ()
     held_back: tuple[str, ...] = ()
+    inserted: int = 0
+    updated: int = 0
+    soft_deleted: int = 0  # rows read with their soft-delete marker set, hence removed (or never inserted)
 
 
 @dataclass
@@ -89,10 +92,13 @@ def run_pipeline(
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
     resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
+    before = {n: 0 for n in names} if full_refresh else count_rows(pipeline, names)
     info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None)
     info.raise_on_failed_jobs()
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
+    after = count_rows(pipeline, names)
+    written = count_rows(pipeline, [n for n in names if row_counts.get(n)], load_ids=list(info.loads_ids))
     deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables)
     if deletion_resources:
         pipeline.run(deletion_resources).raise_on_failed_jobs()
@@ -100,10 +106,37 @@ def run_pipeline(
     totals = count_rows(pipeline, names)
     loads = []
     for name in names:
-        new = tuple(c for c in columns_after[name] if columns_before[name] and c not in columns_before[name])
-        held = tuple(held_back.get(name, []))
-        loads.append(TableLoad(name, int(row_counts.get(name, 0)), totals[name], deletions.get(name, 0), new, held))
+        read = int(row_counts.get(name, 0))
+        split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name, 0))
+        loads.append(
+            TableLoad(
+                table=name,
+                rows_loaded=read,
+                rows_in_warehouse=totals[name],
+                rows_deleted=deletions.get(name, 0),
+                new_columns=tuple(
+                    c for c in columns_after[name] if columns_before[name] and c not in columns_before[name]
+                ),
+                held_back=tuple(held_back.get(name, [])),
+                **split,
+            )
+        )
     return PipelineRun(pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads)
+
+
+def _split(disposition: str, read: int, before: int, after: int, written: int) -> dict[str, int]:
+    """Inserted, updated and soft-deleted rows of one load, from counts taken in the warehouse.
+
+    ``written`` rows carry this load's id. In a merge, untouched rows keep an older id, so the rows this load
+    replaced are ``before - (after - written)`` and the new ones ``after - before`` — plus the rows read with their
+    soft-delete marker (``read - written``: removed, or never inserted), counted as existing rows that were deleted.
+    """
+    if disposition != "merge":
+        return {"inserted": read, "updated": 0, "soft_deleted": 0}
+    soft_deleted = max(read - written, 0)
+    # an empty table had nothing to soft-delete: those rows were never inserted
+    inserted = after if before == 0 else max(after - before + soft_deleted, 0)
+    return {"inserted": inserted, "updated": max(written - inserted, 0), "soft_deleted": soft_deleted}
 
 
 def finish_or_abort_pending(pipeline: dlt.Pipeline) -> None:
@@ -166,15 +199,20 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def count_rows(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, int]:
-    """Row counts read from the warehouse itself (dlt's trace counts are not trusted for totals)."""
+def count_rows(pipeline: dlt.Pipeline, tables: list[str], load_ids: list[str] | None = None) -> dict[str, int]:
+    """Row counts read from the warehouse itself (dlt's trace counts are not trusted for totals); with ``load_ids``,
+    only the rows those loads wrote."""
     from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
     counts: dict[str, int] = {}
     with pipeline.sql_client() as client:
         for table in tables:
             try:
-                with client.execute_query(f"SELECT count(*) FROM {client.make_qualified_table_name(table)}") as cursor:
+                where = ""
+                if load_ids:  # ids dlt generated (epoch seconds): safe to inline
+                    where = " WHERE _dlt_load_id IN (" + ", ".join(f"'{i}'" for i in load_ids) + ")"
+                statement = f"SELECT count(*) FROM {client.make_qualified_table_name(table)}{where}"
+                with client.execute_query(statement) as cursor:
                     counts[table] = int(cursor.fetchone()[0])
             except DatabaseUndefinedRelation:  # nothing ever loaded into it (e.g. no file yet)
                 counts[table] = 0
@@ -183,11 +221,14 @@ def count_rows(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, int]:
 
 def format_loads(runs: list[PipelineRun]) -> str:
     """The per-table summary: rows loaded and deleted this run, rows now in the warehouse."""
-    lines = [f"{'table':<36}{'loaded now':>12}{'deleted now':>13}{'in warehouse':>14}"]
+    lines = [f"{'table':<36}{'read':>10}{'inserted':>10}{'updated':>10}{'deleted':>10}{'in warehouse':>14}"]
     for run in runs:
-        for table in run.tables:
-            name = f"{run.dataset}.{table.table}"
-            lines.append(f"{name:<36}{table.rows_loaded:>12,}{table.rows_deleted:>13,}{table.rows_in_warehouse:>14,}")
+        for t in run.tables:
+            deleted = t.rows_deleted + t.soft_deleted
+            lines.append(
+                f"{run.dataset + '.' + t.table:<36}{t.rows_loaded:>10,}{t.inserted:>10,}{t.updated:>10,}"
+                f"{deleted:>10,}{t.rows_in_warehouse:>14,}"
+            )
     changes = [
         f"  {run.dataset}.{table.table}: new column(s) {', '.join(table.new_columns)}"
         for run in runs
