@@ -75,6 +75,8 @@ def test_all_runs_every_declared_pipeline(env: dict[str, str], warehouse: Wareho
     assert result.returncode == 0, result.stderr
     assert "2 pipeline(s)" in result.stdout
     assert warehouse.query("SELECT count(*) FROM raw_bucket.partners") == [(12,)]
+    plan = dlt(env, "pipeline", "bucket", "run", "--dry-run").stdout
+    assert "partner_reports: merge, reads files with modification_date after 20" in plan
 
 
 def test_dry_run_says_what_it_would_read_and_loads_nothing(env: dict[str, str], warehouse: Warehouse) -> None:

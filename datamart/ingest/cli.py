@@ -125,7 +125,8 @@ def describe_plan(
         if full_refresh:
             read = "everything (full refresh: table and state dropped first)"
         elif table.cursor:
-            read = f"rows with {table.cursor} after {last}" if last is not None else "everything (first run)"
+            what = "files with" if decl.kind == "filesystem" else "rows with"
+            read = f"{what} {table.cursor} after {last}" if last is not None else "everything (first run)"
         else:
             read = "everything"
         extras = []
@@ -141,5 +142,7 @@ def describe_plan(
 def _last_value(state: dict[str, Any], table: str, cursor: str | None) -> Any:
     if not cursor:
         return None
-    incremental = state.get(table, {}).get("incremental", {})
+    # a file table's cursor lives on its file listing resource (see sources._file_resource)
+    resource = state.get(table) or state.get(f"filesystem_{table}") or {}
+    incremental = resource.get("incremental", {})
     return incremental.get(cursor, {}).get("last_value")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +80,13 @@ def build_resources(
     check_secrets(pipeline, tables)
     if pipeline.kind == "rest_api":
         built = build_rest_resources(pipeline, selected, pipeline.raw_tables)
+    elif pipeline.kind == "filesystem":
+        built = [_file_resource(pipeline, t) for t in selected]
     else:
-        build: Callable[[PipelineDecl, TableDecl], DltResource] = {
-            "sql_database": _sql_resource,
-            "filesystem": _file_resource,
-        }[pipeline.kind]
         built = [
             _sql_resource(pipeline, t, known_columns.get(t.name, []), held_back.setdefault(t.name, []))
-            if pipeline.kind == "sql_database"
-            else build(pipeline, t)
             for t in selected
         ]
-    if pipeline.kind == "sql_database":
         for table, resource in zip(selected, built, strict=True):
             check_columns_exist(pipeline, table, resource)
     resources = []
