@@ -14,7 +14,7 @@ from datamart.settings import Warehouse
 
 
 def declaration(tmp_path: Path, contract: str = "") -> PipelineDecl:
-    """A one-table pipeline `shop` reading `missions` from the test's SQLite source."""
+    """A one-table pipeline `shop` reading `missions` from the test's source."""
     directory = tmp_path / "declarations"
     directory.mkdir(exist_ok=True)
     path = directory / "shop.yaml"
@@ -25,37 +25,66 @@ def declaration(tmp_path: Path, contract: str = "") -> PipelineDecl:
     return load_declaration(path)
 
 
-@pytest.fixture
-def source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> sqlite3.Connection:
-    """A SQLite source with a `missions` table, wired as the `shop` pipeline's connection."""
-    path = tmp_path / "shop.sqlite"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript(
-        "CREATE TABLE missions (id INTEGER PRIMARY KEY, places INTEGER NOT NULL, updated_at TIMESTAMP NOT NULL);"
-        "INSERT INTO missions VALUES (1, 5, '2025-01-01 00:00:00'), (2, 6, '2025-01-02 00:00:00');"
+class Source:
+    """The test's application database: a SQLite file or a real PostgreSQL database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite:///")
+
+    def execute(self, *statements: str) -> None:
+        """Run statements in one transaction."""
+        if self.is_sqlite:
+            with sqlite3.connect(self.url[len("sqlite:///") :]) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+            return
+        conn = psycopg2.connect(self.url)
+        try:
+            with conn, conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def source(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Source:
+    """A `missions` table in SQLite, then in PostgreSQL, wired as the `shop` pipeline's connection."""
+    if request.param == "sqlite":
+        src = Source(f"sqlite:///{tmp_path / 'shop.sqlite'}")
+    else:
+        src = Source(request.getfixturevalue("pg_database_factory")("source"))
+    src.execute(
+        "CREATE TABLE missions (id INTEGER PRIMARY KEY, places INTEGER NOT NULL, updated_at TIMESTAMP NOT NULL)",
+        "INSERT INTO missions VALUES (1, 5, '2025-01-01 00:00:00'), (2, 6, '2025-01-02 00:00:00')",
     )
-    monkeypatch.setenv("SOURCES__SHOP__CREDENTIALS", f"sqlite:///{path}")
-    return conn
+    monkeypatch.setenv("SOURCES__SHOP__CREDENTIALS", src.url)
+    return src
 
 
-def retype_places_to_text(conn: sqlite3.Connection) -> None:
+def retype_places_to_text(source: Source) -> None:
     """The application changes `places` from a number to text, and one row now says 'N/A'."""
-    conn.executescript(
-        "ALTER TABLE missions RENAME TO old;"
-        "CREATE TABLE missions (id INTEGER PRIMARY KEY, places TEXT NOT NULL, updated_at TIMESTAMP NOT NULL);"
-        "INSERT INTO missions SELECT * FROM old; DROP TABLE old;"
-        "UPDATE missions SET places = 'N/A', updated_at = '2025-02-01 00:00:00' WHERE id = 2;"
-    )
+    if source.is_sqlite:  # SQLite cannot alter a column's type: rebuild the table
+        source.execute(
+            "ALTER TABLE missions RENAME TO old",
+            "CREATE TABLE missions (id INTEGER PRIMARY KEY, places TEXT NOT NULL, updated_at TIMESTAMP NOT NULL)",
+            "INSERT INTO missions SELECT * FROM old",
+            "DROP TABLE old",
+        )
+    else:
+        source.execute("ALTER TABLE missions ALTER COLUMN places TYPE text")
+    source.execute("UPDATE missions SET places = 'N/A', updated_at = '2025-02-01 00:00:00' WHERE id = 2")
 
 
 def test_a_new_source_column_arrives_and_the_summary_names_it(
-    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+    warehouse: Warehouse, source: Source, tmp_path: Path
 ) -> None:
     decl = declaration(tmp_path)
     run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
-    source.executescript(
-        "ALTER TABLE missions ADD COLUMN city TEXT;"
-        "UPDATE missions SET city = 'Lyon', updated_at = '2025-03-01 00:00:00' WHERE id = 1;"
+    source.execute(
+        "ALTER TABLE missions ADD COLUMN city TEXT",
+        "UPDATE missions SET city = 'Lyon', updated_at = '2025-03-01 00:00:00' WHERE id = 1",
     )
     run = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
     assert run.tables[0].new_columns == ("city",)
@@ -64,7 +93,7 @@ def test_a_new_source_column_arrives_and_the_summary_names_it(
 
 
 def test_a_type_change_stops_with_a_clear_message_and_blocks_nothing(
-    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+    warehouse: Warehouse, source: Source, tmp_path: Path
 ) -> None:
     decl = declaration(tmp_path)
     run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
@@ -84,7 +113,7 @@ def test_a_type_change_stops_with_a_clear_message_and_blocks_nothing(
 
 
 def test_a_type_change_evolves_into_a_variant_column_when_declared(
-    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+    warehouse: Warehouse, source: Source, tmp_path: Path
 ) -> None:
     decl = declaration(tmp_path, ", schema_contract: {data_type: evolve}")
     run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
@@ -99,7 +128,7 @@ def test_a_type_change_evolves_into_a_variant_column_when_declared(
 
 @pytest.mark.postgres
 def test_a_load_the_warehouse_refuses_is_discarded_and_reread_after_the_fix(
-    pg_database_factory: object, source: sqlite3.Connection, tmp_path: Path
+    pg_database_factory: object, source: Source, tmp_path: Path
 ) -> None:
     from datamart.settings import postgres_warehouse
 
@@ -124,7 +153,7 @@ def test_a_load_the_warehouse_refuses_is_discarded_and_reread_after_the_fix(
 
 
 def test_rows_committed_late_inside_the_lag_window_are_not_lost_nor_doubled(
-    warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path
+    warehouse: Warehouse, source: Source, tmp_path: Path
 ) -> None:
     decl = declaration(tmp_path, ", lag: 3600")
     run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")  # last updated_at seen: 2025-01-02 00:00:00
@@ -139,7 +168,7 @@ def test_rows_committed_late_inside_the_lag_window_are_not_lost_nor_doubled(
     assert warehouse.query("SELECT count(*) FROM raw_shop.missions WHERE id = 4") == [(0,)]
 
 
-def test_without_a_lag_the_late_row_is_lost(warehouse: Warehouse, source: sqlite3.Connection, tmp_path: Path) -> None:
+def test_without_a_lag_the_late_row_is_lost(warehouse: Warehouse, source: Source, tmp_path: Path) -> None:
     decl = declaration(tmp_path)
     run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "p")
     source.execute("INSERT INTO missions VALUES (3, 9, '2025-01-01 23:30:00')")
