@@ -3,9 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test demo-advance sqlmesh external-models lint format clean
+.PHONY: help install run test demo-advance plan promote sqlmesh external-models lint format clean
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,6 +28,12 @@ test: $(STAMP) ## Run the tests (DuckDB and a throwaway PostgreSQL started by th
 
 demo-advance: $(STAMP) ## Move the demo source one day forward (inserts, updates, soft and hard deletes)
 	$(BIN)/python -m datamart.demo --advance-day
+
+plan: $(STAMP) ## Build the changed models in a virtual environment (prod untouched): make plan ENV=dev
+	$(BIN)/python -m datamart sqlmesh plan $(ENV) --auto-apply --no-prompts --include-unmodified
+
+promote: $(STAMP) ## Apply the models to prod (tests, audits, then views swapped) and re-apply Metabase's grants
+	$(BIN)/python -m datamart promote
 
 sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse, e.g. make sqlmesh ARGS="plan dev"
 	$(BIN)/python -m datamart sqlmesh $(ARGS)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="load every pipeline, then build and promote the datamart to prod")
     run.add_argument("--demo", action="store_true", help="generate the demo source and a local key if missing")
+    commands.add_parser("promote", help="apply the models to prod (audits, views swapped) and Metabase's grants")
     query = commands.add_parser("query", help="run one SQL query on the selected warehouse and print the rows")
     query.add_argument("sql")
     commands.add_parser("env", help="print the DATAMART_* variables SQLMesh's config.yaml reads (no password)")
@@ -39,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
             from datamart.flow import run_flow
 
             run_flow(warehouse, demo=args.demo)
+        elif args.command == "promote":
+            from datamart.transform import apply_prod
+
+            result = apply_prod(warehouse)
+            built = ", ".join(result.models_built) or "none (prod already matches the project)"
+            print(f"Promoted to prod in {result.elapsed:.1f}s. Warehouse: {warehouse.describe()}")
+            print(f"Models built: {len(result.models_built)} ({built})")
+            print(f"Audits passed: {result.audits_passed}")
+            print(f"Published views (what Metabase reads): {', '.join(result.published_views)}")
+            if result.grants is not None:
+                print(result.grants.format())
         elif args.command == "query":
             print_rows(warehouse.query(args.sql))
         elif args.command == "env":
