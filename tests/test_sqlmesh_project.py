@@ -29,3 +29,12 @@ def test_models_are_lint_clean(context: Any) -> None:
 
 def test_models_are_formatted(context: Any) -> None:
     assert context.format(check=True), "run `make format`"
+
+
+def test_every_published_column_is_described_for_metabase_users(context: Any) -> None:
+    published = [m for m in context.models.values() if not m.kind.is_external and '"marts"' in m.fqn]
+    assert len(published) >= 4
+    for model in published:
+        assert model.description and len(model.description) > 80, model.name
+        undocumented = set(model.columns_to_types or {}) - set(model.column_descriptions)
+        assert not undocumented, f"{model.name}: no description for {sorted(undocumented)}"
