@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import sqlite3
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from datamart.ingest.declarations import DeclarationError, load_declaration, load_named
 from datamart.ingest.runner import format_loads, run_pipeline
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
+from datamart.testing.sources import Source
 
 KEY = "test-pseudonymisation-key"
 VOLUNTEERS = [
@@ -26,27 +25,6 @@ VOLUNTEERS = [
 ]  # fmt: skip
 
 
-class Source:
-    """The application database of a test: a SQLite file or a real PostgreSQL database, same DDL and statements."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def execute(self, statement: str, rows: list[tuple[object, ...]] | None = None) -> None:
-        """Run one statement (for each of ``rows`` when given) and commit."""
-        if self.url.startswith("sqlite:///"):
-            with sqlite3.connect(self.url[len("sqlite:///") :]) as conn:
-                conn.executemany(statement, rows) if rows else conn.execute(statement)
-            return
-        conn = psycopg2.connect(self.url)
-        try:
-            with conn, conn.cursor() as cur:
-                statement = statement.replace("?", "%s")
-                cur.executemany(statement, rows) if rows else cur.execute(statement)
-        finally:
-            conn.close()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def app_source(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Source:
     """A small application database with personal data, wired as the app_db source: SQLite, then PostgreSQL."""
@@ -58,7 +36,7 @@ def app_source(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyte
         "CREATE TABLE volunteers (id INTEGER PRIMARY KEY, email TEXT NOT NULL, first_name TEXT, last_name TEXT, "
         "phone TEXT, birth_date DATE, postcode TEXT, department TEXT, created_at TIMESTAMP, updated_at TIMESTAMP)"
     )
-    source.execute("INSERT INTO volunteers VALUES (?,?,?,?,?,?,?,?,?,?)", VOLUNTEERS)
+    source.execute("INSERT INTO volunteers VALUES (?,?,?,?,?,?,?,?,?,?)", rows=VOLUNTEERS)
     monkeypatch.setenv("SOURCES__APP_DB__CREDENTIALS", source.url)
     monkeypatch.setenv("DATAMART__PII_HMAC_KEY", KEY)
     return source

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import psycopg2
@@ -11,6 +10,7 @@ import pytest
 from datamart.ingest.declarations import PipelineDecl, load_declaration
 from datamart.ingest.runner import format_loads, make_pipeline, run_pipeline
 from datamart.settings import Warehouse
+from datamart.testing.sources import Source
 
 
 def declaration(tmp_path: Path, contract: str = "") -> PipelineDecl:
@@ -23,29 +23,6 @@ def declaration(tmp_path: Path, contract: str = "") -> PipelineDecl:
         f"  missions: {{write_disposition: merge, primary_key: id, cursor: updated_at{contract}}}\n"
     )
     return load_declaration(path)
-
-
-class Source:
-    """The test's application database: a SQLite file or a real PostgreSQL database."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite:///")
-
-    def execute(self, *statements: str) -> None:
-        """Run statements in one transaction."""
-        if self.is_sqlite:
-            with sqlite3.connect(self.url[len("sqlite:///") :]) as conn:
-                for statement in statements:
-                    conn.execute(statement)
-            return
-        conn = psycopg2.connect(self.url)
-        try:
-            with conn, conn.cursor() as cur:
-                for statement in statements:
-                    cur.execute(statement)
-        finally:
-            conn.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

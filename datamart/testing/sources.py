@@ -1,0 +1,31 @@
+"""A test's application database: a SQLite file or a real PostgreSQL database, driven with the same statements."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import psycopg2
+
+
+class Source:
+    """Run statements on the source at ``url`` (``sqlite:///…`` or ``postgresql://…``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite:///")
+
+    def execute(self, *statements: str, rows: list[tuple[object, ...]] | None = None) -> None:
+        """Run the statements in one transaction (each once per row of ``rows`` when given; ``?`` placeholders)."""
+        if self.is_sqlite:
+            with sqlite3.connect(self.url[len("sqlite:///") :]) as conn:
+                for statement in statements:
+                    conn.executemany(statement, rows) if rows else conn.execute(statement)
+            return
+        conn = psycopg2.connect(self.url)
+        try:
+            with conn, conn.cursor() as cur:
+                for statement in statements:
+                    statement = statement.replace("?", "%s")
+                    cur.executemany(statement, rows) if rows else cur.execute(statement)
+        finally:
+            conn.close()
