@@ -100,7 +100,7 @@ def apply_metabase_grants(warehouse: Warehouse) -> GrantReport | None:
             "give Metabase a separate role, e.g. DATAMART__METABASE_ROLE=metabase."
         )
     pg = warehouse.pg
-    conn = psycopg2.connect(host=pg.host, port=pg.port, user=pg.username, password=pg.password, dbname=pg.database)
+    conn = warehouse.pg_connect()
     try:
         with conn:  # one transaction: commit on success, rollback on any error
             with conn.cursor() as cur:

@@ -83,21 +83,20 @@ class Warehouse:
 
             with duckdb.connect(str(self.duckdb_path)) as conn:
                 return conn.execute(statement, list(params)).fetchall()
-        import psycopg2
-
-        conn = psycopg2.connect(
-            host=self.pg.host,
-            port=self.pg.port,
-            user=self.pg.username,
-            password=self.pg.password,
-            dbname=self.pg.database,
-        )
+        conn = self.pg_connect()
         try:
             with conn, conn.cursor() as cur:
                 cur.execute(statement, params or None)
                 return cur.fetchall() if cur.description else []
         finally:
             conn.close()
+
+    def pg_connect(self) -> Any:
+        """A new psycopg2 connection to the PostgreSQL warehouse (the caller closes it)."""
+        import psycopg2
+
+        pg = self.pg
+        return psycopg2.connect(host=pg.host, port=pg.port, user=pg.username, password=pg.password, dbname=pg.database)
 
     def table_exists(self, schema: str, table: str) -> bool:
         """Whether ``schema.table`` exists in the warehouse."""
@@ -118,6 +117,11 @@ class Warehouse:
         """A command a person can paste to look at a published view."""
         target = "" if self.target == "duckdb" else "DATAMART_TARGET=postgres "
         return f'{target}.venv/bin/python -m datamart query "SELECT * FROM {view} LIMIT 10"'
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier (DuckDB and PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def postgres_warehouse(url: str) -> Warehouse:

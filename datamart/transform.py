@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datamart.grants import GrantReport, apply_metabase_grants
-from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse
+from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, quote_identifier
 
 
 @dataclass
@@ -44,11 +44,9 @@ def apply_prod(warehouse: Warehouse) -> TransformRun:
     plan = context.plan("prod", auto_apply=True, no_prompts=True)
     built = {s.name: s for s in plan.new_snapshots}
     if prod is not None and prod.finalized_ts:
-        externals = [m for m in context.models.values() if m.kind.is_external]
-        fresh = datasets_loaded_since(
-            warehouse, {_short_name(m.fqn).split(".")[0] for m in externals}, prod.finalized_ts
-        )
-        restate = sorted(_short_name(m.fqn) for m in externals if _short_name(m.fqn).split(".")[0] in fresh)
+        externals = [_short_name(m.fqn) for m in context.models.values() if m.kind.is_external]
+        fresh = datasets_loaded_since(warehouse, {e.split(".")[0] for e in externals}, prod.finalized_ts)
+        restate = sorted(e for e in externals if e.split(".")[0] in fresh)
         if restate:
             plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate)
             built.update({plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements})
@@ -67,7 +65,8 @@ def datasets_loaded_since(warehouse: Warehouse, datasets: set[str], since_ms: in
     for dataset in sorted(datasets):
         if not warehouse.table_exists(dataset, "_dlt_loads"):
             continue  # dlt never loaded this dataset
-        latest = warehouse.query(f'SELECT max(load_id) FROM "{dataset}"."_dlt_loads" WHERE status = 0')[0][0]
+        loads = f"{quote_identifier(dataset)}._dlt_loads"
+        latest = warehouse.query(f"SELECT max(load_id) FROM {loads} WHERE status = 0")[0][0]
         # dlt's load ids are the epoch seconds at which the load package was created
         if latest is not None and float(latest) * 1000 > since_ms - 1000:
             fresh.add(dataset)
@@ -77,11 +76,6 @@ def datasets_loaded_since(warehouse: Warehouse, datasets: set[str], since_ms: in
 def _short_name(fqn: str) -> str:
     """``schema.table`` from a fully qualified, quoted SQLMesh name (``"catalog"."schema"."table"``)."""
     return ".".join(fqn.replace('"', "").split(".")[-2:])
-
-
-def _external_name(model: Any) -> str:
-    """``raw_app_db.organizations`` for an external model, whatever catalog SQLMesh qualified it with."""
-    return _short_name(model.fqn)
 
 
 def published_views(context: Any) -> list[str]:

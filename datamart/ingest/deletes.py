@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from dlt.extract.resource import DltResource
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl
-from datamart.settings import Warehouse
+from datamart.settings import Warehouse, quote_identifier
 
 DELETED_MARKER = "_datamart_deleted_at"
 KEY_BATCH = 200_000
@@ -106,20 +106,11 @@ def _source_keys(source_url: str, schema: str | None, table: TableDecl) -> pa.Ta
 
 def _warehouse_keys(warehouse: Warehouse, dataset: str, table: TableDecl) -> pa.Table | None:
     """The primary-key columns of the loaded table, or None when it was never loaded."""
-    placeholder = "%s" if warehouse.target == "postgres" else "?"
-    exists = warehouse.query(
-        f"SELECT 1 FROM information_schema.tables WHERE table_schema = {placeholder} AND table_name = {placeholder}",
-        (dataset, table.name),
-    )
-    if not exists:
+    if not warehouse.table_exists(dataset, table.name):
         return None
-    columns = ", ".join(_quote(c) for c in table.primary_key)
-    rows = warehouse.query(f"SELECT {columns} FROM {_quote(dataset)}.{_quote(table.name)}")
+    columns = ", ".join(quote_identifier(c) for c in table.primary_key)
+    rows = warehouse.query(f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(table.name)}")
     return _to_arrow(table.primary_key, [rows])
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _to_arrow(columns: tuple[str, ...], batches: Any) -> pa.Table:

@@ -103,7 +103,7 @@ def run_pipeline(
     if deletion_resources:
         pipeline.run(deletion_resources).raise_on_failed_jobs()
     columns_after = _columns(pipeline, names)
-    totals = count_rows(pipeline, names)
+    totals = count_rows(pipeline, names) if deletion_resources else after
     loads = []
     for name in names:
         read = int(row_counts.get(name, 0))
