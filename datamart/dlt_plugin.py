@@ -1,4 +1,4 @@
-"""``dlt pipeline <name> run``: dlt's CLI plugin that runs a declared pipeline (registered in pyproject.toml).
+"""``dlt pipeline <name> run`` and ``verify``: dlt's CLI plugins for declared pipelines (registered in pyproject.toml).
 
 Open-source dlt has no ``run`` operation; its CLI loads plugins from the ``dlt`` entry-point group and its ``pipeline``
 command composes additively, so this module adds ``run`` beside ``info``, ``show``, ``drop``…
@@ -38,6 +38,13 @@ class RunCommand:
         parser.add_argument("--target", choices=("duckdb", "postgres"), help="warehouse (default: DATAMART_TARGET)")
         parser.add_argument("--dry-run", action="store_true", help="print what would be loaded; load nothing")
         parser.add_argument("--retries", type=int, default=3, help="attempts on transient errors (default 3)")
+        parser.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="when another run of the pipeline holds its lock, wait up to SECONDS (default 0: refuse at once)",
+        )
 
     def execute(self, args: argparse.Namespace) -> None:
         """Run, then exit non-zero with the reason when anything failed."""
@@ -51,6 +58,52 @@ class RunCommand:
             dry_run=args.dry_run,
             attempts=max(1, args.retries),
             pipelines_dir=Path(args.pipelines_dir) if getattr(args, "pipelines_dir", None) else None,
+            wait=args.wait,
+        )
+        if code:
+            sys.exit(code)
+
+
+class VerifyCommand:
+    """The ``verify`` operation of ``dlt pipeline``: reconcile the warehouse with the source."""
+
+    command = "verify"
+    parent = "pipeline"
+    compose = "replace"
+    help_string = "Compare a declared pipeline's tables with its source: counts, key sets, checksums per key range"
+    description = (
+        "Compares every declared table of pipelines/<name>.yaml (or 'all') with its source: row counts, the keys "
+        "missing from or extra in the warehouse, and a checksum of the non-personal columns per key range. Exits 1 "
+        "on drift, naming the table and the command that fixes it. --full-compare reloads one table from scratch "
+        "into a scratch dataset and diffs it with the incrementally maintained one."
+    )
+    docs_url = None
+
+    def configure_parser(self, parser: argparse.ArgumentParser) -> None:
+        """Options of ``dlt pipeline <name> verify``."""
+        parser.add_argument("--table", action="append", dest="tables", metavar="TABLE", help="only this table")
+        parser.add_argument("--target", choices=("duckdb", "postgres"), help="warehouse (default: DATAMART_TARGET)")
+        parser.add_argument(
+            "--full-compare",
+            action="store_true",
+            help="reload --table from scratch into <dataset>_verify (dropped after) and diff it with the warehouse",
+        )
+        parser.add_argument("--chunk-size", type=int, help="source rows read per keyed query (default 50000)")
+        parser.add_argument(
+            "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for a running load up to SECONDS"
+        )
+
+    def execute(self, args: argparse.Namespace) -> None:
+        """Verify, then exit 1 on drift (3 when a run holds the lock, 2 on wrong input)."""
+        from datamart.ingest.cli import verify_command
+
+        code = verify_command(
+            name=args.pipeline_name,
+            tables=args.tables,
+            target=args.target,
+            full_compare=args.full_compare,
+            chunk_size=args.chunk_size,
+            wait=args.wait,
         )
         if code:
             sys.exit(code)
@@ -60,3 +113,9 @@ class RunCommand:
 def plug_cli_datamart_run(host: str) -> Any:
     """Register ``run`` under ``dlt pipeline`` (the ``dlt`` host only)."""
     return RunCommand if host == "dlt" else None
+
+
+@plugins.hookimpl(specname="plug_cli")
+def plug_cli_datamart_verify(host: str) -> Any:
+    """Register ``verify`` under ``dlt pipeline`` (the ``dlt`` host only)."""
+    return VerifyCommand if host == "dlt" else None

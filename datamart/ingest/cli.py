@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
+from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import PipelineRun, format_loads, is_transient, make_pipeline, root_cause, run_pipeline
+from datamart.redact import redact
 from datamart.settings import SettingsError, Warehouse, configure_environment, resolve_warehouse
 
 ALL = "all"
@@ -24,8 +26,10 @@ def run_command(
     pipelines_dir: Path | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    wait: float = 0.0,
 ) -> int:
-    """Run one declared pipeline (or ``all``); returns the exit code (0 ok, 1 run failed, 2 wrong input)."""
+    """Run one declared pipeline (or ``all``); returns the exit code (0 ok, 1 run failed, 2 wrong input,
+    3 another run of the pipeline holds its lock)."""
     configure_environment()
     try:
         if not name:
@@ -50,10 +54,17 @@ def run_command(
     for decl in declarations:
         try:
             runs.append(
-                run_with_retries(decl, warehouse, tables, full_refresh, attempts, pipelines_dir, out=out, err=err)
+                run_with_retries(
+                    decl, warehouse, tables, full_refresh, attempts, pipelines_dir, out=out, err=err, wait=wait
+                )
             )
-        except (DeclarationError, SettingsError) as exc:
+        except PipelineLocked as exc:
             print(f"error: {exc}", file=err)
+            if runs:
+                print(format_loads(runs), file=out)
+            return 3
+        except (DeclarationError, SettingsError) as exc:
+            print(f"error: {redact(str(exc))}", file=err)
             return 2
         except Exception as exc:  # noqa: BLE001 - reported with what to do, then a non-zero exit
             print(failure_message(decl, exc), file=err)
@@ -74,18 +85,20 @@ def run_with_retries(
     backoff: float = 2.0,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    wait: float = 0.0,
 ) -> PipelineRun:
     """Run a pipeline, retrying with exponential backoff when the failure is transient (connection, timeout)."""
     for attempt in range(1, attempts + 1):
         print(f"{decl.name}: extracting and loading {', '.join(tables or [t.name for t in decl.tables])}", file=out)
         try:
-            return run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh=full_refresh)
+            return run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh=full_refresh, wait=wait)
         except Exception as exc:
             if attempt == attempts or not is_transient(exc):
                 raise
             delay = backoff * 2 ** (attempt - 1)
             print(
-                f"{decl.name}: transient error ({root_cause(exc)}); retry {attempt + 1}/{attempts} in {delay:.0f}s",
+                f"{decl.name}: transient error ({redact(root_cause(exc))}); "
+                f"retry {attempt + 1}/{attempts} in {delay:.0f}s",
                 file=err,
             )
             time.sleep(delay)
@@ -103,7 +116,7 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
         f"`dlt pipeline {decl.name} run`: a failed load is never half-applied, and the next run discards it and "
         "re-reads those rows from the source"
     )
-    return f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}"
+    return redact(f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}")
 
 
 def describe_plan(
@@ -146,3 +159,66 @@ def _last_value(state: dict[str, Any], table: str, cursor: str | None) -> Any:
     resource = state.get(table) or state.get(f"filesystem_{table}") or {}
     incremental = resource.get("incremental", {})
     return incremental.get(cursor, {}).get("last_value")
+
+
+def verify_command(
+    name: str | None,
+    tables: list[str] | None = None,
+    target: str | None = None,
+    full_compare: bool = False,
+    chunk_size: int | None = None,
+    wait: float = 0.0,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Compare one declared pipeline (or ``all``) with its source; returns the exit code (0 no drift, 1 drift or
+    failure, 2 wrong input, 3 a run of the pipeline holds its lock)."""
+    from datamart.ingest.verify import DEFAULT_CHUNK, verify_pipeline
+    from datamart.ingest.verify import full_compare as run_full_compare
+
+    configure_environment()
+    try:
+        if not name:
+            raise DeclarationError("name the pipeline to verify: dlt pipeline <name> verify (or `all`)")
+        declarations = load_all() if name == ALL else [load_named(name)]
+        if tables and len(declarations) > 1:
+            raise DeclarationError("--table selects tables of one pipeline: name the pipeline instead of `all`")
+        for decl in declarations:
+            for table in tables or []:
+                decl.table(table)
+        if full_compare and (len(declarations) != 1 or len(tables or []) != 1):
+            raise DeclarationError(
+                "--full-compare reloads one table: dlt pipeline <name> verify --full-compare --table <table>"
+            )
+        warehouse = resolve_warehouse(target)
+    except (DeclarationError, SettingsError) as exc:
+        print(f"error: {redact(str(exc))}", file=err)
+        return 2
+
+    drift = False
+    for decl in declarations:
+        try:
+            if full_compare:
+                assert tables
+                report = run_full_compare(decl, warehouse, tables[0], chunk_size or DEFAULT_CHUNK, wait=wait)
+            else:
+                report = verify_pipeline(decl, warehouse, tables, chunk_size or DEFAULT_CHUNK, wait=wait)
+        except PipelineLocked as exc:
+            print(f"error: {exc}", file=err)
+            return 3
+        except (DeclarationError, SettingsError) as exc:
+            print(f"error: {redact(str(exc))}", file=err)
+            return 2
+        except Exception as exc:  # noqa: BLE001 - reported with what to do, then a non-zero exit
+            print(
+                redact(
+                    f"error: verify of pipeline '{decl.name}' failed: {root_cause(exc)}\n"
+                    "what to do: check that the source and the warehouse are reachable, then rerun "
+                    f"`dlt pipeline {decl.name} verify`"
+                ),
+                file=err,
+            )
+            return 1
+        print(report.format(), file=out)
+        drift = drift or report.drift
+    return 1 if drift else 0

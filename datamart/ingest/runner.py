@@ -12,6 +12,8 @@ import dlt
 from dlt.common import logger
 
 from datamart.ingest.declarations import PipelineDecl
+from datamart.ingest.lock import pipeline_lock
+from datamart.ingest.ops import recorded_run
 from datamart.ingest.sources import build_deletions, build_resources, check_secrets
 from datamart.settings import DATA_DIR, Warehouse
 
@@ -76,11 +78,34 @@ def run_pipeline(
     tables: list[str] | None = None,
     pipelines_dir: Path | None = None,
     full_refresh: bool = False,
+    wait: float = 0.0,
+    record: bool = True,
 ) -> PipelineRun:
     """Extract, normalise and load one pipeline; raise if any load job failed.
 
     ``full_refresh`` drops the selected tables and their incremental state first (dlt's ``drop_resources``).
+    The run holds the pipeline's lock (:func:`datamart.ingest.lock.pipeline_lock`: a second run of the same pipeline
+    waits up to ``wait`` seconds, then raises ``PipelineLocked``) and is recorded in ``ops.pipeline_runs`` /
+    ``ops.pipeline_run_tables`` as running, then succeeded or failed with its error. ``record=False`` does neither
+    (a caller that already holds the lock, e.g. the scratch load of ``verify --full-compare``).
     """
+    if not record:
+        return _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
+    check_secrets(decl, tables)  # a missing secret stops before anything, even the run record, is written
+    with pipeline_lock(warehouse, decl.name, wait=wait):
+        with recorded_run(warehouse, decl.name, decl.dataset, tables, full_refresh) as record_:
+            run = _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
+            record_.succeeded(run)
+            return run
+
+
+def _run_pipeline(
+    decl: PipelineDecl,
+    warehouse: Warehouse,
+    tables: list[str] | None,
+    pipelines_dir: Path | None,
+    full_refresh: bool,
+) -> PipelineRun:
     started = time.monotonic()
     deletions: dict[str, int] = {}
     held_back: dict[str, list[str]] = {}

@@ -1,0 +1,234 @@
+"""Run records in the warehouse, schema ``ops``: every pipeline run, its status, error and rows per table.
+
+``ops.pipeline_runs``: one row per run of one pipeline — ``run_id``, ``pipeline``, ``target``, ``dataset``,
+``tables`` (the selected tables, comma-separated; empty for all), ``full_refresh``, ``started_at``, ``ended_at``
+(UTC, timestamptz), ``status`` (``running``, ``succeeded``, ``failed``), ``error`` (the root cause with secrets
+redacted), ``host``, ``pid``.
+``ops.pipeline_run_tables``: one row per table of a succeeded run — ``run_id``, ``pipeline``, ``dataset``,
+``table_name``, ``rows_read``, ``rows_inserted``, ``rows_updated``, ``rows_deleted`` (soft and hard),
+``rows_in_warehouse``, ``ended_at``.
+
+A run is written as ``running`` once the pipeline's lock is taken, then updated to ``succeeded`` or ``failed``. A
+process killed meanwhile leaves ``running``: the next run of that pipeline, which holds the lock and therefore
+knows the other is gone, marks it ``failed`` with ``interrupted``. The published view ``marts.data_freshness_v1``
+(models/marts/) reads these tables; Metabase's role reads the view, never ``ops`` itself.
+
+Tables are created with ``CREATE … IF NOT EXISTS``; other tables of schema ``ops`` are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from datamart.redact import redact
+from datamart.settings import Warehouse
+
+if TYPE_CHECKING:
+    from datamart.ingest.runner import PipelineRun
+
+OPS_SCHEMA = "ops"
+RUNS_TABLE = "pipeline_runs"
+RUN_TABLES_TABLE = "pipeline_run_tables"
+INTERRUPTED = "interrupted: the process stopped before recording the end of the run (killed, or its machine lost)"
+
+# name → (SQL type, description): the DDL, the external models for SQLMesh and the docs come from these.
+RUNS_COLUMNS: dict[str, tuple[str, str]] = {
+    "run_id": ("TEXT", "Identifier of the run."),
+    "pipeline": ("TEXT", "Name of the pipeline (pipelines/<name>.yaml)."),
+    "target": ("TEXT", "Warehouse kind: duckdb or postgres."),
+    "dataset": ("TEXT", "Warehouse schema the pipeline loads into."),
+    "tables": ("TEXT", "Tables selected for the run, comma-separated; empty when every table ran."),
+    "full_refresh": ("BOOLEAN", "Whether the tables were dropped and reloaded from scratch."),
+    "started_at": ("TIMESTAMPTZ", "When the run started (UTC)."),
+    "ended_at": ("TIMESTAMPTZ", "When the run ended (UTC); empty while running."),
+    "status": ("TEXT", "running, succeeded or failed."),
+    "error": ("TEXT", "Why the run failed (secrets redacted); empty otherwise."),
+    "host": ("TEXT", "Machine that ran it."),
+    "pid": ("BIGINT", "Process id on that machine."),
+}
+RUN_TABLES_COLUMNS: dict[str, tuple[str, str]] = {
+    "run_id": ("TEXT", "Identifier of the run (ops.pipeline_runs.run_id)."),
+    "pipeline": ("TEXT", "Name of the pipeline."),
+    "dataset": ("TEXT", "Warehouse schema of the table."),
+    "table_name": ("TEXT", "Table loaded."),
+    "rows_read": ("BIGINT", "Rows read from the source by this run."),
+    "rows_inserted": ("BIGINT", "New rows written."),
+    "rows_updated": ("BIGINT", "Existing rows replaced."),
+    "rows_deleted": ("BIGINT", "Rows removed (soft and hard deletes)."),
+    "rows_in_warehouse": ("BIGINT", "Rows in the table after the run."),
+    "ended_at": ("TIMESTAMPTZ", "When the run ended (UTC)."),
+}
+
+
+def _ddl(table: str, columns: dict[str, tuple[str, str]], key: str) -> str:
+    body = ", ".join(f"{name} {sql_type}" for name, (sql_type, _) in columns.items())
+    return f"CREATE TABLE IF NOT EXISTS {OPS_SCHEMA}.{table} ({body}, PRIMARY KEY ({key}))"
+
+
+def ensure_ops_tables(warehouse: Warehouse) -> None:
+    """Create schema ``ops`` and the run-record tables if missing (idempotent; other ``ops`` tables untouched)."""
+    statements = [
+        f"CREATE SCHEMA IF NOT EXISTS {OPS_SCHEMA}",
+        _ddl(RUNS_TABLE, RUNS_COLUMNS, "run_id"),
+        _ddl(RUN_TABLES_TABLE, RUN_TABLES_COLUMNS, "run_id, table_name"),
+    ]
+    if warehouse.target == "postgres":
+        conn = warehouse.pg_connect()
+        try:
+            with conn, conn.cursor() as cur:
+                # two first runs at once: serialise the CREATEs (PostgreSQL's IF NOT EXISTS is not race-free)
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext('datamart.ops.ddl'))")
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+        return
+    for statement in statements:
+        warehouse.query(statement)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _execute(warehouse: Warehouse, statement: str, params: tuple[Any, ...]) -> None:
+    if warehouse.target == "postgres":
+        statement = statement.replace("?", "%s")
+    warehouse.query(statement, params)
+
+
+@dataclass
+class RunRecord:
+    """The ``ops.pipeline_runs`` row of one run, updated at its end."""
+
+    warehouse: Warehouse
+    run_id: str
+    pipeline: str
+    started_at: datetime
+
+    def succeeded(self, run: PipelineRun) -> None:
+        """Mark the run succeeded and write its rows per table."""
+        ended = _now()
+        for table in run.tables:
+            _execute(
+                self.warehouse,
+                f"INSERT INTO {OPS_SCHEMA}.{RUN_TABLES_TABLE} (run_id, pipeline, dataset, table_name, rows_read, "
+                "rows_inserted, rows_updated, rows_deleted, rows_in_warehouse, ended_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    self.run_id,
+                    self.pipeline,
+                    run.dataset,
+                    table.table,
+                    table.rows_loaded,
+                    table.inserted,
+                    table.updated,
+                    table.rows_deleted + table.soft_deleted,
+                    table.rows_in_warehouse,
+                    ended,
+                ),
+            )
+        self._end("succeeded", None, ended)
+
+    def failed(self, exc: BaseException) -> None:
+        """Mark the run failed with its root cause, secrets redacted."""
+        from datamart.ingest.runner import root_cause
+
+        self._end("failed", redact(root_cause(exc))[:2000], _now())
+
+    def _end(self, status: str, error: str | None, ended: datetime) -> None:
+        _execute(
+            self.warehouse,
+            f"UPDATE {OPS_SCHEMA}.{RUNS_TABLE} SET status = ?, error = ?, ended_at = ? WHERE run_id = ?",
+            (status, error, ended, self.run_id),
+        )
+
+
+def start_run(
+    warehouse: Warehouse, pipeline: str, dataset: str, tables: list[str] | None, full_refresh: bool
+) -> RunRecord:
+    """Insert the ``running`` row of a run; earlier ``running`` rows of this pipeline are marked interrupted.
+
+    Call it while holding the pipeline's lock: then no other run of the pipeline can be alive.
+    """
+    ensure_ops_tables(warehouse)
+    started = _now()
+    _execute(
+        warehouse,
+        f"UPDATE {OPS_SCHEMA}.{RUNS_TABLE} SET status = 'failed', error = ?, ended_at = ? "
+        "WHERE pipeline = ? AND status = 'running'",
+        (INTERRUPTED, started, pipeline),
+    )
+    record = RunRecord(warehouse=warehouse, run_id=uuid.uuid4().hex, pipeline=pipeline, started_at=started)
+    _execute(
+        warehouse,
+        f"INSERT INTO {OPS_SCHEMA}.{RUNS_TABLE} (run_id, pipeline, target, dataset, tables, full_refresh, started_at, "
+        "status, host, pid) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            record.run_id,
+            pipeline,
+            warehouse.target,
+            dataset,
+            ",".join(tables or []),
+            full_refresh,
+            started,
+            "running",
+            socket.gethostname(),
+            os.getpid(),
+        ),
+    )
+    return record
+
+
+@contextmanager
+def recorded_run(
+    warehouse: Warehouse, pipeline: str, dataset: str, tables: list[str] | None = None, full_refresh: bool = False
+) -> Iterator[RunRecord]:
+    """Record a run: ``running`` now; ``failed`` with the error if the block raises (the error propagates).
+
+    The block calls :meth:`RunRecord.succeeded` with its result.
+    """
+    record = start_run(warehouse, pipeline, dataset, tables, full_refresh)
+    try:
+        yield record
+    except BaseException as exc:
+        try:
+            record.failed(exc)
+        except Exception as ops_error:  # noqa: BLE001 - the warehouse may be the thing that failed
+            exc.add_note(f"(the failure could not be recorded in {OPS_SCHEMA}.{RUNS_TABLE}: {redact(str(ops_error))})")
+        raise
+
+
+def running_holder(warehouse: Warehouse, pipeline: str) -> dict[str, Any] | None:
+    """Host, pid and start of the latest ``running`` run of ``pipeline`` in ``ops``, or None."""
+    try:
+        if not warehouse.table_exists(OPS_SCHEMA, RUNS_TABLE):
+            return None
+        placeholder = "%s" if warehouse.target == "postgres" else "?"
+        rows = warehouse.query(
+            f"SELECT host, pid, started_at FROM {OPS_SCHEMA}.{RUNS_TABLE} WHERE pipeline = {placeholder} "
+            "AND status = 'running' ORDER BY started_at DESC LIMIT 1",
+            (pipeline,),
+        )
+    except Exception:  # noqa: BLE001 - DuckDB: the holder may have the file open; the caller has other sources
+        return None
+    if not rows:
+        return None
+    host, pid, started = rows[0]
+    return {"host": host, "pid": pid, "started_at": started}
+
+
+def last_runs(warehouse: Warehouse, pipeline: str, limit: int = 5) -> list[tuple[Any, ...]]:
+    """The latest runs of ``pipeline``: (status, started_at, ended_at, error), newest first."""
+    placeholder = "%s" if warehouse.target == "postgres" else "?"
+    return warehouse.query(
+        f"SELECT status, started_at, ended_at, error FROM {OPS_SCHEMA}.{RUNS_TABLE} WHERE pipeline = {placeholder} "
+        f"ORDER BY started_at DESC LIMIT {int(limit)}",
+        (pipeline,),
+    )
