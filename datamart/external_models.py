@@ -197,7 +197,36 @@ def render_external_models(schemas: list[tuple[PipelineDecl, Schema]]) -> str:
             for table in decl.tables
         ]
         sections.append(title + "\n" + "\n".join(entries))
+    sections.append(render_ops_models())
     return "\n".join(sections)
+
+
+def render_ops_models() -> str:
+    """The run-record tables of schema ``ops`` (written by every pipeline run, read by marts.data_freshness_v1)."""
+    from datamart.ingest.ops import OPS_SCHEMA, RUN_TABLES_COLUMNS, RUN_TABLES_TABLE, RUNS_COLUMNS, RUNS_TABLE
+
+    described = {
+        RUNS_TABLE: ("One row per run of a pipeline: when, where, status and error.", RUNS_COLUMNS),
+        RUN_TABLES_TABLE: ("One row per table of a succeeded pipeline run: rows read and written.", RUN_TABLES_COLUMNS),
+    }
+    entries = [
+        yaml.safe_dump(
+            [
+                {
+                    "name": f"{OPS_SCHEMA}.{table}",
+                    "description": f"Run records written by datamart/ingest/ops.py. {text}",
+                    "dialect": "duckdb",
+                    "columns": {name: sql_type.lower() for name, (sql_type, _) in columns.items()},
+                    "column_descriptions": {name: doc for name, (_, doc) in columns.items()},
+                }
+            ],
+            sort_keys=False,
+            allow_unicode=True,
+            width=100,
+        )
+        for table, (text, columns) in described.items()
+    ]
+    return f"# --- {OPS_SCHEMA}: run records of every pipeline run (datamart/ingest/ops.py) ---\n" + "\n".join(entries)
 
 
 def generate_demo_source(work_dir: Path, scale: float = DEMO_SCALE) -> DemoSource:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datamart.grants import GrantReport, apply_metabase_grants
+from datamart.ingest.ops import ensure_ops_tables
 from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, quote_identifier
 
 
@@ -38,6 +39,7 @@ def apply_prod(warehouse: Warehouse) -> TransformRun:
     views are swapped, so prod keeps serving the previous version.
     """
     started = time.monotonic()
+    ensure_ops_tables(warehouse)  # marts.data_freshness_v1 reads them, even before any pipeline ran
     context = sqlmesh_context(warehouse)
     result = TransformRun()
     prod = context.state_reader.get_environment("prod")

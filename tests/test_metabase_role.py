@@ -31,7 +31,7 @@ from datamart.transform import PUBLISHED_SCHEMA, published_views, sqlmesh_contex
 pytestmark = pytest.mark.postgres
 
 PASSWORD = "metabase-test-password"
-HIDDEN_SCHEMAS = {"raw_app_db", "raw_bucket", "staging", "intermediate", "sqlmesh"}
+HIDDEN_SCHEMAS = {"raw_app_db", "raw_bucket", "staging", "intermediate", "sqlmesh", "ops"}
 # What a role with no privilege still sees in information_schema.schemata: PUBLIC's USAGE on these.
 VISIBLE_SCHEMAS = {PUBLISHED_SCHEMA, "public", "pg_catalog", "information_schema"}
 
@@ -225,10 +225,14 @@ def test_metabase_reads_published_views_only_after_every_promotion(stack: Stack,
         # 3. a question on a published view
         as_role = _rows(conn, "SELECT count(*) FROM marts.missions_v1")[0][0]
         assert as_role == stack.warehouse.query("SELECT count(*) FROM marts.missions_v1")[0][0] > 0
-        # 4. raw data, staging, SQLMesh's physical table behind the view and its state: refused
+        # the freshness view reads the run records of schema ops: through the view only
+        freshness = _rows(conn, "SELECT pipeline, table_name FROM marts.data_freshness_v1 ORDER BY 1, 2")
+        assert ("app_db", "volunteers") in freshness and len(freshness) == 7
+        # 4. raw data, staging, run records, SQLMesh's physical table behind the view and its state: refused
         physical = _physical_table(stack.warehouse, "marts.missions_v1")
         assert physical.startswith("sqlmesh__marts.")
-        for relation in ("raw_app_db.volunteers", "staging.stg_app_db__missions", physical, "sqlmesh._environments"):
+        relations = ("raw_app_db.volunteers", "staging.stg_app_db__missions", "ops.pipeline_runs", physical)
+        for relation in (*relations, "sqlmesh._environments"):
             with pytest.raises(errors.InsufficientPrivilege):
                 _rows(conn, f"SELECT * FROM {relation} LIMIT 1")
         # 5. no table of its own, in public or in the published schema

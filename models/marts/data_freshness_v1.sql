@@ -1,0 +1,86 @@
+MODEL (
+  name marts.data_freshness_v1,
+  kind VIEW,
+  grain (pipeline, table_name),
+  audits (
+    not_null(columns := (pipeline, dataset, table_name, last_success_at)),
+    unique_combination_of_columns(columns := (pipeline, table_name)),
+    accepted_values("column" := pipeline_last_run_status, is_in := ('running', 'succeeded', 'failed')),
+    assert_no_personal_columns
+  ),
+  description 'How fresh the data is, one row per loaded table: when a pipeline last loaded it successfully and how long ago, and how the last run of its pipeline went. A view over the run records (schema ops), so the age is computed when it is read. Answers: is the data in the dashboards up to date? Which table has not been refreshed since yesterday? Did last night''s load fail?',
+  column_descriptions (
+    pipeline = 'Pipeline that loads the table (pipelines/<name>.yaml).',
+    dataset = 'Warehouse schema the table is loaded into (raw_<source>).',
+    table_name = 'Table loaded.',
+    last_success_at = 'When a run of the pipeline last loaded this table successfully (UTC).',
+    minutes_since_last_success = 'Minutes elapsed since then, when the view is read.',
+    hours_since_last_success = 'Hours elapsed since then, when the view is read (one decimal).',
+    rows_read_last_success = 'Rows read from the source by that run (0: nothing had changed).',
+    rows_in_warehouse = 'Rows in the table after that run.',
+    pipeline_last_run_at = 'When the latest run of the pipeline started, whatever its outcome (UTC).',
+    pipeline_last_run_status = 'Outcome of that run: running, succeeded or failed.'
+  )
+);
+
+WITH runs AS (
+  SELECT
+    pipeline,
+    started_at,
+    status
+  FROM ops.pipeline_runs
+), table_loads AS (
+  SELECT
+    pipeline,
+    dataset,
+    table_name,
+    rows_read,
+    rows_in_warehouse,
+    ended_at
+  FROM ops.pipeline_run_tables
+), ranked_loads AS (
+  SELECT
+    pipeline,
+    dataset,
+    table_name,
+    rows_read,
+    rows_in_warehouse,
+    ended_at,
+    ROW_NUMBER() OVER (PARTITION BY pipeline, table_name ORDER BY ended_at DESC) AS recency
+  FROM table_loads
+), ranked_runs AS (
+  SELECT
+    pipeline,
+    started_at,
+    status,
+    ROW_NUMBER() OVER (PARTITION BY pipeline ORDER BY started_at DESC) AS recency
+  FROM runs
+), freshness AS (
+  SELECT
+    ranked_loads.pipeline,
+    ranked_loads.dataset,
+    ranked_loads.table_name,
+    ranked_loads.ended_at AS last_success_at,
+    DATE_DIFF('MINUTE', ranked_loads.ended_at, CURRENT_TIMESTAMP) AS minutes_since_last_success,
+    ranked_loads.rows_read AS rows_read_last_success,
+    ranked_loads.rows_in_warehouse,
+    ranked_runs.started_at AS pipeline_last_run_at,
+    ranked_runs.status AS pipeline_last_run_status
+  FROM ranked_loads
+  LEFT JOIN ranked_runs
+    ON ranked_runs.pipeline = ranked_loads.pipeline AND ranked_runs.recency = 1
+  WHERE
+    ranked_loads.recency = 1
+)
+SELECT
+  pipeline,
+  dataset,
+  table_name,
+  last_success_at,
+  minutes_since_last_success,
+  ROUND(minutes_since_last_success / 60.0, 1) AS hours_since_last_success,
+  rows_read_last_success,
+  rows_in_warehouse,
+  pipeline_last_run_at,
+  pipeline_last_run_status
+FROM freshness
