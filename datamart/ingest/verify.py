@@ -489,11 +489,14 @@ def compare_sorted(
         last_chunk = len(chunk) < chunk_size
         upper = max(row[0] for row in chunk) if chunk else None
         wh_rows: dict[Key, bytes] = {}
+        twice: list[Key] = []
         while (item := warehouse.peek()) is not None and (last_chunk or item[0] <= upper):
             key, digest = warehouse.pop()
+            if key in wh_rows:
+                twice.append(key)  # a key loaded twice: a duplicate row in the warehouse
             wh_rows[key] = digest
         check.chunks += 1
-        _compare_chunk(check, chunk, wh_rows, deletions_expected)
+        _compare_chunk(check, chunk, wh_rows, deletions_expected, twice)
         if last_chunk:
             break
     while warehouse.peek() is not None:  # defensive: the left side ended on a full chunk
@@ -502,10 +505,17 @@ def compare_sorted(
 
 
 def _compare_chunk(
-    check: TableCheck, chunk: list[SourceRow], wh_rows: dict[Key, bytes], deletions_expected: bool
+    check: TableCheck,
+    chunk: list[SourceRow],
+    wh_rows: dict[Key, bytes],
+    deletions_expected: bool,
+    twice: list[Key] | None = None,
 ) -> None:
     source = {key: (status, digest) for key, status, digest in chunk}
-    missing, extra, changed, kept = [], [], [], []
+    missing: list[Key] = []
+    changed: list[Key] = []
+    kept: list[Key] = []
+    extra: list[Key] = list(twice or [])
     for key, (status, digest) in source.items():
         if status == "pending":
             check.pending += 1
@@ -523,7 +533,7 @@ def _compare_chunk(
     live = [digest for status, digest in source.values() if status == "live"]
     compared_wh = [d for k, d in wh_rows.items() if source.get(k, ("absent",))[0] != "pending" and k not in kept]
     check.source_rows = (check.source_rows or 0) + len(live)
-    check.warehouse_rows = (check.warehouse_rows or 0) + len(wh_rows)
+    check.warehouse_rows = (check.warehouse_rows or 0) + len(wh_rows) + len(twice or [])
     check.kept += len(kept)
     if not (missing or extra or changed):
         return
@@ -535,14 +545,16 @@ def _compare_chunk(
         (check.extra_examples, extra),
         (check.changed_examples, changed),
     ):
-        examples.extend(_key_text(k) for k in keys[: EXAMPLES - len(examples)])
+        examples.extend(
+            _key_text(k) + (" (twice)" if twice and k in twice else "") for k in keys[: EXAMPLES - len(examples)]
+        )
     every = sorted([*source, *wh_rows])
     check.ranges.append(
         RangeDrift(
             first=_key_text(every[0]),
             last=_key_text(every[-1]),
             source_rows=len(live),
-            warehouse_rows=len(compared_wh),
+            warehouse_rows=len(compared_wh) + len(twice or []),
             missing=len(missing),
             extra=len(extra),
             changed=len(changed),
