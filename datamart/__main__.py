@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 
+import psycopg2
 from sqlmesh.utils.errors import SQLMeshError
 
 from datamart.ingest.declarations import DeclarationError
+from datamart.ingest.runner import root_cause
+from datamart.redact import redact
 from datamart.settings import (
     PROJECT_ROOT,
     TARGETS,
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configure_environment()
+    warehouse = None
     try:
         warehouse = resolve_warehouse(args.target)
         if args.command == "run":
@@ -65,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, DeclarationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WAREHOUSE_UNREACHABLE as exc:
+        print(
+            redact(
+                f"error: the warehouse could not be reached ({warehouse.describe() if warehouse else '?'}): "
+                f"{root_cause(exc)}\n"
+                "Check its credentials (DESTINATION__POSTGRES__CREDENTIALS or [destination.postgres] in "
+                ".dlt/secrets.toml) and that it is up, then rerun the same command; prod views were not changed."
+            ),
+            file=sys.stderr,
+        )
+        return 1
     except SQLMeshError as exc:
         print(
             f"error: SQLMesh stopped, prod views were not changed: {exc}\n"
@@ -73,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+# A refused login or a server that is down, as psycopg2 reports it (directly or from inside SQLMesh).
+WAREHOUSE_UNREACHABLE = (psycopg2.OperationalError,)
 
 
 def print_rows(rows: list[tuple[object, ...]]) -> None:
