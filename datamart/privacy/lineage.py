@@ -239,9 +239,8 @@ def _finding(model: str, column: str, origin: Origin, counted: bool, declared: b
     what = f"{model}.{column} derives from personal column {personal.source_name} ({_describe(personal)})"
     via = " → ".join(origin.path)
     if counted:
-        return LineageFinding(
-            model, column, personal.source_name, True, f"{what}: only counted (allowed)", personal.treatment, origin.path
-        )
+        message = f"{what}: only counted (allowed)"
+        return LineageFinding(model, column, personal.source_name, True, message, personal.treatment, origin.path)
     if declared:
         message = f"{what}: allowed by tags ('{ALLOW_TAG_PREFIX}{column}') in the model"
         return LineageFinding(model, column, personal.source_name, True, message, personal.treatment, origin.path)
