@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamart.ingest.declarations import DeclarationError, load_named
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_named
 from datamart.ingest.personal import pseudonym, require_hmac_key
 from datamart.privacy.lineage import LineageIndex, PersonalColumn, short_name
 from datamart.settings import Warehouse, quote_identifier
@@ -82,6 +82,23 @@ def find_traces(
         from datamart.transform import sqlmesh_context
 
         context = sqlmesh_context(warehouse)
+        try:
+            return _find_traces(warehouse, decl, table_decl, key, values, context, pipelines_dir)
+        finally:
+            context.close()  # DuckDB: one writer per file; release it for the next run
+    return _find_traces(warehouse, decl, table_decl, key, values, context, pipelines_dir)
+
+
+def _find_traces(
+    warehouse: Warehouse,
+    decl: PipelineDecl,
+    table_decl: TableDecl,
+    key: str,
+    values: dict[str, str],
+    context: Any,
+    pipelines_dir: Path | None,
+) -> list[Trace]:
+    pipeline, table = decl.name, table_decl.name
     columns = _warehouse_columns(warehouse)
     raw_key = table_decl.primary_key[0]
     referencing = reference_column(table)
