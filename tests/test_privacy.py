@@ -20,6 +20,7 @@ import pytest
 from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
 
 from datamart import demo
+from datamart.__main__ import main
 from datamart.flow import run_flow
 from datamart.grants import metabase_role_name
 from datamart.ingest.personal import pseudonym
@@ -299,7 +300,23 @@ def _traces(flow: Flow, volunteer_id: int, email: str) -> list[str]:
     return [t.format() for t in traces]
 
 
-def test_an_erased_volunteer_leaves_no_trace_even_after_a_schema_change(flow: Flow) -> None:
+def _erased_command(
+    flow: Flow, volunteer_id: int, email: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """``python -m datamart privacy erased app_db volunteers <id> --value email=<email>``: exit code and output."""
+    if flow.warehouse.target == "duckdb":
+        monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(flow.warehouse.duckdb_path))
+    else:
+        monkeypatch.setenv("DESTINATION__POSTGRES__CREDENTIALS", flow.warehouse.pg.to_native_representation())
+    monkeypatch.setenv("DATAMART_TARGET", flow.warehouse.target)
+    capsys.readouterr()
+    code = main(["privacy", "erased", "app_db", "volunteers", str(volunteer_id), "--value", f"email={email}"])
+    return code, capsys.readouterr().out
+
+
+def test_an_erased_volunteer_leaves_no_trace_even_after_a_schema_change(
+    flow: Flow, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     volunteer_id, email = flow.source(
         "SELECT v.id, v.email FROM volunteers v JOIN applications a ON a.volunteer_id = v.id "
         "GROUP BY v.id, v.email ORDER BY count(*) DESC, v.id LIMIT 1"
@@ -316,6 +333,10 @@ def test_an_erased_volunteer_leaves_no_trace_even_after_a_schema_change(flow: Fl
     ):
         assert place in where, f"{place} not searched or empty before erasure: {before}"
     assert any("pseudonym of volunteers.email" in t for t in before)
+    code, output = _erased_command(flow, volunteer_id, email, monkeypatch, capsys)
+    assert code == 1
+    assert f"NOT erased: {len(before)} trace(s) of app_db.volunteers key {volunteer_id}, email pseudonym" in output
+    assert f"raw_app_db.volunteers: source key volunteers.id = {volunteer_id} in column id (1 row(s))" in output
 
     # A schema change first: new source columns in both tables, the volunteer's rows changed and reloaded.
     flow.source("ALTER TABLE volunteers ADD COLUMN nickname TEXT")
@@ -340,6 +361,11 @@ def test_an_erased_volunteer_leaves_no_trace_even_after_a_schema_change(flow: Fl
 
     remaining = _traces(flow, volunteer_id, email)
     assert not remaining, "\n".join(remaining)
+    code, output = _erased_command(flow, volunteer_id, email, monkeypatch, capsys)
+    assert (code, output.split(" in ")[0]) == (
+        0,
+        f"erased: no trace of app_db.volunteers key {volunteer_id}, email pseudonym",
+    )
     # what the check relies on, asserted directly
     assert flow.warehouse.query(f"SELECT count(*) FROM raw_app_db.volunteers WHERE id = {volunteer_id}") == [(0,)]
     assert flow.warehouse.query(

@@ -39,8 +39,9 @@ def offline_context() -> Any:
     return sqlmesh_context(Warehouse(target="duckdb", duckdb_path=folder / "warehouse.duckdb"))
 
 
-def privacy_command(args: argparse.Namespace, warehouse: Warehouse, out: TextIO = sys.stdout) -> int:
+def privacy_command(args: argparse.Namespace, warehouse: Warehouse, out: TextIO | None = None) -> int:
     """Run one privacy operation; returns the exit code (0 when the guarantee holds, 1 when it does not)."""
+    out = out or sys.stdout
     if args.privacy_command == "check":
         return check_command(offline_context(), out)
     if args.privacy_command == "register":
@@ -83,8 +84,9 @@ def privacy_command(args: argparse.Namespace, warehouse: Warehouse, out: TextIO 
     return 1
 
 
-def check_command(context: Any, out: TextIO = sys.stdout) -> int:
+def check_command(context: Any, out: TextIO | None = None) -> int:
     """Print every published column deriving from personal data; 1 if any is not allowed."""
+    out = out or sys.stdout
     from datamart.privacy.lineage import check_published_lineage, dropped_columns_loaded, violations
 
     findings = check_published_lineage(context)
