@@ -204,7 +204,7 @@ class Flow:
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
 def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
-    """The whole flow run once per warehouse on a small demo source (scale 0.2)."""
+    """The whole flow run once per warehouse on a small demo source (scale 0.1)."""
     tmp = tmp_path_factory.mktemp(f"privacy-{request.param}")
     database = None
     if request.param == "duckdb":
@@ -216,7 +216,7 @@ def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         database = f"t_privacy_{uuid.uuid4().hex[:8]}"
         warehouse = postgres_warehouse(create_database(admin, database))
     source = tmp / "app.sqlite"
-    demo.generate(source_url=f"sqlite:///{source}", bucket=tmp / "bucket", scale=0.2)
+    demo.generate(source_url=f"sqlite:///{source}", bucket=tmp / "bucket", scale=0.1)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {
             "SOURCES__APP_DB__CREDENTIALS": f"sqlite:///{source}",

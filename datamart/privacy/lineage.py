@@ -154,9 +154,8 @@ class LineageIndex:
 
         def walk(node: Any, counted: bool, aggregated: bool) -> None:
             if not node.downstream:
+                # a leaf's expression is the table it reads (find includes the node itself)
                 table = node.expression.find(exp.Table) if isinstance(node.expression, exp.Expr) else None
-                if isinstance(node.expression, exp.Table):
-                    table = node.expression
                 if table is not None and table.name:
                     parents.append((f"{table.db}.{table.name}", exp.to_column(node.name).name, counted, aggregated))
                 return
