@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install run verify test demo-advance plan promote sqlmesh external-models lint format clean
+.PHONY: help install run verify test demo-advance plan promote sqlmesh external-models privacy-check privacy-register lint format clean
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,12 @@ sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse, e.g. make sqlmesh AR
 
 external-models: $(STAMP) ## Regenerate external_models.yaml from the dlt pipelines' schemas (after a source changes)
 	$(BIN)/python -m datamart.external_models
+
+privacy-check: $(STAMP) ## Fail if a published column derives from personal data without an allowance (lineage)
+	$(BIN)/python -m datamart privacy check
+
+privacy-register: $(STAMP) ## Regenerate docs/personal-data.md, the personal-data register
+	$(BIN)/python -m datamart privacy register
 
 lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
 	$(BIN)/ruff check datamart tests

@@ -1,4 +1,4 @@
-"""Command line: ``python -m datamart run|sqlmesh|env``."""
+"""Command line: ``python -m datamart run|promote|query|env|privacy|sqlmesh``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     query = commands.add_parser("query", help="run one SQL query on the selected warehouse and print the rows")
     query.add_argument("sql")
     commands.add_parser("env", help="print the DATAMART_* variables SQLMesh's config.yaml reads (no password)")
+    from datamart.privacy.cli import add_privacy_parser
+
+    add_privacy_parser(commands)
     passthrough = commands.add_parser("sqlmesh", help="run the sqlmesh CLI against the selected warehouse")
     passthrough.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(result.grants.format())
         elif args.command == "query":
             print_rows(warehouse.query(args.sql))
+        elif args.command == "privacy":
+            from datamart.privacy.cli import privacy_command
+
+            return privacy_command(args, warehouse)
         elif args.command == "env":
             for key, value in warehouse.sqlmesh_env().items():
                 print(f"{key}={'***' if 'PASSWORD' in key else value}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datamart.grants import GrantReport, apply_metabase_grants
@@ -22,12 +23,12 @@ class TransformRun:
     elapsed: float = 0.0
 
 
-def sqlmesh_context(warehouse: Warehouse, **kwargs: Any) -> Any:
+def sqlmesh_context(warehouse: Warehouse, project: Path | None = None, **kwargs: Any) -> Any:
     """A SQLMesh Context on this project, connected to ``warehouse`` through config.yaml's environment variables."""
     warehouse.export_for_sqlmesh()
     from sqlmesh import Context
 
-    return Context(paths=[str(PROJECT_ROOT)], **kwargs)
+    return Context(paths=[str(project or PROJECT_ROOT)], **kwargs)
 
 
 def apply_prod(warehouse: Warehouse) -> TransformRun:

@@ -1,0 +1,1 @@
+"""Privacy guarantees: lineage of personal columns to the published marts, erasure checks, the processing register."""
