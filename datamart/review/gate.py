@@ -1,0 +1,93 @@
+"""The gate shared by review and promotion: a list of checks, each returning violations with a human message.
+
+``make review`` runs every check of :data:`CHECKS` and reports each one in its own section; ``make promote`` (and
+``make run``) runs the same checks before the prod plan and refuses to touch prod when one reports a violation.
+Adding a check is one line: ``CHECKS.append(Check("Personal data", my_check))`` where ``my_check(gate) -> list``
+of :class:`Violation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datamart.review import contract
+from datamart.settings import PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One reason to refuse a change: what it breaks, for whom, and the way out."""
+
+    check: str  # the title of the check that found it
+    model: str  # the published view or model concerned, ``marts.missions_v1``
+    message: str  # a full sentence naming the column and the fix
+    column: str | None = None
+
+
+@dataclass
+class GateInput:
+    """What a check may look at: the project as it would be promoted, and what prod serves today."""
+
+    context: Any  # a SQLMesh Context on the project (the branch under review, or the one being promoted)
+    prod_snapshots: dict[str, Any] = field(default_factory=dict)  # prod's snapshot of each model, by model fqn
+    forward_only: set[str] = field(default_factory=set)  # fqns of models whose change is applied forward-only
+    project: Path = PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named check: ``run`` returns its violations; ``details`` (optional) renders Markdown for the report."""
+
+    title: str
+    run: Callable[[GateInput], list[Violation]]
+    details: Callable[[GateInput], str] | None = None
+
+
+CHECKS: list[Check] = [
+    Check(contract.TITLE, contract.check_published_contract, contract.describe_published_columns),
+]
+
+
+class GateError(RuntimeError):
+    """A change the gate refuses; the message lists every violation and its way out."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        self.violations = violations
+        lines = [f"  - [{v.check}] {v.message}" for v in violations]
+        super().__init__(
+            f"{len(violations)} change(s) refused by the review gate, prod was not touched:\n" + "\n".join(lines)
+        )
+
+
+def prod_snapshots(context: Any) -> dict[str, Any]:
+    """The full snapshot (with its model) of every model prod serves, by fqn; empty before the first promotion."""
+    prod = context.state_reader.get_environment("prod")
+    if prod is None:
+        return {}
+    snapshots = context.state_reader.get_snapshots(prod.snapshots)
+    return {s.name: s for s in snapshots.values() if s.is_model}
+
+
+def gate_input(context: Any, project: Path | None = None, forward_only: set[str] | None = None) -> GateInput:
+    """The input of every check for ``context`` against the prod environment recorded in its state."""
+    return GateInput(
+        context=context,
+        prod_snapshots=prod_snapshots(context),
+        forward_only=forward_only or set(),
+        project=project or PROJECT_ROOT,
+    )
+
+
+def run_checks(gate: GateInput, checks: list[Check] | None = None) -> dict[str, list[Violation]]:
+    """Every check's violations, by check title (in the order of :data:`CHECKS`)."""
+    return {check.title: check.run(gate) for check in (CHECKS if checks is None else checks)}
+
+
+def enforce(context: Any, project: Path | None = None) -> None:
+    """Raise :class:`GateError` when any check refuses the project ``context`` would promote (promotion's guard)."""
+    violations = [v for found in run_checks(gate_input(context, project)).values() for v in found]
+    if violations:
+        raise GateError(violations)
