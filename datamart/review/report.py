@@ -85,6 +85,16 @@ def _node_id(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
+_STYLES = {
+    "breaking": "fill:#fc8,stroke:#c60",
+    "removed": "fill:#fc8,stroke:#c60",
+    "non-breaking": "fill:#dfd,stroke:#080",
+    "added": "fill:#dfd,stroke:#080",
+    "metadata": "fill:#dfd,stroke:#080",
+    "unchanged": "fill:#eee,stroke:#999",
+}
+
+
 def _lineage(result: ReviewResult) -> list[str]:
     lines = ["## Lineage of the change", ""]
     if not result.lineage_nodes:
@@ -95,11 +105,17 @@ def _lineage(result: ReviewResult) -> list[str]:
         shape = f'[("{label}")]' if name.split(".")[0] == "marts" else f'["{label}"]'
         lines.append(f"  {_node_id(name)}{shape}")
     lines += [f"  {_node_id(a)} --> {_node_id(b)}" for a, b in result.lineage_edges]
-    styles = {"breaking": "fill:#fdd,stroke:#c00", "removed": "fill:#fdd,stroke:#c00", "unchanged": "fill:#eee"}
+    refused = {v.model for v in result.violations}
     for name, category in result.lineage_nodes.items():
-        style = styles.get(category, "fill:#dfd,stroke:#080")
+        style = "fill:#f88,stroke:#c00,stroke-width:3px" if name in refused else _STYLES.get(category, "fill:#ffd")
         lines.append(f"  style {_node_id(name)} {style}")
-    lines += ["```", "", "Published views (what Metabase reads) are drawn as cylinders.", ""]
+    lines += [
+        "```",
+        "",
+        "Published views (what Metabase reads) are cylinders; red: refused by the contract; orange: breaking "
+        "(rebuilt with what depends on it); green: non-breaking; yellow: rebuilt because an upstream model changed.",
+        "",
+    ]
     return lines
 
 

@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +163,7 @@ def run_review(
     built = [s for s in plan.new_snapshots if s.is_model and not s.is_external and not s.is_symbolic]
     result.audits = sorted((short_name(s.name), [name for name, _ in s.model.audits]) for s in built)
     collector = _BuildFailures()
-    sqlmesh_logger = logging.getLogger("sqlmesh")
+    sqlmesh_logger = logging.getLogger("sqlmesh.core.scheduler")  # where failed nodes are logged, at INFO
     level = sqlmesh_logger.level
     sqlmesh_logger.addHandler(collector)
     sqlmesh_logger.setLevel(min(level or logging.INFO, logging.INFO))
@@ -264,21 +266,28 @@ def _data_diffs(context: Any, environment: str, views: list[str]) -> list[DataDi
     """SQLMesh's table_diff, prod against ``environment``, for each changed published view."""
     diffs = []
     for view in views:
-        found = context.table_diff(
-            "prod",
-            environment,
-            select_models=[view],
-            show=False,
-            limit=SAMPLE_ROWS,
-            warn_grain_check=True,
-            skip_grain_check=True,
-        )
+        with _quiet_table_diff():
+            found = context.table_diff(
+                "prod",
+                environment,
+                select_models=[view],
+                show=False,
+                limit=SAMPLE_ROWS,
+                warn_grain_check=True,
+                skip_grain_check=True,
+            )
         if not found:
-            diffs.append(DataDiff(view, note="prod and the branch serve the same table (no rebuild)."))
+            diffs.append(
+                DataDiff(
+                    view,
+                    note="Not compared: prod and the branch share one physical table (e.g. a forward-only change).",
+                )
+            )
             continue
         table_diff = found[0]
-        schema = table_diff.schema_diff()
-        rows = table_diff.row_diff(skip_grain_check=True)
+        with _quiet_table_diff():
+            schema = table_diff.schema_diff()
+            rows = table_diff.row_diff(skip_grain_check=True)
         stats = rows.column_stats
         column_match = {}
         if stats is not None and not stats.empty and "pct_match" in stats.columns:
@@ -296,13 +305,38 @@ def _data_diffs(context: Any, environment: str, views: list[str]) -> list[DataDi
                 column_match=column_match,
                 columns_added=[name for name, _ in schema.added],
                 columns_removed=[name for name, _ in schema.removed],
-                sample_header=[str(c) for c in sample.columns] if column_match else [],
+                sample_header=[_side(str(c), environment) for c in sample.columns] if column_match else [],
                 sample_rows=[[_cell(v) for v in row] for row in sample.head(SAMPLE_ROWS).itertuples(index=False)]
                 if column_match
                 else [],
             )
         )
     return diffs
+
+
+class _DropExecutedSql(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Executing SQL")
+
+
+@contextmanager
+def _quiet_table_diff() -> Iterator[None]:
+    """SQLMesh's table_diff logs every query at the logger's effective level (WARNING): keep them off stderr."""
+    adapter_logger = logging.getLogger("sqlmesh.core.engine_adapter.base")
+    quiet = _DropExecutedSql()
+    adapter_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        adapter_logger.removeFilter(quiet)
+
+
+def _side(column: str, environment: str) -> str:
+    """``PROD__name`` → ``prod: name`` and ``PR_X__name`` → ``branch: name`` (table_diff's sample headers)."""
+    for prefix, label in (("PROD__", "prod"), (f"{environment.upper()}__", "branch")):
+        if column.startswith(prefix):
+            return f"{label}: {column[len(prefix) :]}"
+    return column
 
 
 def _cell(value: Any) -> str:
