@@ -22,6 +22,7 @@ from datamart import demo
 from datamart.__main__ import main
 from datamart.flow import run_flow
 from datamart.review.gate import GateError, gate_input, run_checks
+from datamart.review.run import DEFAULT_OUTPUT
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.postgres import create_database, drop_database
 from datamart.transform import apply_prod, sqlmesh_context
@@ -337,3 +338,41 @@ def test_v2_beside_v1_passes_and_both_answer_after_promotion(prod: Prod) -> None
     assert prod.query("SELECT count(DISTINCT organization_kind) FROM marts.missions_v1")[0][0] > 0
     with pytest.raises(Exception, match="organization_kind"):
         prod.query("SELECT organization_kind FROM marts.missions_v2")
+
+
+def _workflow(name: str) -> dict[str, object]:
+    document = yaml.safe_load((PROJECT_ROOT / ".github" / "workflows" / name).read_text())
+    assert isinstance(document, dict)
+    document["on"] = document.pop(True, document.get("on"))  # YAML 1.1 reads the key `on` as true
+    return document
+
+
+def _make_targets(workflow: dict[str, object]) -> list[str]:
+    """The make targets the workflow's steps run, in order."""
+    targets = []
+    for job in workflow["jobs"].values():  # type: ignore[union-attr]
+        for step in job["steps"]:
+            targets += re.findall(r"^\s*make ([a-z-]+)", step.get("run", ""), re.MULTILINE)
+    return targets
+
+
+def test_ci_workflows_run_the_make_targets() -> None:
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    review = _workflow("review.yml")
+    assert "pull_request" in review["on"]
+    assert _make_targets(review) == ["install", "run", "install", "review"]
+    job = review["jobs"]["review"]
+    assert job["services"]["postgres"]["image"].startswith("postgres:")
+    assert job["env"]["DATAMART_TARGET"] == "postgres"
+    post = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/github-script"))
+    assert (
+        str(DEFAULT_OUTPUT.relative_to(PROJECT_ROOT)) in post["with"]["script"]
+        and "<!-- datamart-review -->" in post["with"]["script"]
+    )
+    assert any("exit 1" in step.get("run", "") for step in job["steps"]), "the job fails when the review refuses"
+
+    promote = _workflow("promote.yml")
+    assert promote["on"] == {"push": {"branches": ["main"]}}
+    assert _make_targets(promote) == ["install", "promote"]
+    for target in {*_make_targets(review), *_make_targets(promote)}:
+        assert re.search(rf"^{target}: .*## ", makefile, re.MULTILINE), f"make {target} is not a documented target"
