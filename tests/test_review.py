@@ -259,8 +259,11 @@ def test_staging_change_shows_the_changed_published_rows(prod: Prod) -> None:
         assert counts["identical"] == rows - changed
     sample = _section(report, "## Data diff against prod")
     assert "| organization_id | prod: organization_name | branch: organization_name |" in sample
-    name = prod.query("SELECT organization_name FROM marts.organizations_v1 ORDER BY organization_id LIMIT 1")[0][0]
-    assert f"| {name} | {name.upper()} |" in sample
+    before, after = prod.query(
+        "SELECT p.organization_name, b.organization_name FROM marts.organizations_v1 AS p "
+        "JOIN marts__pr_staging.organizations_v1 AS b USING (organization_id) ORDER BY organization_id LIMIT 1"
+    )[0]
+    assert f"| {before} | {after} |" in sample and before != after
     lineage = _section(report, "## Lineage of the change")
     assert "staging_stg_app_db__organizations --> marts_organizations_v1" in lineage
 
@@ -326,8 +329,12 @@ def test_v2_beside_v1_passes_and_both_answer_after_promotion(prod: Prod) -> None
     code, report = _review(prod, "v2")
     assert code == 0, report
     assert "| `marts.missions_v2` | added (model file) | yes |" in report
-    assert "| `marts.missions_v2` | ✅ new view | — |" in report
+    assert (
+        "| `marts.missions_v2` | ✅ new view | against `marts.missions_v1`, which stays: "
+        "`organization_kind` removed (was TEXT) |" in report
+    )
     assert "| `marts.missions_v1` | unchanged | — |" in report
+    assert "New published view: " in _section(report, "## Data diff against prod")
 
     missions_before = _checksum(prod, "marts.missions_v1")
     promoted = apply_prod(prod.warehouse, prod.root / "branches" / "v2")

@@ -67,6 +67,7 @@ class ViewComparison:
     changes: list[ColumnChange] = field(default_factory=list)
     forward_only: bool = False
     unknown_columns: bool = False  # the project's columns could not be derived
+    previous_version: str = ""  # for a new ``<name>_vN``: the ``<name>_v(N-1)`` prod serves, compared in ``changes``
 
 
 def short_name(fqn: str) -> str:
@@ -158,7 +159,7 @@ def compare_published(gate: GateInput) -> list[ViewComparison]:
             comparisons.append(ViewComparison(view, "retired" if view in retired else "removed"))
             continue
         if fqn not in prod:
-            comparisons.append(ViewComparison(view, "new"))
+            comparisons.append(_new_view(view, branch[fqn], prod))
             continue
         old, new = _columns(prod[fqn]), _columns(branch[fqn])
         if new is None or old is None:
@@ -169,6 +170,24 @@ def compare_published(gate: GateInput) -> list[ViewComparison]:
             ViewComparison(view, "changed" if changes else "unchanged", changes, forward_only=fqn in gate.forward_only)
         )
     return comparisons
+
+
+def _previous_version(view: str) -> str:
+    """``marts.missions_v1`` for ``marts.missions_v2``; empty when the name carries no version above 1."""
+    base, _, version = view.rpartition("_v")
+    return f"{base}_v{int(version) - 1}" if base and version.isdigit() and int(version) > 1 else ""
+
+
+def _new_view(view: str, model: Any, prod: dict[str, Any]) -> ViewComparison:
+    """A view new in the project; a new version is compared with the previous one, for the reviewer (not a rule)."""
+    comparison = ViewComparison(view, "new")
+    previous = _previous_version(view)
+    old_model = next((m for fqn, m in prod.items() if short_name(fqn) == previous), None)
+    old, new = (_columns(old_model) if old_model is not None else None), _columns(model)
+    if old is not None and new is not None:
+        comparison.previous_version = previous
+        comparison.changes = column_changes(old, new)
+    return comparison
 
 
 def _way_out(view: str) -> str:
@@ -200,6 +219,8 @@ def check_published_contract(gate: GateInput) -> list[Violation]:
             )
             violations.append(Violation(TITLE, view, message))
             continue
+        if comparison.status == "new":
+            continue  # a new view (or a new version beside the old one) breaks no reader
         if comparison.unknown_columns:
             message = (
                 f"{view}: SQLMesh cannot derive the columns of the changed model, so the contract cannot be checked. "
@@ -234,6 +255,8 @@ def describe_published_columns(gate: GateInput) -> str:
         elif comparison.status == "new":
             status = "✅ new view"
         changes = "<br>".join(c.describe() for c in comparison.changes) or "—"
+        if comparison.previous_version:
+            changes = f"against `{comparison.previous_version}`, which stays: {changes}"
         if comparison.forward_only:
             changes += " (forward-only)"
         lines.append(f"| `{comparison.view}` | {status} | {changes} |")

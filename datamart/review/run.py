@@ -179,6 +179,8 @@ def run_review(
     if not result.build_error:
         changed_views = [c.name for c in result.changes if c.published and c.category not in ("added", "removed")]
         result.data_diffs = _data_diffs(context, result.environment, changed_views)
+        added = {c.name for c in result.changes if c.published and c.category == "added"}
+        result.data_diffs += [_new_view(context, plan, s) for s in built if short_name(s.name) in added]
 
     stream = io.StringIO()
     tests = context.test(stream=stream)
@@ -329,6 +331,15 @@ def _quiet_table_diff() -> Iterator[None]:
         yield
     finally:
         adapter_logger.removeFilter(quiet)
+
+
+def _new_view(context: Any, plan: Any, snapshot: Any) -> DataDiff:
+    """A published view new in the branch: its row count there (prod has nothing to compare with)."""
+    adapter = context.engine_adapter
+    view = snapshot.qualified_view_name.for_environment(plan.environment.naming_info, adapter.dialect)
+    rows = int(adapter.fetchone(f"SELECT count(*) FROM {view}")[0])
+    name = short_name(snapshot.name)
+    return DataDiff(name, branch_rows=rows, note=f"New published view: {rows} rows in the branch, none in prod.")
 
 
 def _side(column: str, environment: str) -> str:
