@@ -111,6 +111,9 @@ def _drop_organization_kind(project: Path, model: str) -> None:
 
 def _branch(prod: Prod, case: str) -> Path:
     """The project as a pull request of kind ``case`` leaves it."""
+    project = prod.root / "branches" / case
+    if project.exists():
+        return project
     project = _copy_project(prod.root, case)
     if case == "removed":
         _drop_organization_kind(project, MISSIONS)
@@ -383,3 +386,14 @@ def test_ci_workflows_run_the_make_targets() -> None:
     assert _make_targets(promote) == ["install", "promote"]
     for target in {*_make_targets(review), *_make_targets(promote)}:
         assert re.search(rf"^{target}: .*## ", makefile, re.MULTILINE), f"make {target} is not a documented target"
+
+
+def test_a_later_push_of_the_branch_is_compared_with_prod_not_with_its_previous_build(prod: Prod) -> None:
+    _review(prod, "removed")  # the first push, refused, left the environment pr_removed behind
+    project = _branch(prod, "added")
+    output = prod.root / "reports" / "second-push.md"
+    code = main(["review", "--env", "pr_removed", "--project", str(project), "--output", str(output)])
+    report = output.read_text()
+    assert code == 0, report
+    assert "| `marts.missions_v1` | non-breaking (direct) | yes |" in report
+    assert "| `marts.missions_v1` | ✅ columns added | `applications_declined` added (BIGINT) |" in report

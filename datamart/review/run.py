@@ -146,7 +146,15 @@ def run_review(
     environment = environment or default_environment(project)
     context = sqlmesh_context(warehouse, project)
     result = ReviewResult(environment=environment, warehouse=warehouse.describe())
-    plan = context.plan_builder(environment, skip_tests=True, forward_only=forward_only or None).build()
+    # Compare with prod even when the environment exists from an earlier push of the branch (SQLMesh would diff
+    # against that environment): this context's config recreates it from prod.
+    plan_config = context.config.plan.model_copy(update={"always_recreate_environment": True})
+    context.config = context.config.model_copy(update={"plan": plan_config})
+    # include_unmodified: every published view is in the environment (unchanged ones point at prod's tables), and a
+    # branch identical to prod still gets its environment instead of an error
+    plan = context.plan_builder(
+        environment, skip_tests=True, forward_only=forward_only or None, include_unmodified=True
+    ).build()
     result.environment = plan.environment.name
 
     diff = plan.context_diff
