@@ -328,28 +328,6 @@ def test_promotion_refuses_what_review_refuses_and_prod_is_untouched(prod: Prod)
     assert _prod_fingerprints(prod) == fingerprints
 
 
-def test_v2_beside_v1_passes_and_both_answer_after_promotion(prod: Prod) -> None:
-    code, report = _review(prod, "v2")
-    assert code == 0, report
-    assert "| `marts.missions_v2` | added (model file) | yes |" in report
-    assert (
-        "| `marts.missions_v2` | ✅ new view | against `marts.missions_v1`, which stays: "
-        "`organization_kind` removed (was TEXT) |" in report
-    )
-    assert "| `marts.missions_v1` | unchanged | — |" in report
-    assert "New published view: " in _section(report, "## Data diff against prod")
-
-    missions_before = _checksum(prod, "marts.missions_v1")
-    promoted = apply_prod(prod.warehouse, prod.root / "branches" / "v2")
-    assert "marts.missions_v2" in promoted.published_views
-    assert _checksum(prod, "marts.missions_v1") == missions_before, "v1 keeps answering, unchanged"
-    v1_count = missions_before[0]
-    assert prod.query("SELECT count(*) FROM marts.missions_v2")[0][0] == v1_count > 0
-    assert prod.query("SELECT count(DISTINCT organization_kind) FROM marts.missions_v1")[0][0] > 0
-    with pytest.raises(Exception, match="organization_kind"):
-        prod.query("SELECT organization_kind FROM marts.missions_v2")
-
-
 def _workflow(name: str) -> dict[str, object]:
     document = yaml.safe_load((PROJECT_ROOT / ".github" / "workflows" / name).read_text())
     assert isinstance(document, dict)
@@ -397,3 +375,27 @@ def test_a_later_push_of_the_branch_is_compared_with_prod_not_with_its_previous_
     assert code == 0, report
     assert "| `marts.missions_v1` | non-breaking (direct) | yes |" in report
     assert "| `marts.missions_v1` | ✅ columns added | `applications_declined` added (BIGINT) |" in report
+
+
+# Last: it promotes, so prod serves missions_v2 afterwards.
+def test_v2_beside_v1_passes_and_both_answer_after_promotion(prod: Prod) -> None:
+    code, report = _review(prod, "v2")
+    assert code == 0, report
+    assert "| `marts.missions_v2` | added (model file) | yes |" in report
+    assert (
+        "| `marts.missions_v2` | ✅ new view | against `marts.missions_v1`, which stays: "
+        "`organization_kind` removed (was TEXT) |" in report
+    )
+    assert "| `marts.missions_v1` | unchanged | — |" in report
+    missions_before = _checksum(prod, "marts.missions_v1")
+    diff = _section(report, "## Data diff against prod")
+    assert f"New published view: {missions_before[0]} rows in the branch, none in prod." in diff
+
+    promoted = apply_prod(prod.warehouse, prod.root / "branches" / "v2")
+    assert "marts.missions_v2" in promoted.published_views
+    assert _checksum(prod, "marts.missions_v1") == missions_before, "v1 keeps answering, unchanged"
+    v1_count = missions_before[0]
+    assert prod.query("SELECT count(*) FROM marts.missions_v2")[0][0] == v1_count > 0
+    assert prod.query("SELECT count(DISTINCT organization_kind) FROM marts.missions_v1")[0][0] > 0
+    with pytest.raises(Exception, match="organization_kind"):
+        prod.query("SELECT organization_kind FROM marts.missions_v2")
