@@ -83,7 +83,7 @@ def prod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def _copy_project(root: Path, name: str) -> Path:
     """A copy of what SQLMesh reads (config, models, audits, macros, external models, unit tests): the branch."""
     project = root / "branches" / name
-    keep = {"config.yaml", "external_models.yaml", "models", "audits", "macros", "tests"}
+    keep = {"config.yaml", "external_models.yaml", "retired_views.yaml", "models", "audits", "macros", "tests"}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         if Path(folder) == PROJECT_ROOT:

@@ -217,7 +217,7 @@ def check_published_contract(gate: GateInput) -> list[Violation]:
                 f"would break. Either keep its model, or declare `- view: {view}` with a `reason:` in "
                 f"{RETIRED_FILE} once its readers have moved."
             )
-            violations.append(Violation(TITLE, view, message))
+            violations.append(Violation(view, message))
             continue
         if comparison.status == "new":
             continue  # a new view (or a new version beside the old one) breaks no reader
@@ -226,7 +226,7 @@ def check_published_contract(gate: GateInput) -> list[Violation]:
                 f"{view}: SQLMesh cannot derive the columns of the changed model, so the contract cannot be checked. "
                 "End the model with an explicit column list (no SELECT *) whose types SQLMesh can infer."
             )
-            violations.append(Violation(TITLE, view, message))
+            violations.append(Violation(view, message))
         how = " (a forward-only change: SQLMesh would ALTER the prod table in place)" if comparison.forward_only else ""
         for change in comparison.changes:
             if not change.breaking:
@@ -237,7 +237,7 @@ def check_published_contract(gate: GateInput) -> list[Violation]:
                 "retyped": f"column `{change.column}` would change type from {change.old_type} to {change.new_type}",
             }[change.kind]
             message = f"{view}: {what}{how}; Metabase questions using it would break. {_way_out(view)}"
-            violations.append(Violation(TITLE, view, message, column=change.column))
+            violations.append(Violation(view, message, column=change.column))
     return violations
 
 

@@ -2,14 +2,15 @@
 
 ``make review`` runs every check of :data:`CHECKS` and reports each one in its own section; ``make promote`` (and
 ``make run``) runs the same checks before the prod plan and refuses to touch prod when one reports a violation.
-Adding a check is one line: ``CHECKS.append(Check("Personal data", my_check))`` where ``my_check(gate) -> list``
-of :class:`Violation`.
+Adding a check is one line in :data:`CHECKS`: ``Check("Personal data", my_check)``, where
+``my_check(gate: GateInput) -> list[Violation]``; the report then has a "## Personal data" section listing its
+violations (and ``details(gate) -> str`` Markdown if given), and promotion refuses what it refuses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ from datamart.settings import PROJECT_ROOT
 class Violation:
     """One reason to refuse a change: what it breaks, for whom, and the way out."""
 
-    check: str  # the title of the check that found it
     model: str  # the published view or model concerned, ``marts.missions_v1``
-    message: str  # a full sentence naming the column and the fix
+    message: str  # a full sentence naming the view or model, the column and the fix
     column: str | None = None
+    check: str = ""  # the title of the check that found it (filled in by run_checks)
 
 
 @dataclass
@@ -83,7 +84,10 @@ def gate_input(context: Any, project: Path | None = None, forward_only: set[str]
 
 def run_checks(gate: GateInput, checks: list[Check] | None = None) -> dict[str, list[Violation]]:
     """Every check's violations, by check title (in the order of :data:`CHECKS`)."""
-    return {check.title: check.run(gate) for check in (CHECKS if checks is None else checks)}
+    found = {}
+    for check in CHECKS if checks is None else checks:
+        found[check.title] = [replace(v, check=v.check or check.title) for v in check.run(gate)]
+    return found
 
 
 def enforce(context: Any, project: Path | None = None) -> None:

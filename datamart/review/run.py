@@ -382,8 +382,11 @@ def review_command(
     output.write_text(report)
     sys.stdout.write(report)
     verdict = "passes" if result.passed else "REFUSED"
+    shown = output.resolve()
+    if shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
     print(
-        f"review: {result.environment} {verdict} in {result.elapsed:.1f}s; report written to {output}", file=sys.stderr
+        f"review: {result.environment} {verdict} in {result.elapsed:.1f}s; report written to {shown}", file=sys.stderr
     )
     for violation in result.violations:
         print(f"error: {violation.message}", file=sys.stderr)
