@@ -44,7 +44,7 @@ def apply_prod(warehouse: Warehouse, project: Path | None = None) -> TransformRu
     """
     started = time.monotonic()
     context = sqlmesh_context(warehouse, project)
-    enforce(context, project)
+    enforce(context, project, warehouse)
     result = TransformRun()
     prod = context.state_reader.get_environment("prod")
     plan = context.plan("prod", auto_apply=True, no_prompts=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datamart.review import contract
-from datamart.settings import PROJECT_ROOT
+from datamart.settings import PROJECT_ROOT, Warehouse
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class GateInput:
     prod_snapshots: dict[str, Any] = field(default_factory=dict)  # prod's snapshot of each model, by model fqn
     forward_only: set[str] = field(default_factory=set)  # fqns of models whose change is applied forward-only
     project: Path = PROJECT_ROOT
+    warehouse: Warehouse | None = None  # the warehouse prod lives in, for checks that query it
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,19 @@ def prod_snapshots(context: Any) -> dict[str, Any]:
     return {s.name: s for s in snapshots.values() if s.is_model}
 
 
-def gate_input(context: Any, project: Path | None = None, forward_only: set[str] | None = None) -> GateInput:
+def gate_input(
+    context: Any,
+    project: Path | None = None,
+    forward_only: set[str] | None = None,
+    warehouse: Warehouse | None = None,
+) -> GateInput:
     """The input of every check for ``context`` against the prod environment recorded in its state."""
     return GateInput(
         context=context,
         prod_snapshots=prod_snapshots(context),
         forward_only=forward_only or set(),
         project=project or PROJECT_ROOT,
+        warehouse=warehouse,
     )
 
 
@@ -90,8 +97,8 @@ def run_checks(gate: GateInput, checks: list[Check] | None = None) -> dict[str, 
     return found
 
 
-def enforce(context: Any, project: Path | None = None) -> None:
+def enforce(context: Any, project: Path | None = None, warehouse: Warehouse | None = None) -> None:
     """Raise :class:`GateError` when any check refuses the project ``context`` would promote (promotion's guard)."""
-    violations = [v for found in run_checks(gate_input(context, project)).values() for v in found]
+    violations = [v for found in run_checks(gate_input(context, project, warehouse=warehouse)).values() for v in found]
     if violations:
         raise GateError(violations)

@@ -168,7 +168,7 @@ def _audits(result: ReviewResult) -> list[str]:
         lines += [f"❌ Building `{result.environment}` failed (failed audits: {failed}):", "", "```"]
         return lines + [result.build_error.strip(), "```", ""]
     if not result.audits:
-        return lines + ["No model was built.", ""]
+        return lines + ["No model needed building (the branch reuses tables already built and audited).", ""]
     total = sum(len(audits) for _, audits in result.audits)
     lines += [f"✅ {total} audits passed on the {len(result.audits)} model(s) built:", ""]
     lines += [f"- `{model}`: {', '.join(audits) or 'none'}" for model, audits in result.audits]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datamart.review.contract import is_published, short_name
-from datamart.review.gate import CHECKS, GateInput, Violation, prod_snapshots, run_checks
+from datamart.review.gate import CHECKS, Violation, gate_input, run_checks
 from datamart.settings import DATA_DIR, PROJECT_ROOT, Warehouse
 
 DEFAULT_OUTPUT = DATA_DIR / "review" / "review.md"
@@ -162,7 +162,7 @@ def run_review(
     result.changes = _changed_models(context, diff, forward)
     result.lineage_nodes, result.lineage_edges = _lineage(context, result.changes)
 
-    gate = GateInput(context=context, prod_snapshots=prod_snapshots(context), forward_only=forward, project=project)
+    gate = gate_input(context, project, forward, warehouse)
     found = run_checks(gate)
     for check in CHECKS:
         details = check.details(gate) if check.details else ""
