@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install run verify test demo-advance plan promote sqlmesh external-models privacy-check privacy-register lint format clean
+.PHONY: help install run verify test demo-advance plan review promote sqlmesh external-models privacy-check privacy-register lint format clean
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,7 +35,10 @@ demo-advance: $(STAMP) ## Move the demo source one day forward (inserts, updates
 plan: $(STAMP) ## Build the changed models in a virtual environment (prod untouched): make plan ENV=dev
 	$(BIN)/python -m datamart sqlmesh plan $(ENV) --auto-apply --no-prompts --include-unmodified
 
-promote: $(STAMP) ## Apply the models to prod (tests, audits, then views swapped) and re-apply Metabase's grants
+review: $(STAMP) ## Pull-request review against prod: build in pr_<branch>, report in data/review/review.md, fail on a broken contract
+	$(BIN)/python -m datamart review $(if $(PR_ENV),--env $(PR_ENV))
+
+promote: $(STAMP) ## Contract check, then the models to prod (tests, audits, views swapped) and Metabase's grants
 	$(BIN)/python -m datamart promote
 
 sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse, e.g. make sqlmesh ARGS="plan dev"

@@ -1,10 +1,11 @@
-"""Command line: ``python -m datamart run|promote|query|env|privacy|sqlmesh``."""
+"""Command line: ``python -m datamart run|promote|review|query|env|privacy|sqlmesh``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import psycopg2
 from sqlmesh.utils.errors import SQLMeshError
@@ -12,6 +13,7 @@ from sqlmesh.utils.errors import SQLMeshError
 from datamart.ingest.declarations import DeclarationError
 from datamart.ingest.runner import root_cause
 from datamart.redact import redact
+from datamart.review.gate import GateError
 from datamart.settings import (
     PROJECT_ROOT,
     TARGETS,
@@ -29,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="load every pipeline, then build and promote the datamart to prod")
     run.add_argument("--demo", action="store_true", help="generate the demo source and a local key if missing")
     commands.add_parser("promote", help="apply the models to prod (audits, views swapped) and Metabase's grants")
+    review = commands.add_parser("review", help="build this branch beside prod and write the pull-request report")
+    review.add_argument("--env", help="SQLMesh environment to build the branch in (default: pr_<git branch>)")
+    review.add_argument("--project", type=Path, help="SQLMesh project folder to review (default: this repository)")
+    review.add_argument(
+        "--output", type=Path, help="where to write the Markdown report (default: data/review/review.md)"
+    )
+    review.add_argument("--forward-only", action="store_true", help="plan the change as forward-only, as prod would")
     query = commands.add_parser("query", help="run one SQL query on the selected warehouse and print the rows")
     query.add_argument("sql")
     commands.add_parser("env", help="print the DATAMART_* variables SQLMesh's config.yaml reads (no password)")
@@ -58,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Published views (what Metabase reads): {', '.join(result.published_views)}")
             if result.grants is not None:
                 print(result.grants.format())
+        elif args.command == "review":
+            from datamart.review.run import review_command
+
+            return review_command(warehouse, args.env, args.project, args.output, args.forward_only)
         elif args.command == "query":
             print_rows(warehouse.query(args.sql))
         elif args.command == "privacy":
@@ -73,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             from sqlmesh.cli.main import cli
 
             return int(cli.main(args=args.args, prog_name="sqlmesh", standalone_mode=False) or 0)
+    except GateError as exc:
+        print(f"error: {exc}\nRun `make review` for the full report.", file=sys.stderr)
+        return 1
     except (SettingsError, DeclarationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

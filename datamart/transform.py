@@ -9,6 +9,7 @@ from typing import Any
 
 from datamart.grants import GrantReport, apply_metabase_grants
 from datamart.ingest.ops import ensure_ops_tables
+from datamart.review.gate import enforce
 from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, quote_identifier
 
 
@@ -24,15 +25,18 @@ class TransformRun:
 
 
 def sqlmesh_context(warehouse: Warehouse, project: Path | None = None, **kwargs: Any) -> Any:
-    """A SQLMesh Context on this project, connected to ``warehouse`` through config.yaml's environment variables."""
+    """A SQLMesh Context on this project (or a copy of it at ``project``), connected to ``warehouse``."""
     warehouse.export_for_sqlmesh()
     from sqlmesh import Context
 
     return Context(paths=[str(project or PROJECT_ROOT)], **kwargs)
 
 
-def apply_prod(warehouse: Warehouse) -> TransformRun:
+def apply_prod(warehouse: Warehouse, project: Path | None = None) -> TransformRun:
     """Apply model changes to prod, then rebuild what reads raw data loaded since prod was last built.
+
+    First the review gate (``datamart.review.gate.CHECKS``, the contract of the published views) runs against what
+    prod serves: a refused change raises ``GateError`` before anything is planned, and prod is not touched.
 
     A prod plan rebuilds only changed models. Data loaded by dlt since the last prod plan (by this command or by
     ``dlt pipeline <name> run`` alone) is found in each raw dataset's ``_dlt_loads`` table; the external models of
@@ -41,7 +45,8 @@ def apply_prod(warehouse: Warehouse) -> TransformRun:
     """
     started = time.monotonic()
     ensure_ops_tables(warehouse)  # marts.data_freshness_v1 reads them, even before any pipeline ran
-    context = sqlmesh_context(warehouse)
+    context = sqlmesh_context(warehouse, project)
+    enforce(context, project, warehouse)
     result = TransformRun()
     prod = context.state_reader.get_environment("prod")
     plan = context.plan("prod", auto_apply=True, no_prompts=True)

@@ -1,0 +1,44 @@
+"""What a gate check receives and returns; a module of its own so that checks import it without a cycle.
+
+A check module (``datamart/review/contract.py``, ``datamart/privacy/lineage.py``) imports :class:`GateInput` and
+:class:`Violation` from here; ``datamart/review/gate.py`` imports the checks into its ``CHECKS`` list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datamart.settings import PROJECT_ROOT, Warehouse
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One reason to refuse a change: what it breaks, for whom, and the way out."""
+
+    model: str  # the published view or model concerned, ``marts.missions_v1``
+    message: str  # a full sentence naming the view or model, the column and the fix
+    column: str | None = None
+    check: str = ""  # the title of the check that found it (filled in by run_checks)
+
+
+@dataclass
+class GateInput:
+    """What a check may look at: the project as it would be promoted, and what prod serves today."""
+
+    context: Any  # a SQLMesh Context on the project (the branch under review, or the one being promoted)
+    prod_snapshots: dict[str, Any] = field(default_factory=dict)  # prod's snapshot of each model, by model fqn
+    forward_only: set[str] = field(default_factory=set)  # fqns of models whose change is applied forward-only
+    project: Path = PROJECT_ROOT
+    warehouse: Warehouse | None = None  # the warehouse prod lives in, for checks that query it
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named check: ``run`` returns its violations; ``details`` (optional) renders Markdown for the report."""
+
+    title: str
+    run: Callable[[GateInput], list[Violation]]
+    details: Callable[[GateInput], str] | None = None
