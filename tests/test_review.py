@@ -31,6 +31,25 @@ pytestmark = pytest.mark.slow
 
 MISSIONS = "models/marts/missions_v1.sql"
 CONTRACT = "## Contract of the published views"
+PERSONAL_MART = "models/marts/volunteer_keys_v1.sql"
+VOLUNTEER_KEYS_MART = """MODEL (
+  name marts.volunteer_keys_v1,
+  kind VIEW,
+  audits (
+    not_null(columns := (volunteer_id))
+  ),
+  description 'One row per volunteer (a pull request that should be refused).',
+  column_descriptions (
+    volunteer_id = 'Identifier of the volunteer.',
+    department = 'Department of the volunteer.'
+  )
+);
+
+SELECT
+  volunteer_id,
+  department
+FROM staging.stg_app_db__volunteers
+"""
 
 
 @dataclass
@@ -138,6 +157,8 @@ def _branch(prod: Prod, case: str) -> Path:
         shutil.copy(project / MISSIONS, project / v2)
         _edit(project, v2, "name marts.missions_v1,", "name marts.missions_v2,")
         _drop_organization_kind(project, v2)
+    elif case == "personal":  # a published view of volunteers' keys: pseudonymous, still personal data
+        (project / PERSONAL_MART).write_text(VOLUNTEER_KEYS_MART)
     elif case == "staging":
         model = "models/staging/app_db/stg_app_db__organizations.sql"
         _edit(project, model, "TRIM(name) AS organization_name", "UPPER(TRIM(name)) AS organization_name")
@@ -290,6 +311,8 @@ def test_report_structure(prod: Prod) -> None:
         "```mermaid",
         "## Contract of the published views",
         "| published view | against prod | column changes |",
+        "## Personal data",
+        "| published column | personal source column | verdict |",
         "## Data diff against prod",
         "### `marts.missions_v1`",
         "| rows in prod | rows in branch | only in prod | only in branch | identical | changed values |",
@@ -326,6 +349,22 @@ def test_promotion_refuses_what_review_refuses_and_prod_is_untouched(prod: Prod)
         apply_prod(prod.warehouse, project)
     assert _checksum(prod, "marts.missions_v1") == before
     assert _prod_fingerprints(prod) == fingerprints
+
+
+def test_a_published_personal_column_is_refused_by_review_and_promotion(prod: Prod) -> None:
+    """The privacy lineage check is part of the gate: the report names it, and promotion refuses it."""
+    code, report = _review(prod, "personal")
+    assert code == 1
+    section = _section(report, "## Personal data")
+    assert "`marts.volunteer_keys_v1.volunteer_id` | `app_db.volunteers.id` | **refused**" in section
+    assert "`marts.volunteer_activity_v1.birth_decade` | `app_db.volunteers.birth_date` | allowed: declared" in section
+    with pytest.raises(GateError, match=r"\[Personal data\] marts\.volunteer_keys_v1\.volunteer_id derives from"):
+        apply_prod(prod.warehouse, _branch(prod, "personal"))
+    assert "marts.volunteer_keys_v1" not in {row[0] for row in prod.query(_published_views_sql())}
+
+
+def _published_views_sql() -> str:
+    return "SELECT table_schema || '.' || table_name FROM information_schema.tables WHERE table_schema = 'marts'"
 
 
 def _workflow(name: str) -> dict[str, object]:

@@ -29,6 +29,7 @@ from sqlglot import exp
 
 from datamart.ingest.declarations import PipelineDecl, load_all
 from datamart.ingest.personal import year_column
+from datamart.review.base import GateInput, Violation
 from datamart.settings import PUBLISHED_SCHEMA
 
 ALLOW_TAG_PREFIX = "personal:"
@@ -278,3 +279,25 @@ def dropped_columns_loaded(context: Any, personal: list[PersonalColumn] | None =
 def violations(findings: list[LineageFinding]) -> list[LineageFinding]:
     """The findings that are not allowed."""
     return [f for f in findings if not f.allowed]
+
+
+def check_personal_data(gate: GateInput) -> list[Violation]:
+    """The review gate's "Personal data" check: every published use of personal data that is not allowed."""
+    refused = [
+        Violation(model=f.model, message=f.message, column=f.column)
+        for f in violations(check_published_lineage(gate.context))
+    ]
+    leaks = [Violation(model=leak.split(":")[0], message=leak) for leak in dropped_columns_loaded(gate.context)]
+    return refused + leaks
+
+
+def describe_personal_data(gate: GateInput) -> str:
+    """Markdown for the review report: each published column deriving from personal data, and why it is allowed."""
+    findings = check_published_lineage(gate.context)
+    if not findings:
+        return "No published column derives from a personal source column."
+    rows = ["| published column | personal source column | verdict |", "|---|---|---|"]
+    for f in findings:
+        verdict = "allowed: only counted" if f.allowed and "only counted" in f.message else "allowed: declared"
+        rows.append(f"| `{f.model}.{f.column}` | `{f.source_column}` | {verdict if f.allowed else '**refused**'} |")
+    return "\n".join(rows)

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from datamart.privacy import lineage
 from datamart.review import contract
 from datamart.review.base import Check, GateInput, Violation
 from datamart.settings import PROJECT_ROOT, Warehouse
@@ -23,6 +24,7 @@ __all__ = ["CHECKS", "Check", "GateError", "GateInput", "Violation", "enforce", 
 
 CHECKS: list[Check] = [
     Check(contract.TITLE, contract.check_published_contract, contract.describe_published_columns),
+    Check("Personal data", lineage.check_personal_data, lineage.describe_personal_data),
 ]
 
 
