@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test demo-advance plan promote sqlmesh external-models lint format clean
+.PHONY: help install run scheduled test demo-advance plan promote sqlmesh external-models lint format clean \
+	airflow-venv metabase-backup metabase-restore
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,6 +22,9 @@ install: $(STAMP) ## Create .venv and install the project with its test tools
 
 run: $(STAMP) ## Whole job on the default warehouse: demo data if missing, every pipeline, SQLMesh prod plan
 	$(BIN)/python -m datamart run --demo
+
+scheduled: $(STAMP) ## The scheduled job (cron, CronJob, Airflow): every pipeline, SQLMesh run of prod, alert on failure
+	$(BIN)/python -m datamart scheduled
 
 test: $(STAMP) ## Run the tests (DuckDB and a throwaway PostgreSQL started by the tests)
 	scripts/ensure-postgres.sh

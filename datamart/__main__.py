@@ -1,4 +1,4 @@
-"""Command line: ``python -m datamart run|sqlmesh|env``."""
+"""Command line: ``python -m datamart run|scheduled|promote|query|sqlmesh|env``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from sqlmesh.utils.errors import SQLMeshError
 
+from datamart.environments import check_environment
 from datamart.ingest.declarations import DeclarationError
 from datamart.settings import (
     PROJECT_ROOT,
@@ -25,6 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="load every pipeline, then build and promote the datamart to prod")
     run.add_argument("--demo", action="store_true", help="generate the demo source and a local key if missing")
+    scheduled = commands.add_parser(
+        "scheduled", help="the scheduled job: every pipeline, SQLMesh run of prod (no promotion); alerts on failure"
+    )
+    scheduled.add_argument("--only", action="append", metavar="STEP", help="run only this step (repeatable)")
+    scheduled.add_argument("--skip", action="append", metavar="STEP", help="leave this step out (repeatable)")
+    scheduled.add_argument("--retries", type=int, default=3, help="attempts per pipeline on transient errors")
+    scheduled.add_argument(
+        "--execution-time", help="SQLMesh's 'now' for the run, to catch up missed days (default: the clock)"
+    )
     commands.add_parser("promote", help="apply the models to prod (audits, views swapped) and Metabase's grants")
     query = commands.add_parser("query", help="run one SQL query on the selected warehouse and print the rows")
     query.add_argument("sql")
@@ -34,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configure_environment()
+    if args.command == "scheduled":
+        return _scheduled(args)
     try:
         warehouse = resolve_warehouse(args.target)
+        if args.command != "env":
+            check_environment(warehouse)
         if args.command == "run":
             from datamart.flow import run_flow
 
@@ -73,6 +87,34 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _scheduled(args: argparse.Namespace) -> int:
+    """``python -m datamart scheduled``: exit 0 ok, 1 a step failed, 2 bad input; the summary on stdout."""
+    from datamart import scheduled
+
+    environment = os.environ.get("DATAMART_ENV") or "dev"
+    try:
+        names = scheduled.step_names()
+        unknown = [n for n in (args.only or []) + (args.skip or []) if n not in names]
+        if unknown:
+            raise SettingsError(f"unknown step(s) {', '.join(unknown)}; the steps are {', '.join(names)}")
+        steps = [
+            s for s in scheduled.STEPS if s.__name__ in (args.only or names) and s.__name__ not in (args.skip or [])
+        ]
+        warehouse = resolve_warehouse(args.target)
+        environment = warehouse.environment
+        check_environment(warehouse)
+        run = scheduled.run_scheduled(
+            warehouse, steps, attempts=max(1, args.retries), execution_time=args.execution_time
+        )
+    except (SettingsError, DeclarationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"result: FAILED before any step, {scheduled.send_input_alert(environment, exc)}", file=sys.stderr)
+        return 2
+    scheduled.send_alert(run)
+    print(scheduled.summary(run))
+    return 1 if run.failures else 0
 
 
 def print_rows(rows: list[tuple[object, ...]]) -> None:
