@@ -55,5 +55,22 @@ format: $(STAMP) ## Format Python (ruff) and SQL models (sqlmesh format)
 	$(BIN)/ruff format datamart tests
 	$(BIN)/python -m datamart sqlmesh format
 
+# The URL reaches the command through the environment: make never echoes its password.
+metabase-backup metabase-restore: export METABASE_DB_URL := $(METABASE_DB_URL)
+
+metabase-backup: $(STAMP) ## Dump Metabase's own database: make metabase-backup METABASE_DB_URL=postgresql://… [FILE=…]
+	$(BIN)/python -m datamart.metabase_backup backup $(if $(FILE),--file "$(FILE)")
+
+metabase-restore: $(STAMP) ## Restore it into an empty instance (FORCE=1 wipes a non-empty one): METABASE_DB_URL=… FILE=…
+	$(BIN)/python -m datamart.metabase_backup restore --file "$(FILE)" $(if $(filter 1 yes true,$(FORCE)),--force)
+
+airflow-venv: .cache/airflow-venv/.installed ## Apache Airflow in its own venv (.cache/airflow-venv), for the DAG and its test
+
+.cache/airflow-venv/.installed: dags/requirements-airflow.txt
+	test -x .cache/airflow-venv/bin/python || $(PYTHON) -m venv .cache/airflow-venv
+	.cache/airflow-venv/bin/python -m pip install --quiet --upgrade pip
+	.cache/airflow-venv/bin/python -m pip install --quiet -r dags/requirements-airflow.txt
+	touch $@
+
 clean: ## Remove local data (demo source, bucket, warehouse, dlt working dirs) and caches
 	rm -rf data .cache logs .pytest_cache
