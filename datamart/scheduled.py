@@ -39,6 +39,7 @@ class StepResult:
     error: str | None = None
     command: str | None = None  # what to run after fixing the cause
     skipped: bool = False
+    notes: list[str] = field(default_factory=list)  # printed under the line
 
     @property
     def label(self) -> str:
@@ -130,11 +131,11 @@ def sqlmesh_run(run: ScheduledRun) -> list[StepResult]:
     status = context.run("prod", execution_time=run.execution_time)
     notes = []
     if differ:
-        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
-        notes.append(
-            f"the project differs from prod ({shown}): NOT promoted — prod ran its own versions; "
-            "`make promote` applies the project (normally after the pull request is merged)"
-        )
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        notes = [
+            f"the project differs from prod ({shown}): NOT promoted, prod ran its own versions;",
+            "`make promote` applies the project (normally once the pull request is merged)",
+        ]
     if status.is_failure:
         return [
             StepResult(
@@ -142,11 +143,11 @@ def sqlmesh_run(run: ScheduledRun) -> list[StepResult]:
                 False,
                 error="SQLMesh's run of prod failed (the model and error are in the log above)",
                 command='fix the model or the data, then `make sqlmesh ARGS="run prod"` or the scheduled run again',
-                detail="; ".join(notes),
+                notes=notes,
             )
         ]
     done = "nothing was due" if status.is_nothing_to_do else "prod's due intervals processed"
-    return [StepResult("sqlmesh_run", True, "; ".join([done, *notes]))]
+    return [StepResult("sqlmesh_run", True, done, notes=notes)]
 
 
 # The scheduled run, in order. Reconciliation (datamart/ingest/verify.py) is added here as one more step.
@@ -205,8 +206,7 @@ def summary(run: ScheduledRun) -> str:
         lines.append(f"  {status:<8}{result.label:<24}{text}")
         if not result.ok and not result.skipped and result.command:
             lines.append(f"  {'':<8}{'':<24}what to run: {result.command}")
-        if not result.ok and not result.skipped and result.detail:
-            lines.append(f"  {'':<8}{'':<24}{result.detail}")
+        lines += [f"  {'':<8}{'':<24}{note}" for note in result.notes]
     if run.loads:
         lines += ["", format_loads(run.loads)]
     lines += ["", f"result: {'FAILED' if failed else 'ok'}" + (f", {run.alert}" if run.alert else "")]
