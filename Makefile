@@ -46,13 +46,13 @@ external-models: $(STAMP) ## Regenerate external_models.yaml from the dlt pipeli
 	$(BIN)/python -m datamart.external_models
 
 lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
-	$(BIN)/ruff check datamart tests
-	$(BIN)/ruff format --check datamart tests
+	$(BIN)/ruff check datamart tests dags
+	$(BIN)/ruff format --check datamart tests dags
 	$(BIN)/python -m datamart sqlmesh lint
 	$(BIN)/python -m datamart sqlmesh format --check
 
 format: $(STAMP) ## Format Python (ruff) and SQL models (sqlmesh format)
-	$(BIN)/ruff format datamart tests
+	$(BIN)/ruff format datamart tests dags
 	$(BIN)/python -m datamart sqlmesh format
 
 # The URL reaches the command through the environment: make never echoes its password.

@@ -1,10 +1,11 @@
 """Airflow DAG ``datamart``: one task per declared pipeline (pipelines/*.yaml), then the SQLMesh run of prod.
 
 The tasks are generated from the declarations when the DAG file is parsed: a new pipeline needs no edit here. Each
-task runs a command of the project in the project's own virtualenv (Airflow and the project never share one):
-``dlt pipeline <name> run`` per pipeline, then ``python -m datamart scheduled --skip pipelines`` (the SQLMesh run of
-prod's due intervals and every later step of ``make scheduled``, never a promotion). Each task has its own retries
-and its own log in Airflow.
+task runs ``make scheduled``'s command in the project's own virtualenv (Airflow and the project never share one):
+``python -m datamart scheduled --only pipelines --pipeline <name>`` per pipeline (what ``dlt pipeline <name> run``
+does, with its retries, plus the summary and the alert), then ``python -m datamart scheduled --skip pipelines`` (the
+SQLMesh run of prod's due intervals and every later step, never a promotion). Each task has its own retries and its
+own log in Airflow; the webhook alert is posted by a task's last try only.
 
 Settings (environment variable, else Airflow Variable, else the default):
 - ``DATAMART_PROJECT_DIR`` / Variable ``datamart_project_dir``: the project checkout (default: this file's parent's
@@ -30,6 +31,8 @@ from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 
 DAG_ID = "datamart"
+# Airflow retries a failed task: only its last try posts the webhook alert (rendered by Airflow at run time)
+LAST_TRY_ALERT = "{{ '' if ti.try_number > ti.max_tries else ' --no-alert' }}"
 
 
 def setting(name: str, default: str) -> str:
@@ -67,20 +70,28 @@ with DAG(
     max_active_runs=1,
     # DuckDB has one writer at a time: pipelines in turn; PostgreSQL: in parallel
     max_active_tasks=1 if os.environ.get("DATAMART_TARGET", "duckdb") == "duckdb" else 8,
-    default_args={"retries": int(setting("DATAMART_TASK_RETRIES", "2")), "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True},
+    default_args={
+        "retries": int(setting("DATAMART_TASK_RETRIES", "2")),
+        "retry_delay": timedelta(minutes=5),
+        "retry_exponential_backoff": True,
+    },
     tags=["datamart"],
 ) as dag:
+    python = shlex.quote(str(VENV / "bin" / "python"))
     sqlmesh_run = BashOperator(
         task_id="sqlmesh_run",
-        bash_command=f"{shlex.quote(str(VENV / 'bin' / 'python'))} -m datamart scheduled --skip pipelines",
+        bash_command=f"{python} -m datamart scheduled --skip pipelines" + LAST_TRY_ALERT,
         cwd=str(PROJECT_DIR),
         doc_md="SQLMesh's run of prod's due intervals and the later steps of `make scheduled` (no promotion).",
     )
     for name in declared_pipelines():
         load = BashOperator(
             task_id=f"pipeline_{name}",
-            bash_command=f"{shlex.quote(str(VENV / 'bin' / 'dlt'))} pipeline {shlex.quote(name)} run",
+            # the scheduled entry point for this one pipeline: dlt pipeline <name> run's retries on lost connections,
+            # the summary in the task's log, and the webhook alert on the task's last try only
+            bash_command=f"{python} -m datamart scheduled --only pipelines --pipeline {shlex.quote(name)}"
+            + LAST_TRY_ALERT,
             cwd=str(PROJECT_DIR),
-            doc_md=f"`dlt pipeline {name} run`: pipelines/{name}.yaml into the warehouse, retries on lost connections.",
+            doc_md=f"pipelines/{name}.yaml into the warehouse (as `dlt pipeline {name} run`), then a summary.",
         )
         load >> sqlmesh_run

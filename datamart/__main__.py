@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduled.add_argument("--only", action="append", metavar="STEP", help="run only this step (repeatable)")
     scheduled.add_argument("--skip", action="append", metavar="STEP", help="leave this step out (repeatable)")
     scheduled.add_argument("--retries", type=int, default=3, help="attempts per pipeline on transient errors")
+    scheduled.add_argument("--pipeline", action="append", metavar="NAME", help="only this pipeline (repeatable)")
+    scheduled.add_argument("--no-alert", action="store_true", help="do not post the alert (e.g. a try to be retried)")
     scheduled.add_argument(
         "--execution-time", help="SQLMesh's 'now' for the run, to catch up missed days (default: the clock)"
     )
@@ -106,13 +108,21 @@ def _scheduled(args: argparse.Namespace) -> int:
         environment = warehouse.environment
         check_environment(warehouse)
         run = scheduled.run_scheduled(
-            warehouse, steps, attempts=max(1, args.retries), execution_time=args.execution_time
+            warehouse,
+            steps,
+            attempts=max(1, args.retries),
+            execution_time=args.execution_time,
+            pipeline_names=args.pipeline,
         )
     except (SettingsError, DeclarationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        print(f"result: FAILED before any step, {scheduled.send_input_alert(environment, exc)}", file=sys.stderr)
+        sent = "alert not posted (--no-alert)" if args.no_alert else scheduled.send_input_alert(environment, exc)
+        print(f"result: FAILED before any step, {sent}", file=sys.stderr)
         return 2
-    scheduled.send_alert(run)
+    if args.no_alert:
+        run.alert = "alert not posted (--no-alert)" if run.failures else ""
+    else:
+        scheduled.send_alert(run)
     print(scheduled.summary(run))
     return 1 if run.failures else 0
 

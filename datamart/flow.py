@@ -101,15 +101,17 @@ def run_pipelines(
     attempts: int = 3,
     backoff: float = 2.0,
     keep_going: bool = True,
+    names: list[str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> tuple[list[PipelineRun], list[PipelineFailure]]:
     """Every declared pipeline, each with ``dlt pipeline <name> run``'s retries and backoff on transient errors.
 
     ``keep_going``: a failed pipeline does not stop the next ones (scheduled runs); otherwise stop at the first.
-    The one loop shared by ``make run`` and ``make scheduled``.
+    ``names``: only these pipelines (an unknown name raises DeclarationError). The one loop shared by ``make run``
+    and ``make scheduled``.
     """
-    declarations = load_all()
+    declarations = [load_named(n) for n in names] if names else load_all()
     runs: list[PipelineRun] = []
     failures: list[PipelineFailure] = []
     for number, decl in enumerate(declarations, 1):

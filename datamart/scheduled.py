@@ -22,7 +22,7 @@ from typing import TextIO
 
 from datamart.alerts import AlertError, post_alert, redact, webhook_url
 from datamart.flow import run_pipelines
-from datamart.ingest.declarations import DeclarationError, load_all
+from datamart.ingest.declarations import DeclarationError, load_all, load_named
 from datamart.ingest.runner import PipelineRun, format_loads, is_transient, root_cause
 from datamart.settings import SettingsError, Warehouse
 
@@ -58,6 +58,7 @@ class ScheduledRun:
     out: TextIO = sys.stdout
     err: TextIO = sys.stderr
     execution_time: str | None = None  # SQLMesh's "now" (catch up a missed day); None: the clock
+    pipeline_names: list[str] | None = None  # only these pipelines (an Airflow task per pipeline); None: all
     results: list[StepResult] = field(default_factory=list)
     loads: list[PipelineRun] = field(default_factory=list)
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -81,10 +82,12 @@ def pipelines(run: ScheduledRun) -> list[StepResult]:
         attempts=run.attempts,
         backoff=run.backoff,
         keep_going=True,
+        names=run.pipeline_names,
         out=run.out,
         err=run.err,
     )
     run.loads.extend(loads)
+    order = {name: number for number, name in enumerate(run.pipeline_names or [d.name for d in load_all()])}
     results = [
         StepResult(
             "pipelines",
@@ -107,7 +110,7 @@ def pipelines(run: ScheduledRun) -> list[StepResult]:
                 command=f"{hint} `dlt pipeline {name} run` (a failed load is never half-applied)",
             )
         )
-    return results
+    return sorted(results, key=lambda result: order.get(result.pipeline or "", len(order)))
 
 
 def sqlmesh_run(run: ScheduledRun) -> list[StepResult]:
@@ -166,13 +169,16 @@ def run_scheduled(
     attempts: int = 3,
     backoff: float = 2.0,
     execution_time: str | None = None,
+    pipeline_names: list[str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> ScheduledRun:
     """Run ``steps`` (default :data:`STEPS`) in order; a step runs only if every earlier one succeeded."""
     monotonic = time.monotonic()
-    run = ScheduledRun(warehouse, pipelines_dir, attempts, backoff, out, err, execution_time)
+    run = ScheduledRun(warehouse, pipelines_dir, attempts, backoff, out, err, execution_time, pipeline_names)
     load_all()  # every declaration is valid before anything runs (DeclarationError: bad input)
+    for name in pipeline_names or []:
+        load_named(name)
     for step in STEPS if steps is None else steps:
         name = step.__name__
         if run.failures:

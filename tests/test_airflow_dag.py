@@ -7,12 +7,15 @@ skip, except under ``CI=true`` where that is a failure.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,16 +113,14 @@ def test_dag_has_one_task_per_declaration(airflow_python: Path, tmp_path: Path) 
         [str(airflow_python), "-c", script], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    import json
-
     tasks = json.loads(result.stdout.strip().splitlines()[-1])
     venv = env["DATAMART_VENV"]
     assert set(tasks) == {"pipeline_app_db", "pipeline_bucket", "pipeline_partner_api", "sqlmesh_run"}
     for name in ("app_db", "bucket", "partner_api"):
         downstream, retries, command, cwd = tasks[f"pipeline_{name}"]
         assert downstream == ["sqlmesh_run"] and retries == 3 and cwd == str(project)
-        assert command == f"{venv}/bin/dlt pipeline {name} run"
-    assert tasks["sqlmesh_run"][2] == f"{venv}/bin/python -m datamart scheduled --skip pipelines"
+        assert command.startswith(f"{venv}/bin/python -m datamart scheduled --only pipelines --pipeline {name}{{{{")
+    assert tasks["sqlmesh_run"][2].startswith(f"{venv}/bin/python -m datamart scheduled --skip pipelines{{{{")
 
 
 def test_airflow_runs_the_dag_end_to_end_on_the_duckdb_demo(
@@ -147,13 +148,42 @@ def test_airflow_runs_the_dag_end_to_end_on_the_duckdb_demo(
         assert conn.execute("SELECT count(*) FROM raw_app_db.stats_events").fetchone()[0] == events
 
 
-def test_a_failed_pipeline_task_fails_the_dag_run(airflow_python: Path, airflow: tuple[dict[str, str], Path]) -> None:
+def test_a_failed_pipeline_task_fails_the_dag_run_and_alerts(
+    airflow_python: Path, airflow: tuple[dict[str, str], Path]
+) -> None:
+    received: list[bytes] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     env, tmp = airflow
     (tmp / "empty.sqlite").touch()
-    broken = dict(env, SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{tmp / 'empty.sqlite'}")
-    result = _dags_test(airflow_python, broken)
+    broken = dict(
+        env,
+        SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{tmp / 'empty.sqlite'}",
+        DATAMART__ALERT_WEBHOOK_URL=f"http://127.0.0.1:{server.server_address[1]}/hooks/TokAirflowTest0123456789",
+    )
+    try:
+        result = _dags_test(airflow_python, broken)
+    finally:
+        server.shutdown()
+        server.server_close()
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "error: pipeline 'app_db' failed: NoSuchTableError: organizations" in log
     assert re.search(r"DagRun Finished: dag_id=datamart.*state=failed", log)
     assert "starting task_id=sqlmesh_run" not in log, "the SQLMesh run waits for every pipeline"
+    # the task's last try (no retries here) posted the alert: pipeline, step, error, what to run
+    assert len(received) == 1, log[-3000:]
+    text = json.loads(received[0])["text"]
+    assert "- pipeline app_db, step pipelines: NoSuchTableError: organizations" in text
+    assert "what to run: fix the cause, then `dlt pipeline app_db run`" in text
+    assert "TokAirflowTest0123456789" not in text and "airflow-test-key" not in text
