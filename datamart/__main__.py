@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def _scheduled(args: argparse.Namespace) -> int:
     """``python -m datamart scheduled``: exit 0 ok, 1 a step failed, 2 bad input; the summary on stdout."""
     from datamart import scheduled
+    from datamart.alerts import redact
 
     environment = os.environ.get("DATAMART_ENV") or "dev"
     try:
@@ -106,16 +107,22 @@ def _scheduled(args: argparse.Namespace) -> int:
         ]
         warehouse = resolve_warehouse(args.target)
         environment = warehouse.environment
-        check_environment(warehouse)
-        run = scheduled.run_scheduled(
-            warehouse,
-            steps,
-            attempts=max(1, args.retries),
-            execution_time=args.execution_time,
-            pipeline_names=args.pipeline,
-        )
+        try:
+            check_environment(warehouse)
+        except SettingsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the warehouse is unreachable: a failed run, alerted like the others
+            run = scheduled.warehouse_unreachable(warehouse, exc)
+        else:
+            run = scheduled.run_scheduled(
+                warehouse,
+                steps,
+                attempts=max(1, args.retries),
+                execution_time=args.execution_time,
+                pipeline_names=args.pipeline,
+            )
     except (SettingsError, DeclarationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         sent = "alert not posted (--no-alert)" if args.no_alert else scheduled.send_input_alert(environment, exc)
         print(f"result: FAILED before any step, {sent}", file=sys.stderr)
         return 2

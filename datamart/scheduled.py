@@ -198,6 +198,23 @@ def run_scheduled(
     return run
 
 
+def warehouse_unreachable(warehouse: Warehouse, error: BaseException) -> ScheduledRun:
+    """The run that could not start because the warehouse did not answer: one failed line, every step not run."""
+    run = ScheduledRun(warehouse)
+    run.results.append(
+        StepResult(
+            "warehouse",
+            False,
+            error=root_cause(error),
+            command="check that the warehouse is up and reachable with these credentials, then `make scheduled`",
+        )
+    )
+    run.results += [
+        StepResult(step.__name__, False, "skipped: the warehouse did not answer", skipped=True) for step in STEPS
+    ]
+    return run
+
+
 def summary(run: ScheduledRun) -> str:
     """One screen for a cron log: environment, warehouse, one line per pipeline and step, the result."""
     failed = run.failures

@@ -475,3 +475,22 @@ def test_cronjob_and_image_run_exactly_make_scheduled() -> None:
         assert not re.search(r"PASSWORD|CREDENTIALS|KEY|TOKEN|WEBHOOK", variable["name"]) or "valueFrom" in variable
     names = {v["name"]: v.get("value") for v in container.get("env", [])}
     assert names.get("DATAMART_ENV") == "prod" and names.get("DATAMART_TARGET") == "postgres"
+
+
+def test_unreachable_warehouse_fails_the_run_and_alerts(webhook, tmp_path: Path) -> None:
+    url, requests = webhook
+    env = _base_env(tmp_path)
+    env.update(
+        DATAMART_TARGET="postgres",
+        DATAMART_ENV="prod",
+        DESTINATION__POSTGRES__CREDENTIALS="postgresql://loader:Wh-Down-Pa55@127.0.0.1:9/datamart",
+        DATAMART__ALERT_WEBHOOK_URL=url,
+    )
+    result = _run(env, "-m", "datamart", "scheduled", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^  FAILED +warehouse +OperationalError: .*Connection refused", result.stdout, re.M)
+    assert re.search(r"^  skipped +pipelines +skipped: the warehouse did not answer", result.stdout, re.M)
+    (request,) = requests
+    text = json.loads(request["body"])["text"]
+    assert text.startswith("datamart scheduled run FAILED (prod, PostgreSQL loader@127.0.0.1:9/datamart)")
+    assert "- step warehouse: OperationalError" in text and "Wh-Down-Pa55" not in request["body"]
