@@ -43,8 +43,11 @@ class StepResult:
 
     @property
     def label(self) -> str:
-        """``pipeline app_db`` or the step name."""
-        return f"pipeline {self.pipeline}" if self.pipeline else self.step.replace("_", " ")
+        """``pipeline app_db`` (the pipelines step), ``<step> app_db`` (another step, per pipeline) or the step."""
+        step = self.step.replace("_", " ")
+        if self.pipeline:
+            return f"pipeline {self.pipeline}" if self.step == "pipelines" else f"{step} {self.pipeline}"
+        return step
 
 
 @dataclass

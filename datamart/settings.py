@@ -182,6 +182,7 @@ def resolve_warehouse(target: str | None = None) -> Warehouse:
             creds.parse_native_representation(own)
         else:
             creds.update(dict(own))
+            creds.port = creds.port or 5432
         return Warehouse(target="postgres", pg=creds, environment=environment)
     try:
         creds = resolve_configuration(PostgresCredentials(), sections=("destination", "postgres", "credentials"))
