@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -234,9 +234,21 @@ def summary(run: ScheduledRun) -> str:
             lines.append(f"  {'':<8}{'':<24}what to run: {result.command}")
         lines += [f"  {'':<8}{'':<24}{note}" for note in result.notes]
     if run.loads:
-        lines += ["", format_loads(run.loads)]
+        lines += ["", *_table_lines(run.loads)]
     lines += ["", f"result: {'FAILED' if failed else 'ok'}" + (f", {run.alert}" if run.alert else "")]
     return redact("\n".join(lines))
+
+
+def _table_lines(loads: list[PipelineRun], most: int = 12) -> list[str]:
+    """The per-table counts; past ``most`` tables, only those that changed (the summary stays one screen)."""
+    if sum(len(load.tables) for load in loads) <= most:
+        return [format_loads(loads)]
+    changed = [
+        replace(load, tables=[t for t in load.tables if t.rows_loaded or t.rows_deleted or t.soft_deleted])
+        for load in loads
+    ]
+    unchanged = sum(len(load.tables) for load in loads) - sum(len(load.tables) for load in changed)
+    return [format_loads(changed), f"({unchanged} unchanged tables not listed)"]
 
 
 def _failure_text(result: StepResult) -> str:

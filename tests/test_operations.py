@@ -494,3 +494,17 @@ def test_unreachable_warehouse_fails_the_run_and_alerts(webhook, tmp_path: Path)
     text = json.loads(request["body"])["text"]
     assert text.startswith("datamart scheduled run FAILED (prod, PostgreSQL loader@127.0.0.1:9/datamart)")
     assert "- step warehouse: OperationalError" in text and "Wh-Down-Pa55" not in request["body"]
+
+
+def test_summary_stays_one_screen_with_many_tables() -> None:
+    from datamart.ingest.runner import PipelineRun, TableLoad
+    from datamart.scheduled import ScheduledRun, StepResult, summary
+
+    tables = [TableLoad(f"t{i:02}", rows_loaded=5 if i in (3, 17) else 0, rows_in_warehouse=10) for i in range(40)]
+    run = ScheduledRun(Warehouse("duckdb", duckdb_path=Path("/srv/w.duckdb")))
+    run.loads = [PipelineRun("big", "raw_big", 2.0, tables)]
+    run.results = [StepResult("pipelines", True, "40 tables, 10 rows, 2.0s", pipeline="big")]
+    text = summary(run)
+    assert "raw_big.t03" in text and "raw_big.t17" in text and "raw_big.t04" not in text
+    assert "(38 unchanged tables not listed)" in text
+    assert len(text.splitlines()) <= 25
