@@ -15,7 +15,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -278,7 +278,8 @@ def test_commands_refuse_prod_with_dev_credentials_and_the_reverse(
     env[f"DEV__DESTINATION__{target.upper()}__CREDENTIALS"] = dev_creds
     env[f"PROD__DESTINATION__{target.upper()}__CREDENTIALS"] = prod_creds
     assert "(1 rows)" in _run(env, "-m", "datamart", "query", "SELECT 1").stdout  # DATAMART_ENV unset: dev
-    assert "(1 rows)" in _run(dict(env, DATAMART_ENV="prod"), "-m", "datamart", "query", "SELECT 1").stdout
+    prod = Warehouse("duckdb", duckdb_path=Path(prod_creds)) if target == "duckdb" else postgres_warehouse(prod_creds)
+    assert check_environment(replace(prod, environment="prod")) == "prod"
 
     # prod credentials with DATAMART_ENV=dev: every command stops, nothing is loaded
     mixed = dict(env, DATAMART_ENV="dev")
