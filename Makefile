@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install run verify test demo-advance plan review promote sqlmesh external-models privacy-check privacy-register lint format clean
+.PHONY: help install run scheduled verify test demo-advance plan review promote sqlmesh external-models \
+	privacy-check privacy-register lint format clean airflow-venv metabase-backup metabase-restore
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,6 +22,9 @@ install: $(STAMP) ## Create .venv and install the project with its test tools
 
 run: $(STAMP) ## Whole job on the default warehouse: demo data if missing, every pipeline, SQLMesh prod plan
 	$(BIN)/python -m datamart run --demo
+
+scheduled: $(STAMP) ## The scheduled job (cron, CronJob, Airflow): every pipeline, SQLMesh run of prod, alert on failure
+	$(BIN)/python -m datamart scheduled
 
 verify: $(STAMP) ## Compare every pipeline's tables with their source (counts, keys, checksums); exit 1 on drift
 	$(BIN)/dlt pipeline all verify
@@ -54,14 +58,31 @@ privacy-register: $(STAMP) ## Regenerate docs/personal-data.md, the personal-dat
 	$(BIN)/python -m datamart privacy register
 
 lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
-	$(BIN)/ruff check datamart tests
-	$(BIN)/ruff format --check datamart tests
+	$(BIN)/ruff check datamart tests dags
+	$(BIN)/ruff format --check datamart tests dags
 	$(BIN)/python -m datamart sqlmesh lint
 	$(BIN)/python -m datamart sqlmesh format --check
 
 format: $(STAMP) ## Format Python (ruff) and SQL models (sqlmesh format)
-	$(BIN)/ruff format datamart tests
+	$(BIN)/ruff format datamart tests dags
 	$(BIN)/python -m datamart sqlmesh format
+
+# The URL reaches the command through the environment: make never echoes its password.
+metabase-backup metabase-restore: export METABASE_DB_URL := $(METABASE_DB_URL)
+
+metabase-backup: $(STAMP) ## Dump Metabase's own database: make metabase-backup METABASE_DB_URL=postgresql://… [FILE=…]
+	$(BIN)/python -m datamart.metabase_backup backup $(if $(FILE),--file "$(FILE)")
+
+metabase-restore: $(STAMP) ## Restore it into an empty instance (FORCE=1 wipes a non-empty one): METABASE_DB_URL=… FILE=…
+	$(BIN)/python -m datamart.metabase_backup restore --file "$(FILE)" $(if $(filter 1 yes true,$(FORCE)),--force)
+
+airflow-venv: .cache/airflow-venv/.installed ## Apache Airflow in its own venv (.cache/airflow-venv), for the DAG and its test
+
+.cache/airflow-venv/.installed: dags/requirements-airflow.txt
+	test -x .cache/airflow-venv/bin/python || $(PYTHON) -m venv .cache/airflow-venv
+	.cache/airflow-venv/bin/python -m pip install --quiet --upgrade pip
+	.cache/airflow-venv/bin/python -m pip install --quiet -r dags/requirements-airflow.txt
+	touch $@
 
 clean: ## Remove local data (demo source, bucket, warehouse, dlt working dirs) and caches
 	rm -rf data .cache logs .pytest_cache

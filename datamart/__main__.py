@@ -1,4 +1,4 @@
-"""Command line: ``python -m datamart run|promote|review|query|env|privacy|sqlmesh``."""
+"""Command line: ``python -m datamart run|scheduled|promote|review|query|env|privacy|sqlmesh``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg2
 from sqlmesh.utils.errors import SQLMeshError
 
+from datamart.environments import check_environment
 from datamart.ingest.declarations import DeclarationError
 from datamart.ingest.runner import root_cause
 from datamart.redact import redact
@@ -30,6 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="load every pipeline, then build and promote the datamart to prod")
     run.add_argument("--demo", action="store_true", help="generate the demo source and a local key if missing")
+    scheduled = commands.add_parser(
+        "scheduled", help="the scheduled job: every pipeline, SQLMesh run of prod (no promotion); alerts on failure"
+    )
+    scheduled.add_argument("--only", action="append", metavar="STEP", help="run only this step (repeatable)")
+    scheduled.add_argument("--skip", action="append", metavar="STEP", help="leave this step out (repeatable)")
+    scheduled.add_argument("--retries", type=int, default=3, help="attempts per pipeline on transient errors")
+    scheduled.add_argument("--pipeline", action="append", metavar="NAME", help="only this pipeline (repeatable)")
+    scheduled.add_argument("--no-alert", action="store_true", help="do not post the alert (e.g. a try to be retried)")
+    scheduled.add_argument(
+        "--execution-time", help="SQLMesh's 'now' for the run, to catch up missed days (default: the clock)"
+    )
     commands.add_parser("promote", help="apply the models to prod (audits, views swapped) and Metabase's grants")
     review = commands.add_parser("review", help="build this branch beside prod and write the pull-request report")
     review.add_argument("--env", help="SQLMesh environment to build the branch in (default: pr_<git branch>)")
@@ -49,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configure_environment()
+    if args.command == "scheduled":
+        return _scheduled(args)
     warehouse = None
     try:
         warehouse = resolve_warehouse(args.target)
+        if args.command != "env":
+            check_environment(warehouse)
         if args.command == "run":
             from datamart.flow import run_flow
 
@@ -111,6 +127,49 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _scheduled(args: argparse.Namespace) -> int:
+    """``python -m datamart scheduled``: exit 0 ok, 1 a step failed, 2 bad input; the summary on stdout."""
+    from datamart import scheduled
+    from datamart.alerts import redact
+
+    environment = os.environ.get("DATAMART_ENV") or "dev"
+    try:
+        names = scheduled.step_names()
+        unknown = [n for n in (args.only or []) + (args.skip or []) if n not in names]
+        if unknown:
+            raise SettingsError(f"unknown step(s) {', '.join(unknown)}; the steps are {', '.join(names)}")
+        steps = [
+            s for s in scheduled.STEPS if s.__name__ in (args.only or names) and s.__name__ not in (args.skip or [])
+        ]
+        warehouse = resolve_warehouse(args.target)
+        environment = warehouse.environment
+        try:
+            check_environment(warehouse)
+        except SettingsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the warehouse is unreachable: a failed run, alerted like the others
+            run = scheduled.warehouse_unreachable(warehouse, exc)
+        else:
+            run = scheduled.run_scheduled(
+                warehouse,
+                steps,
+                attempts=max(1, args.retries),
+                execution_time=args.execution_time,
+                pipeline_names=args.pipeline,
+            )
+    except (SettingsError, DeclarationError) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        sent = "alert not posted (--no-alert)" if args.no_alert else scheduled.send_input_alert(environment, exc)
+        print(f"result: FAILED before any step, {sent}", file=sys.stderr)
+        return 2
+    if args.no_alert:
+        run.alert = "alert not posted (--no-alert)" if run.failures else ""
+    else:
+        scheduled.send_alert(run)
+    print(scheduled.summary(run))
+    return 1 if run.failures else 0
 
 
 # A refused login or a server that is down, as psycopg2 reports it (directly or from inside SQLMesh).

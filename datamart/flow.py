@@ -10,14 +10,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from datamart.ingest.declarations import load_all, load_named
-from datamart.ingest.runner import PipelineRun, format_loads, run_pipeline
+from datamart.ingest.cli import failure_message, run_with_retries
+from datamart.ingest.declarations import PipelineDecl, load_all, load_named
+from datamart.ingest.runner import PipelineRun, format_loads
 from datamart.ingest.sources import bucket_url, source_credentials
 from datamart.settings import PROJECT_ROOT, Warehouse, resolve_warehouse
 from datamart.transform import TransformRun, apply_prod
 
 DEMO_SOURCE = "app_db"
 DEMO_BUCKET = "bucket"
+
+
+@dataclass
+class PipelineFailure:
+    """A pipeline that failed for good (after the retries of transient errors)."""
+
+    decl: PipelineDecl
+    error: BaseException
+
+    def message(self) -> str:
+        """Which pipeline and step failed, the root error and what to run (as ``dlt pipeline <name> run`` says)."""
+        return failure_message(self.decl, self.error)
 
 
 @dataclass
@@ -72,17 +85,50 @@ def run_flow(
             print("demo: wrote .dlt/secrets.toml with a random pseudonymisation key", file=out)
         ensure_demo_data(out)
     flow = FlowRun(warehouse=warehouse)
-    declarations = load_all()
-    for number, decl in enumerate(declarations, 1):
-        print(f"[{number}/{len(declarations)}] loading pipeline {decl.name} → {decl.dataset}", file=out)
-        run = run_pipeline(decl, warehouse, pipelines_dir=pipelines_dir)
-        print(f"      {run.rows_loaded} rows in {run.elapsed:.1f}s", file=out)
-        flow.pipelines.append(run)
+    flow.pipelines, failures = run_pipelines(warehouse, pipelines_dir=pipelines_dir, keep_going=False, out=out)
+    if failures:
+        raise failures[0].error
     print("[sqlmesh] planning and applying prod", file=out)
     flow.transform = apply_prod(warehouse)
     flow.elapsed = time.monotonic() - started
     print(summary(flow), file=out)
     return flow
+
+
+def run_pipelines(
+    warehouse: Warehouse,
+    pipelines_dir: Path | None = None,
+    attempts: int = 3,
+    backoff: float = 2.0,
+    keep_going: bool = True,
+    names: list[str] | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> tuple[list[PipelineRun], list[PipelineFailure]]:
+    """Every declared pipeline, each with ``dlt pipeline <name> run``'s retries and backoff on transient errors.
+
+    ``keep_going``: a failed pipeline does not stop the next ones (scheduled runs); otherwise stop at the first.
+    ``names``: only these pipelines (an unknown name raises DeclarationError). The one loop shared by ``make run``
+    and ``make scheduled``.
+    """
+    declarations = [load_named(n) for n in names] if names else load_all()
+    runs: list[PipelineRun] = []
+    failures: list[PipelineFailure] = []
+    for number, decl in enumerate(declarations, 1):
+        print(f"[{number}/{len(declarations)}] loading pipeline {decl.name} → {decl.dataset}", file=out)
+        try:
+            run = run_with_retries(
+                decl, warehouse, attempts=attempts, pipelines_dir=pipelines_dir, backoff=backoff, out=out, err=err
+            )
+        except Exception as exc:  # noqa: BLE001 - kept with its pipeline, reported by the caller
+            failures.append(PipelineFailure(decl, exc))
+            print(failures[-1].message(), file=err)
+            if not keep_going:
+                break
+            continue
+        print(f"      {run.rows_loaded} rows in {run.elapsed:.1f}s", file=out)
+        runs.append(run)
+    return runs, failures
 
 
 def summary(flow: FlowRun) -> str:

@@ -16,15 +16,15 @@ _KEY_VALUE = re.compile(
     re.IGNORECASE,
 )
 # Environment variables whose whole value is a secret, or a URL holding one.
-_SECRET_NAMES = ("PASSWORD", "SECRET", "TOKEN", "API_KEY", "HMAC_KEY", "CREDENTIALS", "ACCESS_KEY")
+_SECRET_NAMES = ("PASSWORD", "SECRET", "TOKEN", "API_KEY", "HMAC_KEY", "CREDENTIALS", "ACCESS_KEY", "WEBHOOK", "DSN")
 
 
 def secret_values(extra: Iterable[str | None] = ()) -> set[str]:
     """Secret values known to this process: secret-named environment variables (and the passwords inside URLs)."""
     values = {v for v in extra if v}
     for name, value in os.environ.items():
-        if not value or not any(part in name.upper() for part in _SECRET_NAMES):
-            continue
+        if not value or "DUCKDB" in name.upper() or not any(part in name.upper() for part in _SECRET_NAMES):
+            continue  # a DuckDB "credential" is a file path: masking it would hide where the warehouse is
         match = _URL_PASSWORD.search(value)
         if match:
             values.add(match.group("secret"))

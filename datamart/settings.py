@@ -4,6 +4,11 @@ The warehouse is chosen by ``DATAMART_TARGET`` (``duckdb``, the default, or ``po
 the dlt way only (``.dlt/secrets.toml``, ``.dlt/config.toml`` or ``DESTINATION__<TARGET>__CREDENTIALS``) and handed to
 SQLMesh as ``DATAMART_*`` environment variables that ``config.yaml`` reads, so both tools always point at the same
 database.
+
+``DATAMART_ENV`` (``dev``, the default, ``preprod`` or ``prod``) selects the environment: its warehouse credentials
+are looked up under the ``<env>`` section first (``[prod.destination.postgres]`` in ``.dlt/secrets.toml``, or
+``PROD__DESTINATION__POSTGRES__CREDENTIALS``), then as above. ``datamart/environments.py`` refuses a warehouse that
+belongs to another environment.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = PROJECT_ROOT / "data"
 PIPELINES_DIR = PROJECT_ROOT / "pipelines"
 TARGETS = ("duckdb", "postgres")
+ENVIRONMENTS = ("dev", "preprod", "prod")
 DEFAULT_DUCKDB_PATH = "data/warehouse.duckdb"
 PUBLISHED_SCHEMA = "marts"  # the one schema Metabase reads
 
@@ -41,6 +47,16 @@ def selected_target(explicit: str | None = None) -> str:
     return target
 
 
+def selected_environment() -> str:
+    """The environment: ``DATAMART_ENV``, else ``dev`` (local development, today's default behaviour)."""
+    environment = (os.environ.get("DATAMART_ENV") or "dev").strip().lower()
+    if environment not in ENVIRONMENTS:
+        raise SettingsError(
+            f"DATAMART_ENV={environment!r} is not a known environment; use one of {', '.join(ENVIRONMENTS)}."
+        )
+    return environment
+
+
 @dataclass(frozen=True)
 class Warehouse:
     """The resolved warehouse connection, for dlt (as a destination) and SQLMesh (as environment variables)."""
@@ -48,6 +64,7 @@ class Warehouse:
     target: str
     duckdb_path: Path | None = None
     pg: Any = None  # dlt PostgresCredentials, resolved
+    environment: str = "dev"  # DATAMART_ENV this warehouse was resolved for (see datamart/environments.py)
 
     def dlt_destination(self) -> Any:
         """A dlt destination bound to this warehouse."""
@@ -134,24 +151,39 @@ def postgres_warehouse(url: str) -> Warehouse:
 
 
 def resolve_warehouse(target: str | None = None) -> Warehouse:
-    """Resolve the selected warehouse's credentials through dlt's configuration providers."""
+    """Resolve the selected warehouse's credentials through dlt's configuration providers.
+
+    The selected environment's own section (``<env>.destination.<target>.credentials``) wins over the plain one.
+    """
     configure_environment()
     target = selected_target(target)
-    if target == "duckdb":
-        import dlt
+    environment = selected_environment()
+    import dlt
 
-        configured = os.environ.get("DESTINATION__DUCKDB__CREDENTIALS") or dlt.config.get(
-            "destination.duckdb.credentials"
+    own = dlt.secrets.get(f"{environment}.destination.{target}.credentials")
+    if target == "duckdb":
+        configured = (
+            own
+            or os.environ.get("DESTINATION__DUCKDB__CREDENTIALS")
+            or dlt.config.get("destination.duckdb.credentials")
         )
         path = Path(str(configured or DEFAULT_DUCKDB_PATH))
         if not path.is_absolute():
             path = PROJECT_ROOT / path
-        return Warehouse(target="duckdb", duckdb_path=path)
+        return Warehouse(target="duckdb", duckdb_path=path, environment=environment)
 
     from dlt.common.configuration import resolve_configuration
     from dlt.common.configuration.exceptions import ConfigFieldMissingException
     from dlt.destinations.impl.postgres.configuration import PostgresCredentials
 
+    if own:
+        creds = PostgresCredentials()
+        if isinstance(own, str):
+            creds.parse_native_representation(own)
+        else:
+            creds.update(dict(own))
+            creds.port = creds.port or 5432
+        return Warehouse(target="postgres", pg=creds, environment=environment)
     try:
         creds = resolve_configuration(PostgresCredentials(), sections=("destination", "postgres", "credentials"))
     except ConfigFieldMissingException as exc:
@@ -161,4 +193,4 @@ def resolve_warehouse(target: str | None = None) -> Warehouse:
             "postgresql://user:password@host:5432/datamart or fill [destination.postgres] in "
             ".dlt/secrets.toml (see .dlt/example.secrets.toml)."
         ) from None
-    return Warehouse(target="postgres", pg=creds)
+    return Warehouse(target="postgres", pg=creds, environment=environment)

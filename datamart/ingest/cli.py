@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from datamart.environments import check_environment
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import PipelineRun, format_loads, is_transient, make_pipeline, root_cause, run_pipeline
@@ -41,6 +42,7 @@ def run_command(
             for table in tables or []:
                 decl.table(table)  # unknown table: stops here, before anything runs
         warehouse = resolve_warehouse(target)
+        check_environment(warehouse)  # prod credentials with DATAMART_ENV=dev (or the reverse) stop here
     except (DeclarationError, SettingsError) as exc:
         print(f"error: {exc}", file=err)
         return 2

@@ -54,10 +54,13 @@ PROGRESS_SECONDS = 15.0
 def default_pipelines_dir(warehouse: Warehouse) -> Path:
     """dlt's local working dirs (``DATAMART_PIPELINES_DIR`` or under data/), one per warehouse target.
 
-    One folder per target so that switching target never mixes two warehouses' incremental states.
+    One folder per target (and per environment other than dev) so that switching target or ``DATAMART_ENV`` never
+    mixes two warehouses' incremental states.
     """
     base = Path(os.environ.get("DATAMART_PIPELINES_DIR") or DATA_DIR / "dlt" / "pipelines")
-    return base / warehouse.target
+    return (
+        base / warehouse.target if warehouse.environment == "dev" else base / warehouse.environment / warehouse.target
+    )
 
 
 def make_pipeline(decl: PipelineDecl, warehouse: Warehouse, pipelines_dir: Path | None = None) -> dlt.Pipeline:

@@ -1,0 +1,303 @@
+"""The scheduled run (``python -m datamart scheduled``, ``make scheduled``): what cron, a CronJob or Airflow runs.
+
+Steps, in order (:data:`STEPS`): every declared pipeline (with ``dlt pipeline <name> run``'s retries), then the
+SQLMesh *run* of prod's due intervals — never a plan: new model versions reach prod through ``make promote`` from a
+merged pull request. A step runs only when every step before it succeeded (models never process an interval whose raw
+data failed to load). Exit code 0 when every step succeeded, 1 when one failed, 2 on bad input (settings,
+declarations, the wrong environment's warehouse). A failure posts an alert to the webhook when one is configured.
+
+Adding a step: write ``def my_step(run: ScheduledRun) -> list[StepResult]`` and append it to :data:`STEPS`; its
+name (the function's) can be selected with ``--only``/``--skip``. Raise, or return a result with ``ok=False``, to fail.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from datamart.alerts import AlertError, post_alert, redact, webhook_url
+from datamart.flow import run_pipelines
+from datamart.ingest.declarations import DeclarationError, load_all, load_named
+from datamart.ingest.runner import PipelineRun, format_loads, is_transient, root_cause
+from datamart.settings import SettingsError, Warehouse
+
+
+@dataclass
+class StepResult:
+    """One line of the summary: a pipeline or a step, what it did or why it failed, and what to run then."""
+
+    step: str  # the step function's name: pipelines, sqlmesh_run, …
+    ok: bool
+    detail: str = ""
+    pipeline: str | None = None
+    phase: str | None = None  # where it failed inside the step (dlt's extract/normalize/load)
+    error: str | None = None
+    command: str | None = None  # what to run after fixing the cause
+    skipped: bool = False
+    notes: list[str] = field(default_factory=list)  # printed under the line
+
+    @property
+    def label(self) -> str:
+        """``pipeline app_db`` (the pipelines step), ``<step> app_db`` (another step, per pipeline) or the step."""
+        step = self.step.replace("_", " ")
+        if self.pipeline:
+            return f"pipeline {self.pipeline}" if self.step == "pipelines" else f"{step} {self.pipeline}"
+        return step
+
+
+@dataclass
+class ScheduledRun:
+    """The state handed to every step, and what the steps reported."""
+
+    warehouse: Warehouse
+    pipelines_dir: Path | None = None
+    attempts: int = 3
+    backoff: float = 2.0
+    out: TextIO = sys.stdout
+    err: TextIO = sys.stderr
+    execution_time: str | None = None  # SQLMesh's "now" (catch up a missed day); None: the clock
+    pipeline_names: list[str] | None = None  # only these pipelines (an Airflow task per pipeline); None: all
+    results: list[StepResult] = field(default_factory=list)
+    loads: list[PipelineRun] = field(default_factory=list)
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    elapsed: float = 0.0
+    alert: str = ""
+
+    @property
+    def failures(self) -> list[StepResult]:
+        """The results that failed."""
+        return [r for r in self.results if not r.ok and not r.skipped]
+
+
+Step = Callable[[ScheduledRun], list[StepResult]]
+
+
+def pipelines(run: ScheduledRun) -> list[StepResult]:
+    """Every declared pipeline; a failed one does not stop the others (same loop and retries as ``make run``)."""
+    loads, failures = run_pipelines(
+        run.warehouse,
+        pipelines_dir=run.pipelines_dir,
+        attempts=run.attempts,
+        backoff=run.backoff,
+        keep_going=True,
+        names=run.pipeline_names,
+        out=run.out,
+        err=run.err,
+    )
+    run.loads.extend(loads)
+    order = {name: number for number, name in enumerate(run.pipeline_names or [d.name for d in load_all()])}
+    results = [
+        StepResult(
+            "pipelines",
+            True,
+            f"{len(load.tables)} tables, {load.rows_loaded:,} rows, {load.elapsed:.1f}s",
+            pipeline=load.pipeline,
+        )
+        for load in loads
+    ]
+    for failure in failures:
+        name = failure.decl.name
+        hint = "check the connection, then" if is_transient(failure.error) else "fix the cause, then"
+        results.append(
+            StepResult(
+                "pipelines",
+                False,
+                pipeline=name,
+                phase=getattr(failure.error, "step", None),
+                error=root_cause(failure.error),
+                command=f"{hint} `dlt pipeline {name} run` (a failed load is never half-applied)",
+            )
+        )
+    return sorted(results, key=lambda result: order.get(result.pipeline or "", len(order)))
+
+
+def sqlmesh_run(run: ScheduledRun) -> list[StepResult]:
+    """SQLMesh's run of prod's due intervals (``Context.run("prod")``): no plan, no promotion of new versions."""
+    from datamart.transform import _short_name, sqlmesh_context
+
+    context = sqlmesh_context(run.warehouse)
+    prod = context.state_reader.get_environment("prod")
+    if prod is None:
+        return [
+            StepResult(
+                "sqlmesh_run",
+                False,
+                error="prod has never been built in this warehouse: there is nothing to run",
+                command="`make promote` once (it builds prod from the project), then the scheduled run",
+            )
+        ]
+    in_prod = {s.name: s.fingerprint for s in prod.snapshots}
+    in_project = {s.name: s.fingerprint for s in context.snapshots.values()}
+    differ = sorted(_short_name(n) for n in in_project.keys() | in_prod.keys() if in_project.get(n) != in_prod.get(n))
+    status = context.run("prod", execution_time=run.execution_time)
+    notes = []
+    if differ:
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        notes = [
+            f"the project differs from prod ({shown}): NOT promoted, prod ran its own versions;",
+            "`make promote` applies the project (normally once the pull request is merged)",
+        ]
+    if status.is_failure:
+        return [
+            StepResult(
+                "sqlmesh_run",
+                False,
+                error="SQLMesh's run of prod failed (the model and error are in the log above)",
+                command='fix the model or the data, then `make sqlmesh ARGS="run prod"` or the scheduled run again',
+                notes=notes,
+            )
+        ]
+    done = "nothing was due" if status.is_nothing_to_do else "prod's due intervals processed"
+    return [StepResult("sqlmesh_run", True, done, notes=notes)]
+
+
+# The scheduled run, in order. Reconciliation (datamart/ingest/verify.py) is added here as one more step.
+STEPS: list[Step] = [pipelines, sqlmesh_run]
+
+
+def step_names() -> list[str]:
+    """The names ``--only`` and ``--skip`` accept."""
+    return [step.__name__ for step in STEPS]
+
+
+def run_scheduled(
+    warehouse: Warehouse,
+    steps: list[Step] | None = None,
+    pipelines_dir: Path | None = None,
+    attempts: int = 3,
+    backoff: float = 2.0,
+    execution_time: str | None = None,
+    pipeline_names: list[str] | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> ScheduledRun:
+    """Run ``steps`` (default :data:`STEPS`) in order; a step runs only if every earlier one succeeded."""
+    monotonic = time.monotonic()
+    run = ScheduledRun(warehouse, pipelines_dir, attempts, backoff, out, err, execution_time, pipeline_names)
+    load_all()  # every declaration is valid before anything runs (DeclarationError: bad input)
+    for name in pipeline_names or []:
+        load_named(name)
+    for step in STEPS if steps is None else steps:
+        name = step.__name__
+        if run.failures:
+            blocked = ", ".join(sorted({f.label for f in run.failures}))
+            run.results.append(StepResult(name, False, f"skipped: {blocked} failed", skipped=True))
+            continue
+        print(f"[{name.replace('_', ' ')}]", file=out)
+        try:
+            run.results.extend(step(run))
+        except (SettingsError, DeclarationError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported in the summary and the alert, exit code 1
+            run.results.append(
+                StepResult(name, False, error=root_cause(exc), command="fix the cause, then `make scheduled`")
+            )
+    run.elapsed = time.monotonic() - monotonic
+    return run
+
+
+def warehouse_unreachable(warehouse: Warehouse, error: BaseException) -> ScheduledRun:
+    """The run that could not start because the warehouse did not answer: one failed line, every step not run."""
+    run = ScheduledRun(warehouse)
+    run.results.append(
+        StepResult(
+            "warehouse",
+            False,
+            error=root_cause(error),
+            command="check that the warehouse is up and reachable with these credentials, then `make scheduled`",
+        )
+    )
+    run.results += [
+        StepResult(step.__name__, False, "skipped: the warehouse did not answer", skipped=True) for step in STEPS
+    ]
+    return run
+
+
+def summary(run: ScheduledRun) -> str:
+    """One screen for a cron log: environment, warehouse, one line per pipeline and step, the result."""
+    failed = run.failures
+    lines = [
+        f"datamart scheduled run, {run.warehouse.environment}: {run.warehouse.describe()}",
+        f"started {run.started:%Y-%m-%d %H:%M:%S} UTC, {run.elapsed:.1f}s",
+        "",
+    ]
+    for result in run.results:
+        status = "skipped" if result.skipped else "ok" if result.ok else "FAILED"
+        text = result.detail if result.ok or result.skipped else _failure_text(result)
+        lines.append(f"  {status:<8}{result.label:<24}{text}")
+        if not result.ok and not result.skipped and result.command:
+            lines.append(f"  {'':<8}{'':<24}what to run: {result.command}")
+        lines += [f"  {'':<8}{'':<24}{note}" for note in result.notes]
+    if run.loads:
+        lines += ["", *_table_lines(run.loads)]
+    lines += ["", f"result: {'FAILED' if failed else 'ok'}" + (f", {run.alert}" if run.alert else "")]
+    return redact("\n".join(lines))
+
+
+def _table_lines(loads: list[PipelineRun], most: int = 12) -> list[str]:
+    """The per-table counts; past ``most`` tables, only those that changed (the summary stays one screen)."""
+    if sum(len(load.tables) for load in loads) <= most:
+        return [format_loads(loads)]
+    changed = [
+        replace(load, tables=[t for t in load.tables if t.rows_loaded or t.rows_deleted or t.soft_deleted])
+        for load in loads
+    ]
+    unchanged = sum(len(load.tables) for load in loads) - sum(len(load.tables) for load in changed)
+    return [format_loads(changed), f"({unchanged} unchanged tables not listed)"]
+
+
+def _failure_text(result: StepResult) -> str:
+    phase = f"at {result.phase}: " if result.phase else ""
+    return f"{phase}{result.error}"
+
+
+def alert_text(run: ScheduledRun) -> str:
+    """The short message posted on failure: environment, each failed pipeline/step, its error, what to run."""
+    lines = [f"datamart scheduled run FAILED ({run.warehouse.environment}, {run.warehouse.describe()})"]
+    for result in run.failures:
+        step = result.step.replace("_", " ") + (f" ({result.phase})" if result.phase else "")
+        who = f"pipeline {result.pipeline}, step {step}" if result.pipeline else f"step {step}"
+        lines.append(f"- {who}: {result.error}")
+        if result.command:
+            lines.append(f"  what to run: {result.command}")
+    skipped = [r.label for r in run.results if r.skipped]
+    if skipped:
+        lines.append(f"- not run: {', '.join(skipped)}")
+    lines.append(f"Then rerun: make scheduled (DATAMART_ENV={run.warehouse.environment})")
+    return redact("\n".join(lines))
+
+
+def send_alert(run: ScheduledRun) -> None:
+    """Post :func:`alert_text` when a step failed and a webhook is configured; note the outcome in ``run.alert``."""
+    if not run.failures:
+        return
+    url = webhook_url()
+    if not url:
+        run.alert = "no alert sent (no datamart.alert_webhook_url configured)"
+        return
+    try:
+        post_alert(url, alert_text(run))
+        run.alert = "alert posted to the webhook"
+    except AlertError as exc:
+        run.alert = f"ALERT NOT SENT: {exc}"
+
+
+def send_input_alert(environment: str, error: BaseException) -> str:
+    """On bad input (exit 2) the scheduled run stops before any step: alert with the error; returns the outcome."""
+    url = webhook_url()
+    if not url:
+        return "no alert sent (no datamart.alert_webhook_url configured)"
+    text = redact(
+        f"datamart scheduled run FAILED before any step ({environment}): {error}\n"
+        f"what to run: fix the setting or declaration named above, then `make scheduled` (DATAMART_ENV={environment})"
+    )
+    try:
+        post_alert(url, text)
+    except AlertError as exc:
+        return f"ALERT NOT SENT: {exc}"
+    return "alert posted to the webhook"
