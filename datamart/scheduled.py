@@ -156,8 +156,33 @@ def sqlmesh_run(run: ScheduledRun) -> list[StepResult]:
     return [StepResult("sqlmesh_run", True, done, notes=notes)]
 
 
-# The scheduled run, in order. Reconciliation (datamart/ingest/verify.py) is added here as one more step.
-STEPS: list[Step] = [pipelines, sqlmesh_run]
+def reconcile(run: ScheduledRun) -> list[StepResult]:
+    """``dlt pipeline <name> verify`` for each pipeline declaring ``verify: true``: drift fails the step."""
+    from datamart.ingest.verify import verify_pipeline
+
+    declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
+    results = []
+    for decl in (d for d in declared if d.verify):
+        report = verify_pipeline(decl, run.warehouse)
+        if report.drift:
+            print(report.format(), file=run.out)
+            drifted = [t.table for t in report.tables if t.drift]
+            results.append(
+                StepResult(
+                    "reconcile",
+                    False,
+                    pipeline=decl.name,
+                    error=f"the warehouse differs from the source in {', '.join(drifted)} (report above)",
+                    command=f"`dlt pipeline {decl.name} verify` to see it again; the report says what reloads it",
+                )
+            )
+        else:
+            results.append(StepResult("reconcile", True, f"{len(report.tables)} tables match", pipeline=decl.name))
+    return results
+
+
+# The scheduled run, in order.
+STEPS: list[Step] = [pipelines, sqlmesh_run, reconcile]
 
 
 def step_names() -> list[str]:

@@ -150,6 +150,7 @@ def test_scheduled_run_loads_runs_prod_and_never_promotes(demo: Demo) -> None:
     assert re.search(r"^  ok +pipeline bucket +2 tables", out, re.M), out
     assert re.search(r"^  ok +sqlmesh run +prod's due intervals processed", out, re.M), out
     assert re.search(r"the project differs from prod \(.*staging\.stg_bucket__partners.*\): NOT promoted", out), out
+    assert re.search(r"^  ok +reconcile app_db +5 tables match", out, re.M), out  # app_db.yaml: verify: true
     assert out.rstrip().endswith("result: ok")
     assert len(out[out.index("datamart scheduled run") :].splitlines()) <= 25, "one screen"
     # the loads reached the warehouse and prod's run rebuilt the marts from them
@@ -159,6 +160,16 @@ def test_scheduled_run_loads_runs_prod_and_never_promotes(demo: Demo) -> None:
     again = _run(demo.env, "-m", "datamart", "scheduled", "--only", "sqlmesh_run").stdout
     assert "nothing was due" in again and "NOT promoted" in again
     assert "[pipelines]" not in again
+
+
+def test_scheduled_reconciliation_fails_on_drift(demo: Demo) -> None:
+    """A row deleted behind dlt's back: the reconcile step (pipelines declaring ``verify: true``) fails and says so."""
+    organization = demo.mart("SELECT min(id) FROM raw_app_db.organizations")
+    demo.warehouse.query(f"DELETE FROM raw_app_db.organizations WHERE id = {organization}")
+    result = _run(demo.env, "-m", "datamart", "scheduled", "--only", "reconcile", "--no-alert", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"FAILED +reconcile app_db .*organizations", result.stdout), result.stdout
+    assert "dlt pipeline app_db verify" in result.stdout
 
 
 def test_scheduled_run_bad_input_exits_2(demo: Demo) -> None:

@@ -52,6 +52,7 @@ class PipelineDecl:
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     raw_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # each table's YAML mapping (rest_api)
+    verify: bool = False  # reconciled with its source by every scheduled run (``make scheduled``)
 
     def table(self, name: str) -> TableDecl:
         """The declared table ``name``, or an error listing the declared ones."""
@@ -64,7 +65,7 @@ class PipelineDecl:
         )
 
 
-_TOP_KEYS = {"name", "description", "source", "dataset", "tables"}
+_TOP_KEYS = {"name", "description", "source", "dataset", "tables", "verify"}
 _TABLE_KEYS = {
     "write_disposition",
     "primary_key",
@@ -119,6 +120,8 @@ def load_declaration(path: Path) -> PipelineDecl:
 
         validate_rest_declaration(path, source, raw_tables)
     options = {k: v for k, v in source.items() if k != "kind"}
+    if not isinstance(raw.get("verify", False), bool):
+        raise _fail(path, "verify", "true or false: reconcile this pipeline with its source in every scheduled run")
     return PipelineDecl(
         name=name,
         kind=kind,
@@ -128,6 +131,7 @@ def load_declaration(path: Path) -> PipelineDecl:
         description=str(raw.get("description", "")).strip(),
         options=options,
         raw_tables=raw_tables,
+        verify=raw.get("verify", False),
     )
 
 
