@@ -39,6 +39,7 @@ class PipelineRun:
     dataset: str
     elapsed: float
     tables: list[TableLoad] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a load left pending by a killed run, finished first
 
     @property
     def rows_loaded(self) -> int:
@@ -87,8 +88,7 @@ def run_pipeline(
     check_secrets(decl, tables)
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
     pipeline.sync_destination()  # a fresh worker continues from the state kept in the warehouse
-    if pipeline.has_pending_data:
-        finish_or_abort_pending(pipeline)
+    notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
     resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
@@ -121,7 +121,9 @@ def run_pipeline(
                 **split,
             )
         )
-    return PipelineRun(pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads)
+    return PipelineRun(
+        pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads, notes=notes
+    )
 
 
 def _split(disposition: str, read: int, before: int, after: int, written: int) -> dict[str, int]:
@@ -139,8 +141,12 @@ def _split(disposition: str, read: int, before: int, after: int, written: int) -
     return {"inserted": inserted, "updated": max(written - inserted, 0), "soft_deleted": soft_deleted}
 
 
-def finish_or_abort_pending(pipeline: dlt.Pipeline) -> None:
+def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
     """Load what a previous run left pending; if it fails for good, abort it so this run re-reads the source.
+
+    A run killed after its extract (during normalize or load) leaves its package in the working directory, with
+    the incremental state that goes with it: finishing it loads exactly those rows, then this run reads what
+    changed since. Returns a line for the summary.
 
     dlt would otherwise retry the same broken package at every run and skip every new extract (a type change, a
     value the warehouse refuses…). Aborting restores the incremental state of before that package, so the rows
@@ -157,6 +163,8 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> None:
             root_cause(exc),
         )
         pipeline.abort_packages()
+        return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again"
+    return "completed a load left pending by an earlier run (interrupted or killed) before reading the source"
 
 
 def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
@@ -244,6 +252,7 @@ def format_loads(runs: list[PipelineRun]) -> str:
     ]
     if changes:
         lines += ["schema changes:", *changes]
+    lines += [f"{run.pipeline}: {note}" for run in runs for note in run.notes]
     seconds = sum(run.elapsed for run in runs)
     lines.append(f"{len(runs)} pipeline(s) in {seconds:.1f}s")
     return "\n".join(lines)
