@@ -9,6 +9,7 @@ from typing import Any
 import dlt
 from dlt.extract.resource import DltResource
 
+from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
@@ -95,6 +96,10 @@ def build_resources(
             resource.add_map(personal_data_map(pipeline.name, table.name, table.personal))
             _rewrite_column_hints(resource, table.personal)
         relax_not_null(resource, table)
+        if table.primary_key:
+            resource.add_step(KeyCheck(pipeline, table, table.primary_key))  # a null or duplicated key stops here
+        if pipeline.kind == "rest_api":
+            resource.add_step(PageLoopGuard(pipeline, table))  # an API serving the same page again stops here
         if table.deletes:
             apply_delete_hints(resource, table)
         contract = {**DEFAULT_CONTRACTS.get(pipeline.kind, {}), **table.schema_contract}
@@ -236,14 +241,14 @@ def _incremental(table: TableDecl) -> dlt.sources.incremental[Any] | None:
 
 
 def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
-    from dlt.sources.filesystem import filesystem, read_csv, read_jsonl, read_parquet
+    from dlt.sources.filesystem import filesystem
 
     url = bucket_url(pipeline)
     files = filesystem(bucket_url=url, file_glob=str(table.files), **_fs_credentials(pipeline, url))
     if table.cursor:
         files.apply_hints(incremental=dlt.sources.incremental(table.cursor))
-    reader = {"csv": read_csv, "parquet": read_parquet, "jsonl": read_jsonl}[str(table.format)]
-    resource = (files | reader()).with_name(table.name)
+    # dlt's readers, one file at a time: a file that cannot be read is named in the error (see checks.py)
+    resource = (files | checked_file_reader(pipeline, table)).with_name(table.name)
     resource.apply_hints(
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
