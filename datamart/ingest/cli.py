@@ -96,16 +96,24 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     """One paragraph: which pipeline, step and table failed, the root error, and what to run next."""
     from dlt.common.schema.exceptions import DataValidationError
     from dlt.extract.exceptions import PipeException
+    from sqlalchemy.exc import NoSuchTableError
 
     step = getattr(exc, "step", None)
     where = f" at step {step}" if step else ""
     contract = _in_chain(exc, DataValidationError)
     pipe = _in_chain(exc, PipeException)
-    table = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None)
+    no_table = _in_chain(exc, NoSuchTableError)
+    missing = repr(str(no_table)) if no_table is not None else None
+    table = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None) or missing
     if table:
         where += f", table {table}"
     if is_transient(exc):
         hint = "the source or the warehouse could not be reached: check the connection, then rerun the same command"
+    elif missing is not None:
+        hint = (
+            f"the source has no table {missing}: correct the table's name under tables: in {decl.path.name} "
+            "(names are matched exactly, as the source spells them), or set source.schema"
+        )
     elif contract is not None and table:
         hint = (
             f"the source changed the type or size of {table}.{getattr(contract, 'column_name', '')}, which the "

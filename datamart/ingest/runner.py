@@ -11,7 +11,7 @@ from pathlib import Path
 import dlt
 from dlt.common import logger
 
-from datamart.ingest.declarations import PipelineDecl
+from datamart.ingest.declarations import PipelineDecl, warehouse_name
 from datamart.ingest.sources import build_deletions, build_resources, check_secrets
 from datamart.settings import DATA_DIR, Warehouse
 
@@ -98,7 +98,7 @@ def run_pipeline(
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
     after = count_rows(pipeline, names)
-    written = count_rows(pipeline, [n for n in names if row_counts.get(n)], load_ids=list(info.loads_ids))
+    written = count_rows(pipeline, [n for n in names if row_counts.get(warehouse_name(n))], list(info.loads_ids))
     deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables)
     if deletion_resources:
         pipeline.run(deletion_resources).raise_on_failed_jobs()
@@ -106,7 +106,7 @@ def run_pipeline(
     totals = count_rows(pipeline, names) if deletion_resources else after
     loads = []
     for name in names:
-        read = int(row_counts.get(name, 0))
+        read = int(row_counts.get(warehouse_name(name), 0))
         split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name, 0))
         loads.append(
             TableLoad(
@@ -173,7 +173,10 @@ def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
         return {t: [] for t in tables}
     schema_tables = pipeline.default_schema.tables
     internal = ("_dlt", "_datamart")  # dlt's columns and our deletion marker
-    return {t: [c for c in schema_tables.get(t, {}).get("columns", {}) if not c.startswith(internal)] for t in tables}
+    return {
+        t: [c for c in schema_tables.get(warehouse_name(t), {}).get("columns", {}) if not c.startswith(internal)]
+        for t in tables
+    }
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -219,7 +222,7 @@ def count_rows(pipeline: dlt.Pipeline, tables: list[str], load_ids: list[str] | 
                 where = ""
                 if load_ids:  # ids dlt generated (epoch seconds): safe to inline
                     where = " WHERE _dlt_load_id IN (" + ", ".join(f"'{i}'" for i in load_ids) + ")"
-                statement = f"SELECT count(*) FROM {client.make_qualified_table_name(table)}{where}"
+                statement = f"SELECT count(*) FROM {client.make_qualified_table_name(warehouse_name(table))}{where}"
                 with client.execute_query(statement) as cursor:
                     counts[table] = int(cursor.fetchone()[0])
             except DatabaseUndefinedRelation:  # nothing ever loaded into it (e.g. no file yet)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +111,17 @@ def build_resources(
 
 
 def check_columns_exist(pipeline: PipelineDecl, table: TableDecl, resource: DltResource) -> None:
-    """Stop before anything is loaded when a declared cursor or key column is not in the source table."""
+    """Stop before anything is loaded when a declared cursor, key or soft-delete column is not in the source table."""
     columns = resource.columns if isinstance(resource.columns, dict) else {}
     if not columns:
         return  # minimal reflection (variant mode): the source is checked by the query itself
     available = set(columns) | {year_column(c) for c, t in table.personal.items() if t == "year"}
-    for key, names in (("cursor", [table.cursor] if table.cursor else []), ("primary_key", list(table.primary_key))):
+    checked = (
+        ("cursor", [table.cursor] if table.cursor else []),
+        ("primary_key", list(table.primary_key)),
+        ("deletes.soft", [table.deletes["soft"]] if table.deletes.get("soft") else []),
+    )
+    for key, names in checked:
         missing = [n for n in names if n not in available]
         if missing:
             raise DeclarationError(
@@ -232,12 +238,21 @@ def _select_adapter(coarsened: list[str], table: TableDecl, known: list[str], he
 def _incremental(table: TableDecl) -> dlt.sources.incremental[Any] | None:
     if not table.cursor:
         return None
+    cursor = cursor_path(table.cursor)
     if table.write_disposition == "merge":
         # Rows sharing the last cursor value are re-read (closed range) and de-duplicated by primary key in the
         # state, so a run with no source change loads nothing.
-        return dlt.sources.incremental(table.cursor, lag=table.lag)
+        return dlt.sources.incremental(cursor, lag=table.lag)
     # Append tables with a strictly growing cursor (ids): start strictly after the last value seen.
-    return dlt.sources.incremental(table.cursor, range_start="open")
+    return dlt.sources.incremental(cursor, range_start="open")
+
+
+def cursor_path(column: str) -> str:
+    """dlt's cursor path of a column: the name itself, or quoted when it is not a plain identifier (``Updated At``
+    would be read as a JSONPath expression)."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", column):
+        return column
+    return '"' + column.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
