@@ -215,7 +215,7 @@ def test_null_cursor_stops_naming_table_and_cursor(
     sqlite_source.execute("INSERT INTO people VALUES (?, ?, ?)", rows=[(1, "a", "2025-01-01 10:00:00"), (2, "b", None)])
     decl = app_pipeline(tmp_path, PEOPLE)
     error = failure(decl, duckdb_warehouse, tmp_path)
-    assert "people" in error and "updated_at" in error, error
+    assert "table people" in error and "rows of people have no updated_at value" in error, error
     assert rows(duckdb_warehouse, "raw_app.people") == 0
 
 

@@ -96,6 +96,7 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     """One paragraph: which pipeline, step and table failed, the root error, and what to run next."""
     from dlt.common.schema.exceptions import DataValidationError
     from dlt.extract.exceptions import PipeException
+    from dlt.extract.incremental.exceptions import IncrementalCursorPathHasValueNone
     from sqlalchemy.exc import NoSuchTableError
 
     step = getattr(exc, "step", None)
@@ -109,6 +110,13 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
         where += f", table {table}"
     if is_transient(exc):
         hint = "the source or the warehouse could not be reached: check the connection, then rerun the same command"
+    elif _in_chain(exc, IncrementalCursorPathHasValueNone) is not None and table:
+        cursor = decl.table(table).cursor if table in {t.name for t in decl.tables} else "cursor"
+        hint = (
+            f"rows of {table} have no {cursor} value, and a cursor must be set on every row: fill it in the source, "
+            f"or declare another cursor for tables.{table} in {decl.path.name} (a column that is never null); "
+            "nothing of this run was loaded"
+        )
     elif missing is not None:
         hint = (
             f"the source has no table {missing}: correct the table's name under tables: in {decl.path.name} "
