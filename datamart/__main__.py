@@ -8,6 +8,7 @@ import sys
 
 from sqlmesh.utils.errors import SQLMeshError
 
+from datamart.flow import RunFailed
 from datamart.ingest.declarations import DeclarationError
 from datamart.settings import (
     PROJECT_ROOT,
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, DeclarationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except SQLMeshError as exc:
         print(
             f"error: SQLMesh stopped, prod views were not changed: {exc}\n"

@@ -10,14 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from datamart.ingest.declarations import load_all, load_named
+from datamart.ingest.cli import failure_message
+from datamart.ingest.declarations import DeclarationError, load_all, load_named
 from datamart.ingest.runner import PipelineRun, format_loads, run_pipeline
 from datamart.ingest.sources import bucket_url, source_credentials
-from datamart.settings import PROJECT_ROOT, Warehouse, resolve_warehouse
+from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, resolve_warehouse
 from datamart.transform import TransformRun, apply_prod
 
 DEMO_SOURCE = "app_db"
 DEMO_BUCKET = "bucket"
+
+
+class RunFailed(RuntimeError):
+    """A pipeline of the flow failed; the message names pipeline, step, table and what to do (cli.failure_message)."""
 
 
 @dataclass
@@ -75,7 +80,12 @@ def run_flow(
     declarations = load_all()
     for number, decl in enumerate(declarations, 1):
         print(f"[{number}/{len(declarations)}] loading pipeline {decl.name} → {decl.dataset}", file=out)
-        run = run_pipeline(decl, warehouse, pipelines_dir=pipelines_dir)
+        try:
+            run = run_pipeline(decl, warehouse, pipelines_dir=pipelines_dir)
+        except (DeclarationError, SettingsError):
+            raise
+        except Exception as exc:
+            raise RunFailed(failure_message(decl, exc) + "\nThe published views were not changed.") from exc
         print(f"      {run.rows_loaded} rows in {run.elapsed:.1f}s", file=out)
         flow.pipelines.append(run)
     print("[sqlmesh] planning and applying prod", file=out)

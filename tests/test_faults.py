@@ -33,7 +33,7 @@ from datamart import demo
 from datamart.settings import PROJECT_ROOT
 from datamart.testing.postgres import create_database, drop_database
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = pytest.mark.slow
 
 DLT = str(Path(sys.executable).parent / "dlt")
 VIEWS = ("marts.missions_v1", "marts.organizations_v1", "marts.partner_funnel_daily_v1", "marts.volunteer_activity_v1")
@@ -238,21 +238,31 @@ EVENT_FIGURES = "count(*), count(DISTINCT id), sum(id), sum(mission_id), min(id)
 
 
 def _plain(value: Any) -> Any:
-    """Timestamps as naive UTC (the source has no time zone, dlt loads timestamptz)."""
+    """Timestamps as naive UTC datetimes (the source has no time zone, or text in SQLite; dlt loads timestamptz)."""
+    if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] in " T":
+        value = datetime.fromisoformat(value)
     if isinstance(value, datetime) and value.tzinfo is not None:
         return value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 
+Query = Callable[[str], list[tuple[Any, ...]]]
+
+
 def assert_no_drift(stack: Stack) -> None:
+    """The warehouse's raw tables equal the source (see :func:`assert_same_data`)."""
+    assert_same_data(stack.source, stack.warehouse)
+
+
+def assert_same_data(source_query: Query, warehouse_query: Query) -> None:
     """The warehouse's raw tables equal the source: same keys, same values, no duplicate, nothing lost.
 
     Compared directly on both databases (the small tables row by row, the events by count, distinct ids and sums).
     """
     problems = []
     for table, (columns, live) in COMPARED.items():
-        source = {r[0]: tuple(map(_plain, r)) for r in stack.source(f"SELECT {columns} FROM {table} WHERE {live}")}
-        rows = stack.warehouse(f"SELECT {columns} FROM raw_app_db.{table}")
+        source = {r[0]: tuple(map(_plain, r)) for r in source_query(f"SELECT {columns} FROM {table} WHERE {live}")}
+        rows = warehouse_query(f"SELECT {columns} FROM raw_app_db.{table}")
         warehouse = {r[0]: tuple(map(_plain, r)) for r in rows}
         if len(rows) != len(warehouse):
             problems.append(f"{table}: {len(rows) - len(warehouse)} duplicated keys")
@@ -262,8 +272,8 @@ def assert_no_drift(stack: Stack) -> None:
         for what, keys in (("missing", missing), ("extra", extra), ("changed", changed)):
             if keys:
                 problems.append(f"{table}: {len(keys)} {what} keys, e.g. {keys[:5]}")
-    source_events = stack.source(f"SELECT {EVENT_FIGURES} FROM stats_events")[0]
-    warehouse_events = stack.warehouse(f"SELECT {EVENT_FIGURES} FROM raw_app_db.stats_events")[0]
+    source_events = tuple(source_query(f"SELECT {EVENT_FIGURES} FROM stats_events")[0])
+    warehouse_events = tuple(warehouse_query(f"SELECT {EVENT_FIGURES} FROM raw_app_db.stats_events")[0])
     if source_events != warehouse_events:
         problems.append(f"stats_events: source {source_events} != warehouse {warehouse_events} ({EVENT_FIGURES})")
     assert not problems, "drift between source and warehouse:\n" + "\n".join(problems)
@@ -335,6 +345,7 @@ def locked(url: str, table: str) -> Any:
 # --- the faults --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.postgres
 def test_sigkill_during_extract(stack: Stack) -> None:
     change_source(stack)
     with MartsReader(stack.warehouse_url) as reader:
@@ -347,6 +358,7 @@ def test_sigkill_during_extract(stack: Stack) -> None:
     assert_no_drift(stack)
 
 
+@pytest.mark.postgres
 def test_sigkill_during_normalize(stack: Stack) -> None:
     change_source(stack)
     with MartsReader(stack.warehouse_url) as reader:
@@ -359,6 +371,7 @@ def test_sigkill_during_normalize(stack: Stack) -> None:
     assert_no_drift(stack)
 
 
+@pytest.mark.postgres
 def test_sigkill_during_load(stack: Stack) -> None:
     change_source(stack)
     with MartsReader(stack.warehouse_url) as reader:
@@ -381,6 +394,7 @@ def test_sigkill_during_load(stack: Stack) -> None:
     assert_no_drift(stack)
 
 
+@pytest.mark.postgres
 def test_source_goes_away_mid_extract(stack: Stack) -> None:
     change_source(stack)
     with MartsReader(stack.warehouse_url) as reader:
@@ -400,6 +414,7 @@ def test_source_goes_away_mid_extract(stack: Stack) -> None:
     assert_no_drift(stack)
 
 
+@pytest.mark.postgres
 def test_warehouse_goes_away_mid_load(stack: Stack) -> None:
     change_source(stack)
     with MartsReader(stack.warehouse_url) as reader:
@@ -436,6 +451,7 @@ def _physical_table(stack: Stack, view: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.postgres
 def test_sigkill_during_sqlmesh_apply(stack: Stack) -> None:
     change_source(stack, events=20_000)
     stack.run("dlt", "pipeline", "app_db", "run")
@@ -459,6 +475,7 @@ def test_sigkill_during_sqlmesh_apply(stack: Stack) -> None:
     assert_marts_match_source(stack)
 
 
+@pytest.mark.postgres
 def test_failing_audit_keeps_prod(stack: Stack) -> None:
     # An organization of an unknown kind: the accepted_values audit of stg_app_db__organizations fails.
     (new_id, updated), *_ = stack.source("SELECT max(id) + 1, max(updated_at) + interval '1 hour' FROM organizations")
@@ -478,3 +495,74 @@ def test_failing_audit_keeps_prod(stack: Stack) -> None:
     stack.run("-m", "datamart", "run")
     assert_no_drift(stack)
     assert_marts_match_source(stack)
+
+
+def test_sigkill_during_load_on_duckdb(tmp_path: Path) -> None:
+    """DuckDB (one writer: nothing reads the file while dlt loads): killed while a load job runs, the rerun finishes
+    the pending load and the warehouse equals the source."""
+    import sqlite3
+
+    import duckdb
+
+    source_file, warehouse_file = tmp_path / "app.sqlite", tmp_path / "warehouse.duckdb"
+    demo.generate(source_url=f"sqlite:///{source_file}", bucket=tmp_path / "bucket", scale=0.5)
+    (tmp_path / "project" / ".dlt").mkdir(parents=True)
+    (tmp_path / "project" / ".dlt" / "config.toml").write_text((PROJECT_ROOT / ".dlt" / "config.toml").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
+    env.update(
+        DLT_PROJECT_DIR=str(tmp_path / "project"),
+        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
+        DESTINATION__DUCKDB__CREDENTIALS=str(warehouse_file),
+        SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{source_file}",
+        DATAMART__PII_HMAC_KEY="faults-test-key",
+    )
+    stack = Stack(env, "", "", "", "", "", tmp_path)
+    stack.run("dlt", "pipeline", "app_db", "run")
+
+    with sqlite3.connect(source_file) as conn:
+        last_id, base = conn.execute("SELECT max(id), count(*) FROM stats_events").fetchone()
+        conn.execute(
+            f"INSERT INTO stats_events WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g "
+            f"WHERE n < {NEW_EVENTS // 3}) "
+            f"SELECT {last_id} + n, e.event_type, e.partner_id, e.mission_id, e.occurred_at "
+            f"FROM g JOIN stats_events e ON e.id = 1 + n % {base}"
+        )
+        conn.execute("UPDATE missions SET places = places + 1, updated_at = datetime(updated_at, '+400 days')")
+    dlt_dir = tmp_path / "pipelines" / "duckdb" / "app_db"
+    run = stack.spawn("dlt", "pipeline", "app_db", "run")
+    wait_until("a load job running", lambda: list(dlt_dir.glob("load/normalized/*/started_jobs/*")), run)
+    kill(run)
+
+    rerun = stack.run("dlt", "pipeline", "app_db", "run")
+    assert "completed a load left pending by an earlier run" in rerun
+
+    def source_query(statement: str) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(source_file) as conn:
+            return conn.execute(statement).fetchall()
+
+    def warehouse_query(statement: str) -> list[tuple[Any, ...]]:
+        with duckdb.connect(str(warehouse_file), read_only=True) as conn:
+            return conn.execute(statement).fetchall()
+
+    assert_same_data(source_query, warehouse_query)
+
+
+def test_whole_run_names_the_failed_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m datamart run` stops at the first failed pipeline with the same message as `dlt pipeline … run`."""
+    import io
+    import socket
+
+    from datamart.flow import RunFailed, run_flow
+    from datamart.settings import Warehouse
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("SOURCES__APP_DB__CREDENTIALS", f"postgresql://app:pw@127.0.0.1:{port}/app")
+    monkeypatch.setenv("DATAMART__PII_HMAC_KEY", "faults-test-key")
+    warehouse = Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
+    with pytest.raises(RunFailed) as failed:
+        run_flow(warehouse, pipelines_dir=tmp_path / "pipelines", out=io.StringIO())
+    message = str(failed.value)
+    assert "error: pipeline 'app_db' failed" in message and "could not be reached" in message, message
+    assert "The published views were not changed." in message
