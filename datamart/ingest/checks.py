@@ -8,7 +8,8 @@ column, and the fix.
 - Primary-key columns are checked in each extracted chunk: a null key, or a key twice in one chunk, stops the run
   (a merge would keep one arbitrary row of the duplicates, an append would load both).
 - A REST page identical to one already received means the API is looping through the same pages: the run stops
-  instead of requesting pages forever.
+  instead of requesting pages forever (top-level endpoints; a child endpoint read per parent record may rightly
+  return the same page twice).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -44,7 +46,7 @@ def checked_file_reader(pipeline: PipelineDecl, table: TableDecl) -> DltResource
     @dlt.transformer(name=f"read_{table.format}")
     def read_files(items: Iterable[FileItemDict]) -> Iterator[Any]:
         for item in items:
-            if not item.get("size_in_bytes"):
+            if item.get("size_in_bytes") == 0:
                 logger.warning(
                     f"pipeline '{pipeline.name}', table {table.name}: file {item['file_name']} is empty, skipped "
                     "(it is read when it is written again)"
@@ -95,28 +97,48 @@ class KeyCheck(ItemTransform[Any, dict[str, Any]]):
     def __call__(self, item: Any, meta: Any = None) -> Any:
         """Check the chunk and pass it on unchanged."""
         if isinstance(item, pa.Table | pa.RecordBatch):
-            columns = {c: item.column(c) for c in self.key if c in item.schema.names}
-            rows = item.num_rows
+            if not all(c in item.schema.names for c in self.key):
+                return item  # the declared key was checked against the source's columns before the run
+            nulls = {c: item.column(c).null_count for c in self.key}
+            duplicated = self._arrow_duplicates(item) if not any(nulls.values()) else []
         elif isinstance(item, list) and item and isinstance(item[0], dict):
-            columns = {c: pa.array([row.get(c) for row in item]) for c in self.key}
-            rows = len(item)
+            nulls = {c: sum(1 for row in item if _is_null(row.get(c))) for c in self.key}
+            counts = Counter(tuple(row.get(c) for c in self.key) for row in item)
+            duplicated = [dict(zip(self.key, k, strict=True)) for k, n in counts.items() if n > 1]
         else:
             return item
         where = f"pipeline '{self.pipeline.name}', table {self.table.name}"
         fix = f"fix those rows in the source, or declare the right primary_key in {self.pipeline.path.name}"
-        for name, values in columns.items():
-            nulls = values.null_count
-            if nulls:
-                raise BadInputError(f"{where}: {nulls} row(s) with a null primary key ({name}); {fix}")
-        if len(columns) == len(self.key) and rows:
-            keys = pa.table(columns).group_by(list(self.key)).aggregate([([], "count_all")])
-            duplicated = keys.filter(pc.greater(keys.column("count_all"), 1))
-            if duplicated.num_rows:
-                sample = duplicated.drop_columns(["count_all"]).slice(0, 3).to_pylist()
-                raise BadInputError(
-                    f"{where}: {duplicated.num_rows} primary key value(s) on more than one row, e.g. {sample}; {fix}"
-                )
+        for name, count in nulls.items():
+            if count:
+                raise BadInputError(f"{where}: {count} row(s) with a null primary key ({name}); {fix}")
+        if duplicated:
+            raise BadInputError(
+                f"{where}: {len(duplicated)} primary key value(s) on more than one row, e.g. {duplicated[:3]}; {fix}"
+            )
         return item
+
+    def _arrow_duplicates(self, item: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
+        keys = pa.table({c: item.column(c) for c in self.key}).group_by(list(self.key)).aggregate([([], "count_all")])
+        return keys.filter(pc.greater(keys.column("count_all"), 1)).drop_columns(["count_all"]).to_pylist()
+
+
+def _is_null(value: Any) -> bool:
+    """None, or the NaN / NaT pandas reads for an empty CSV field."""
+    return value is None or value != value  # noqa: PLR0124 - NaN and NaT are the values not equal to themselves
+
+
+def is_child_endpoint(raw_table: dict[str, Any] | None) -> bool:
+    """Whether a REST table is read once per record of a parent (``resolve`` params or ``{…}`` in its path): two
+    parents may rightly get the same page, so :class:`PageLoopGuard` does not apply."""
+    endpoint = (raw_table or {}).get("endpoint")
+    if isinstance(endpoint, str):
+        return "{" in endpoint
+    if not isinstance(endpoint, dict):
+        return False
+    params = endpoint.get("params") or {}
+    resolved = any(isinstance(v, dict) and v.get("type") == "resolve" for v in params.values())
+    return resolved or "{" in str(endpoint.get("path", ""))
 
 
 class PageLoopGuard(ItemTransform[Any, dict[str, Any]]):

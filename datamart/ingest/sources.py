@@ -10,7 +10,7 @@ from typing import Any
 import dlt
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader
+from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader, is_child_endpoint
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
@@ -99,7 +99,7 @@ def build_resources(
         relax_not_null(resource, table)
         if table.primary_key:
             resource.add_step(KeyCheck(pipeline, table, table.primary_key))  # a null or duplicated key stops here
-        if pipeline.kind == "rest_api":
+        if pipeline.kind == "rest_api" and not is_child_endpoint(pipeline.raw_tables.get(table.name)):
             resource.add_step(PageLoopGuard(pipeline, table))  # an API serving the same page again stops here
         if table.deletes:
             apply_delete_hints(resource, table)
