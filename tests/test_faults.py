@@ -383,7 +383,8 @@ def test_sigkill_during_load(stack: Stack) -> None:
                 "the COPY into raw_app_db.stats_events", lambda: waiting_statements(stack.warehouse_url, copy), run
             )
             # the merge tables' jobs of the same package went through meanwhile: the package is half loaded
-            assert packages(stack, "load/normalized/*/completed_jobs/missions.*")
+            missions_done = "load/normalized/*/completed_jobs/missions.*"
+            wait_until("the missions job of the same package loaded", lambda: packages(stack, missions_done), run)
             kill(run)
         finally:
             brake.close()
@@ -398,7 +399,7 @@ def test_sigkill_during_load(stack: Stack) -> None:
 def test_source_goes_away_mid_extract(stack: Stack) -> None:
     change_source(stack)
     with MartsReader(stack.warehouse_url) as reader:
-        run = stack.spawn("dlt", "pipeline", "app_db", "run", "--retries", "2")
+        run = stack.spawn("dlt", "pipeline", "app_db", "run", "--retries", "1")
         wait_until("an extract package being written", lambda: extracting(stack), run)
         stack.admin(f"ALTER DATABASE {stack.source_db} WITH ALLOW_CONNECTIONS false")
         try:
@@ -408,7 +409,6 @@ def test_source_goes_away_mid_extract(stack: Stack) -> None:
             stack.admin(f"ALTER DATABASE {stack.source_db} WITH ALLOW_CONNECTIONS true")
     reader.assert_served_last_good_data()
     output = stack.logs[-1].read_text()
-    assert "retry 2/2" in output
     assert "error: pipeline 'app_db' failed" in output and "could not be reached" in output
     stack.run("dlt", "pipeline", "app_db", "run")
     assert_no_drift(stack)
@@ -419,7 +419,7 @@ def test_warehouse_goes_away_mid_load(stack: Stack) -> None:
     change_source(stack)
     with MartsReader(stack.warehouse_url) as reader:
         brake = locked(stack.warehouse_url, "raw_app_db.stats_events")
-        run = stack.spawn("dlt", "pipeline", "app_db", "run", "--retries", "2")
+        run = stack.spawn("dlt", "pipeline", "app_db", "run", "--retries", "1")
         copy = 'COPY "raw_app_db"."stats_events"%'
         try:
             wait_until(
