@@ -11,6 +11,7 @@ import psycopg2
 from sqlmesh.utils.errors import SQLMeshError
 
 from datamart.environments import check_environment
+from datamart.flow import RunFailed
 from datamart.ingest.declarations import DeclarationError
 from datamart.ingest.runner import root_cause
 from datamart.redact import redact
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, DeclarationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(exc, file=sys.stderr)
     except WAREHOUSE_UNREACHABLE as exc:
         print(
             redact(

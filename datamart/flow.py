@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import TextIO
 
 from datamart.ingest.cli import failure_message, run_with_retries
-from datamart.ingest.declarations import PipelineDecl, load_all, load_named
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
 from datamart.ingest.runner import PipelineRun, format_loads
 from datamart.ingest.sources import bucket_url, source_credentials
-from datamart.settings import PROJECT_ROOT, Warehouse, resolve_warehouse
+from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, resolve_warehouse
 from datamart.transform import TransformRun, apply_prod
 
 DEMO_SOURCE = "app_db"
 DEMO_BUCKET = "bucket"
+
+
+class RunFailed(RuntimeError):
+    """A pipeline of the flow failed; the message names pipeline, step, table and what to do (cli.failure_message)."""
 
 
 @dataclass
@@ -85,9 +89,14 @@ def run_flow(
             print("demo: wrote .dlt/secrets.toml with a random pseudonymisation key", file=out)
         ensure_demo_data(out)
     flow = FlowRun(warehouse=warehouse)
-    flow.pipelines, failures = run_pipelines(warehouse, pipelines_dir=pipelines_dir, keep_going=False, out=out)
+    flow.pipelines, failures = run_pipelines(
+        warehouse, pipelines_dir=pipelines_dir, keep_going=False, out=out, report_failures=False
+    )
     if failures:
-        raise failures[0].error
+        error = failures[0].error
+        if isinstance(error, DeclarationError | SettingsError):
+            raise error
+        raise RunFailed(failures[0].message() + "\nThe published views were not changed.") from error
     print("[sqlmesh] planning and applying prod", file=out)
     flow.transform = apply_prod(warehouse)
     flow.elapsed = time.monotonic() - started
@@ -104,12 +113,13 @@ def run_pipelines(
     names: list[str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    report_failures: bool = True,
 ) -> tuple[list[PipelineRun], list[PipelineFailure]]:
     """Every declared pipeline, each with ``dlt pipeline <name> run``'s retries and backoff on transient errors.
 
     ``keep_going``: a failed pipeline does not stop the next ones (scheduled runs); otherwise stop at the first.
     ``names``: only these pipelines (an unknown name raises DeclarationError). The one loop shared by ``make run``
-    and ``make scheduled``.
+    and ``make scheduled``. ``report_failures``: print each failure's message to ``err`` (else the caller does).
     """
     declarations = [load_named(n) for n in names] if names else load_all()
     runs: list[PipelineRun] = []
@@ -122,7 +132,8 @@ def run_pipelines(
             )
         except Exception as exc:  # noqa: BLE001 - kept with its pipeline, reported by the caller
             failures.append(PipelineFailure(decl, exc))
-            print(failures[-1].message(), file=err)
+            if report_failures:
+                print(failures[-1].message(), file=err)
             if not keep_going:
                 break
             continue

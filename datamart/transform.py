@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlmesh.utils.errors import AuditError, NodeAuditsErrors, PlanError, SQLMeshError
 
 from datamart.grants import GrantReport, apply_metabase_grants
 from datamart.ingest.ops import ensure_ops_tables
 from datamart.review.gate import enforce
 from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, quote_identifier
+
+
+class PromotionError(SQLMeshError):
+    """A prod plan failed; the message names each model and audit that failed and what to do."""
 
 
 @dataclass
@@ -40,15 +49,21 @@ def apply_prod(warehouse: Warehouse, project: Path | None = None) -> TransformRu
 
     A prod plan rebuilds only changed models. Data loaded by dlt since the last prod plan (by this command or by
     ``dlt pipeline <name> run`` alone) is found in each raw dataset's ``_dlt_loads`` table; the external models of
-    those datasets are restated (SQLMesh restates everything downstream of them). A failing audit raises before the
-    views are swapped, so prod keeps serving the previous version.
+    those datasets are restated (SQLMesh restates everything downstream of them, one model after the other, each in
+    one transaction). A failing audit raises a :class:`PromotionError` naming the model and the audit, before the
+    views are swapped and before the models downstream of it are rebuilt: those keep serving their previous data.
     """
     started = time.monotonic()
     ensure_ops_tables(warehouse)  # marts.data_freshness_v1 reads them, even before any pipeline ran
     context = sqlmesh_context(warehouse, project)
     enforce(context, project, warehouse)
-    result = TransformRun()
     prod = context.state_reader.get_environment("prod")
+    with audits_named_on_failure():
+        return _apply_prod(warehouse, context, prod, started)
+
+
+def _apply_prod(warehouse: Warehouse, context: Any, prod: Any, started: float) -> TransformRun:
+    result = TransformRun()
     plan = context.plan("prod", auto_apply=True, no_prompts=True)
     built = {s.name: s for s in plan.new_snapshots}
     if prod is not None and prod.finalized_ts:
@@ -65,6 +80,46 @@ def apply_prod(warehouse: Warehouse, project: Path | None = None) -> TransformRu
     result.grants = apply_metabase_grants(warehouse)  # after every promotion: a view swap drops the views' grants
     result.elapsed = time.monotonic() - started
     return result
+
+
+@contextmanager
+def audits_named_on_failure() -> Iterator[None]:
+    """Turn SQLMesh's bare "Plan application failed." into an error naming each failed model and audit.
+
+    SQLMesh logs the audit errors (at INFO, from its scheduler or plan evaluator) and raises a PlanError without them.
+    """
+    failed: list[AuditError] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            error = record.exc_info[1] if record.exc_info else None
+            while error is not None:
+                if isinstance(error, NodeAuditsErrors):
+                    failed.extend(error.errors)
+                error = error.__cause__
+
+    sqlmesh_logger = logging.getLogger("sqlmesh")
+    handler, level = Collect(logging.INFO), sqlmesh_logger.level
+    sqlmesh_logger.addHandler(handler)
+    sqlmesh_logger.setLevel(logging.INFO)
+    try:
+        yield
+    except PlanError as exc:
+        if not failed:
+            raise
+        lines = [
+            f"model {e.model_name or '?'}: audit {e.audit_name} failed on {e.count} row(s); the rows: {e.sql()}"
+            for e in failed
+        ]
+        raise PromotionError(
+            "the prod plan stopped on failing audits, the models that depend on them were not rebuilt and the "
+            "published views keep their previous data:\n"
+            + "\n".join(lines)
+            + "\nFix the source data (the next run loads the corrected rows) or the model, then run again."
+        ) from exc
+    finally:
+        sqlmesh_logger.removeHandler(handler)
+        sqlmesh_logger.setLevel(level)
 
 
 def datasets_loaded_since(warehouse: Warehouse, datasets: set[str], since_ms: int) -> set[str]:

@@ -108,17 +108,61 @@ def run_with_retries(
 
 
 def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
-    """One paragraph: which pipeline and step failed, the root error, and what to run next."""
+    """One paragraph: which pipeline, step and table failed, the root error, and what to run next."""
+    from dlt.common.schema.exceptions import DataValidationError
+    from dlt.extract.exceptions import PipeException
+    from dlt.extract.incremental.exceptions import IncrementalCursorPathHasValueNone
+    from sqlalchemy.exc import NoSuchTableError
+
     step = getattr(exc, "step", None)
     where = f" at step {step}" if step else ""
-    hint = (
-        "the source or the warehouse could not be reached: check the connection, then rerun the same command"
-        if is_transient(exc)
-        else f"fix the cause (the source data, or the table's schema_contract in {decl.path.name}), then rerun "
-        f"`dlt pipeline {decl.name} run`: a failed load is never half-applied, and the next run discards it and "
-        "re-reads those rows from the source"
-    )
+    contract = _in_chain(exc, DataValidationError)
+    pipe = _in_chain(exc, PipeException)
+    no_table = _in_chain(exc, NoSuchTableError)
+    missing = repr(str(no_table)) if no_table is not None else None
+    table = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None) or missing
+    if table:
+        where += f", table {table}"
+    if is_transient(exc):
+        hint = "the source or the warehouse could not be reached: check the connection, then rerun the same command"
+    elif _in_chain(exc, IncrementalCursorPathHasValueNone) is not None and table:
+        cursor = decl.table(table).cursor if table in {t.name for t in decl.tables} else "cursor"
+        hint = (
+            f"rows of {table} have no {cursor} value, and a cursor must be set on every row: fill it in the source, "
+            f"or declare another cursor for tables.{table} in {decl.path.name} (a column that is never null); "
+            "nothing of this run was loaded"
+        )
+    elif missing is not None:
+        hint = (
+            f"the source has no table {missing}: correct the table's name under tables: in {decl.path.name} "
+            "(names are matched exactly, as the source spells them), or set source.schema"
+        )
+    elif contract is not None and table:
+        hint = (
+            f"the source changed the type or size of {table}.{getattr(contract, 'column_name', '')}, which the "
+            f"warehouse table was created with: reload that table with `dlt pipeline {decl.name} run --table "
+            f"{table} --full-refresh`, or declare schema_contract: {{data_type: evolve}} on it in {decl.path.name} "
+            "(a variant column); nothing of this run was loaded"
+        )
+    else:
+        hint = (
+            f"fix the cause (the source data, or the table's schema_contract in {decl.path.name}), then rerun "
+            f"`dlt pipeline {decl.name} run`: a failed load is never half-applied, and the next run discards it and "
+            "re-reads those rows from the source"
+        )
     return redact(f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}")
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``exc``'s cause/context chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def describe_plan(

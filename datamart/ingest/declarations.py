@@ -6,6 +6,7 @@ A declaration says what to load and how; the connection itself is a secret looke
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,13 @@ def load_declaration(path: Path) -> PipelineDecl:
         raise _fail(path, "source.kind", f"{kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     if not raw.get("dataset"):
         raise _fail(path, "dataset", "missing: the warehouse schema to load into, e.g. raw_<source>")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(raw["dataset"])):
+        raise _fail(
+            path,
+            "dataset",
+            f"{raw['dataset']!r} is not a plain schema name: use lowercase letters, digits and _, e.g. raw_<source> "
+            f"(dlt would load into {warehouse_name(str(raw['dataset']))!r} instead)",
+        )
     tables_raw = raw.get("tables") or {}
     if not tables_raw:
         raise _fail(path, "tables", "declare at least one table")
@@ -220,6 +228,14 @@ def _check_deletes(
             raise _fail(path, f"{where}.deletes.hard", "key_set compares keys with a SQL source: sql_database only")
         if not primary_key:
             raise _fail(path, f"{where}.deletes.hard", "key_set needs the table's primary_key")
+
+
+def warehouse_name(identifier: str) -> str:
+    """How dlt names a declared table or column in the warehouse (its snake_case naming convention):
+    ``Order Lines`` becomes ``order_lines``, ``Line ID`` becomes ``line_id``."""
+    from dlt.common.normalizers.naming.snake_case import NamingConvention
+
+    return NamingConvention().normalize_identifier(identifier)
 
 
 def load_all(directory: Path = PIPELINES_DIR) -> list[PipelineDecl]:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.declarations import PipelineDecl, TableDecl
+from datamart.ingest.declarations import PipelineDecl, TableDecl, warehouse_name
 from datamart.settings import Warehouse, quote_identifier
 
 DELETED_MARKER = "_datamart_deleted_at"
@@ -106,10 +106,11 @@ def _source_keys(source_url: str, schema: str | None, table: TableDecl) -> pa.Ta
 
 def _warehouse_keys(warehouse: Warehouse, dataset: str, table: TableDecl) -> pa.Table | None:
     """The primary-key columns of the loaded table, or None when it was never loaded."""
-    if not warehouse.table_exists(dataset, table.name):
+    dataset, name = warehouse_name(dataset), warehouse_name(table.name)  # as dlt named them
+    if not warehouse.table_exists(dataset, name):
         return None
-    columns = ", ".join(quote_identifier(c) for c in table.primary_key)
-    rows = warehouse.query(f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(table.name)}")
+    columns = ", ".join(quote_identifier(warehouse_name(c)) for c in table.primary_key)
+    rows = warehouse.query(f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(name)}")
     return _to_arrow(table.primary_key, [rows])
 
 

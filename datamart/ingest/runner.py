@@ -11,7 +11,7 @@ from pathlib import Path
 import dlt
 from dlt.common import logger
 
-from datamart.ingest.declarations import PipelineDecl
+from datamart.ingest.declarations import PipelineDecl, warehouse_name
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
 from datamart.ingest.sources import build_deletions, build_resources, check_secrets
@@ -41,6 +41,7 @@ class PipelineRun:
     dataset: str
     elapsed: float
     tables: list[TableLoad] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a load left pending by a killed run, finished first
 
     @property
     def rows_loaded(self) -> int:
@@ -115,8 +116,7 @@ def _run_pipeline(
     check_secrets(decl, tables)
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
     pipeline.sync_destination()  # a fresh worker continues from the state kept in the warehouse
-    if pipeline.has_pending_data:
-        finish_or_abort_pending(pipeline)
+    notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
     resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
@@ -126,7 +126,7 @@ def _run_pipeline(
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
     after = count_rows(pipeline, names)
-    written = count_rows(pipeline, [n for n in names if row_counts.get(n)], load_ids=list(info.loads_ids))
+    written = count_rows(pipeline, [n for n in names if row_counts.get(warehouse_name(n))], list(info.loads_ids))
     deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables)
     if deletion_resources:
         pipeline.run(deletion_resources).raise_on_failed_jobs()
@@ -134,7 +134,7 @@ def _run_pipeline(
     totals = count_rows(pipeline, names) if deletion_resources else after
     loads = []
     for name in names:
-        read = int(row_counts.get(name, 0))
+        read = int(row_counts.get(warehouse_name(name), 0))
         split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name, 0))
         loads.append(
             TableLoad(
@@ -149,7 +149,9 @@ def _run_pipeline(
                 **split,
             )
         )
-    return PipelineRun(pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads)
+    return PipelineRun(
+        pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads, notes=notes
+    )
 
 
 def _split(disposition: str, read: int, before: int, after: int, written: int) -> dict[str, int]:
@@ -167,8 +169,12 @@ def _split(disposition: str, read: int, before: int, after: int, written: int) -
     return {"inserted": inserted, "updated": max(written - inserted, 0), "soft_deleted": soft_deleted}
 
 
-def finish_or_abort_pending(pipeline: dlt.Pipeline) -> None:
+def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
     """Load what a previous run left pending; if it fails for good, abort it so this run re-reads the source.
+
+    A run killed after its extract (during normalize or load) leaves its package in the working directory, with
+    the incremental state that goes with it: finishing it loads exactly those rows, then this run reads what
+    changed since. Returns a line for the summary.
 
     dlt would otherwise retry the same broken package at every run and skip every new extract (a type change, a
     value the warehouse refuses…). Aborting restores the incremental state of before that package, so the rows
@@ -185,6 +191,8 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> None:
             root_cause(exc),
         )
         pipeline.abort_packages()
+        return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again"
+    return "completed a load left pending by an earlier run (interrupted or killed) before reading the source"
 
 
 def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
@@ -193,7 +201,10 @@ def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
         return {t: [] for t in tables}
     schema_tables = pipeline.default_schema.tables
     internal = ("_dlt", "_datamart")  # dlt's columns and our deletion marker
-    return {t: [c for c in schema_tables.get(t, {}).get("columns", {}) if not c.startswith(internal)] for t in tables}
+    return {
+        t: [c for c in schema_tables.get(warehouse_name(t), {}).get("columns", {}) if not c.startswith(internal)]
+        for t in tables
+    }
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -239,7 +250,7 @@ def count_rows(pipeline: dlt.Pipeline, tables: list[str], load_ids: list[str] | 
                 where = ""
                 if load_ids:  # ids dlt generated (epoch seconds): safe to inline
                     where = " WHERE _dlt_load_id IN (" + ", ".join(f"'{i}'" for i in load_ids) + ")"
-                statement = f"SELECT count(*) FROM {client.make_qualified_table_name(table)}{where}"
+                statement = f"SELECT count(*) FROM {client.make_qualified_table_name(warehouse_name(table))}{where}"
                 with client.execute_query(statement) as cursor:
                     counts[table] = int(cursor.fetchone()[0])
             except DatabaseUndefinedRelation:  # nothing ever loaded into it (e.g. no file yet)
@@ -272,6 +283,7 @@ def format_loads(runs: list[PipelineRun]) -> str:
     ]
     if changes:
         lines += ["schema changes:", *changes]
+    lines += [f"{run.pipeline}: {note}" for run in runs for note in run.notes]
     seconds = sum(run.elapsed for run in runs)
     lines.append(f"{len(runs)} pipeline(s) in {seconds:.1f}s")
     return "\n".join(lines)

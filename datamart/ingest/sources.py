@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import dlt
 from dlt.extract.resource import DltResource
 
+from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader, is_child_endpoint
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
@@ -95,6 +97,10 @@ def build_resources(
             resource.add_map(personal_data_map(pipeline.name, table.name, table.personal))
             _rewrite_column_hints(resource, table.personal)
         relax_not_null(resource, table)
+        if table.primary_key:
+            resource.add_step(KeyCheck(pipeline, table, table.primary_key))  # a null or duplicated key stops here
+        if pipeline.kind == "rest_api" and not is_child_endpoint(pipeline.raw_tables.get(table.name)):
+            resource.add_step(PageLoopGuard(pipeline, table))  # an API serving the same page again stops here
         if table.deletes:
             apply_delete_hints(resource, table)
         contract = {**DEFAULT_CONTRACTS.get(pipeline.kind, {}), **table.schema_contract}
@@ -105,12 +111,17 @@ def build_resources(
 
 
 def check_columns_exist(pipeline: PipelineDecl, table: TableDecl, resource: DltResource) -> None:
-    """Stop before anything is loaded when a declared cursor or key column is not in the source table."""
+    """Stop before anything is loaded when a declared cursor, key or soft-delete column is not in the source table."""
     columns = resource.columns if isinstance(resource.columns, dict) else {}
     if not columns:
         return  # minimal reflection (variant mode): the source is checked by the query itself
     available = set(columns) | {year_column(c) for c, t in table.personal.items() if t == "year"}
-    for key, names in (("cursor", [table.cursor] if table.cursor else []), ("primary_key", list(table.primary_key))):
+    checked = (
+        ("cursor", [table.cursor] if table.cursor else []),
+        ("primary_key", list(table.primary_key)),
+        ("deletes.soft", [table.deletes["soft"]] if table.deletes.get("soft") else []),
+    )
+    for key, names in checked:
         missing = [n for n in names if n not in available]
         if missing:
             raise DeclarationError(
@@ -227,23 +238,32 @@ def _select_adapter(coarsened: list[str], table: TableDecl, known: list[str], he
 def _incremental(table: TableDecl) -> dlt.sources.incremental[Any] | None:
     if not table.cursor:
         return None
+    cursor = cursor_path(table.cursor)
     if table.write_disposition == "merge":
         # Rows sharing the last cursor value are re-read (closed range) and de-duplicated by primary key in the
         # state, so a run with no source change loads nothing.
-        return dlt.sources.incremental(table.cursor, lag=table.lag)
+        return dlt.sources.incremental(cursor, lag=table.lag)
     # Append tables with a strictly growing cursor (ids): start strictly after the last value seen.
-    return dlt.sources.incremental(table.cursor, range_start="open")
+    return dlt.sources.incremental(cursor, range_start="open")
+
+
+def cursor_path(column: str) -> str:
+    """dlt's cursor path of a column: the name itself, or quoted when it is not a plain identifier (``Updated At``
+    would be read as a JSONPath expression)."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", column):
+        return column
+    return '"' + column.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
-    from dlt.sources.filesystem import filesystem, read_csv, read_jsonl, read_parquet
+    from dlt.sources.filesystem import filesystem
 
     url = bucket_url(pipeline)
     files = filesystem(bucket_url=url, file_glob=str(table.files), **_fs_credentials(pipeline, url))
     if table.cursor:
         files.apply_hints(incremental=dlt.sources.incremental(table.cursor))
-    reader = {"csv": read_csv, "parquet": read_parquet, "jsonl": read_jsonl}[str(table.format)]
-    resource = (files | reader()).with_name(table.name)
+    # dlt's readers, one file at a time: a file that cannot be read is named in the error (see checks.py)
+    resource = (files | checked_file_reader(pipeline, table)).with_name(table.name)
     resource.apply_hints(
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,

@@ -1,0 +1,164 @@
+"""Bad input stops at extract, before anything is loaded, with an error naming the pipeline, the table, the file or
+column, and the fix.
+
+- Files are read one by one by dlt's own readers; a file they cannot read (truncated, malformed, not UTF-8) stops
+  the run with its name. CSV files are checked first, line by line: a row with a wrong number of fields (a
+  truncated file often ends with one) is an error, never a row of nulls. An empty (0-byte) file is skipped with a
+  warning: when it is written again, its new modification date makes the next run read it.
+- Primary-key columns are checked in each extracted chunk: a null key, or a key twice in one chunk, stops the run
+  (a merge would keep one arbitrary row of the duplicates, an append would load both).
+- A REST page identical to one already received means the API is looping through the same pages: the run stops
+  instead of requesting pages forever (top-level endpoints; a child endpoint read per parent record may rightly
+  return the same page twice).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import dlt
+import pyarrow as pa
+import pyarrow.compute as pc
+from dlt.common import logger
+from dlt.common.storages.fsspec_filesystem import FileItemDict
+from dlt.extract.items_transform import ItemTransform
+from dlt.extract.resource import DltResource
+
+from datamart.ingest.declarations import PipelineDecl, TableDecl
+
+
+class BadInputError(ValueError):
+    """Source data the pipeline refuses to load; the message names pipeline, table, file or column and the fix."""
+
+
+def checked_file_reader(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
+    """A transformer reading each listed file with dlt's reader of the table's format, naming the file on error."""
+    from dlt.sources.filesystem.readers import _read_csv, _read_jsonl, _read_parquet
+
+    read = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}[str(table.format)]
+
+    @dlt.transformer(name=f"read_{table.format}")
+    def read_files(items: Iterable[FileItemDict]) -> Iterator[Any]:
+        for item in items:
+            if item.get("size_in_bytes") == 0:
+                logger.warning(
+                    f"pipeline '{pipeline.name}', table {table.name}: file {item['file_name']} is empty, skipped "
+                    "(it is read when it is written again)"
+                )
+                continue
+            where = f"pipeline '{pipeline.name}', table {table.name}: file {item['file_name']}"
+            fix = f"replace or remove the file in the bucket, then rerun `dlt pipeline {pipeline.name} run`"
+            if table.format == "csv":
+                check_csv(item, where, fix)
+            try:
+                yield from read([item])
+            except Exception as exc:  # noqa: BLE001 - any reader failure names the file, then stops the run
+                raise BadInputError(f"{where} cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
+
+    return read_files
+
+
+def check_csv(item: FileItemDict, where: str, fix: str) -> None:
+    """Stop on a CSV file that is not UTF-8, has a row with a wrong number of fields, or ends inside a quote."""
+    line = 1
+    try:
+        with item.open(mode="rb") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+            reader = csv.reader(text, strict=True)
+            header = next(reader, None)
+            for row in reader:
+                line = reader.line_num
+                if row and len(row) != len(header or []):
+                    raise BadInputError(
+                        f"{where}: line {line} has {len(row)} fields, the header {len(header or [])} "
+                        f"(a truncated or malformed file); {fix}"
+                    )
+    except UnicodeDecodeError as exc:
+        raise BadInputError(
+            f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}): export it as UTF-8; {fix}"
+        ) from None
+    except csv.Error as exc:
+        raise BadInputError(f"{where}: line {line + 1}: {exc} (a truncated or malformed file); {fix}") from None
+
+
+class KeyCheck(ItemTransform[Any, dict[str, Any]]):
+    """Stops on a null primary-key value, or a key present twice in one extracted chunk."""
+
+    def __init__(self, pipeline: PipelineDecl, table: TableDecl, key: tuple[str, ...]) -> None:
+        super().__init__(lambda item: item)
+        self.pipeline, self.table, self.key = pipeline, table, key
+
+    def __call__(self, item: Any, meta: Any = None) -> Any:
+        """Check the chunk and pass it on unchanged."""
+        if isinstance(item, pa.Table | pa.RecordBatch):
+            if not all(c in item.schema.names for c in self.key):
+                return item  # the declared key was checked against the source's columns before the run
+            nulls = {c: item.column(c).null_count for c in self.key}
+            duplicated = self._arrow_duplicates(item) if not any(nulls.values()) else []
+        elif isinstance(item, list) and item and isinstance(item[0], dict):
+            nulls = {c: sum(1 for row in item if _is_null(row.get(c))) for c in self.key}
+            counts = Counter(tuple(row.get(c) for c in self.key) for row in item)
+            duplicated = [dict(zip(self.key, k, strict=True)) for k, n in counts.items() if n > 1]
+        else:
+            return item
+        where = f"pipeline '{self.pipeline.name}', table {self.table.name}"
+        fix = f"fix those rows in the source, or declare the right primary_key in {self.pipeline.path.name}"
+        for name, count in nulls.items():
+            if count:
+                raise BadInputError(f"{where}: {count} row(s) with a null primary key ({name}); {fix}")
+        if duplicated:
+            raise BadInputError(
+                f"{where}: {len(duplicated)} primary key value(s) on more than one row, e.g. {duplicated[:3]}; {fix}"
+            )
+        return item
+
+    def _arrow_duplicates(self, item: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
+        keys = pa.table({c: item.column(c) for c in self.key}).group_by(list(self.key)).aggregate([([], "count_all")])
+        return keys.filter(pc.greater(keys.column("count_all"), 1)).drop_columns(["count_all"]).to_pylist()
+
+
+def _is_null(value: Any) -> bool:
+    """None, or the NaN / NaT pandas reads for an empty CSV field."""
+    return value is None or value != value  # noqa: PLR0124 - NaN and NaT are the values not equal to themselves
+
+
+def is_child_endpoint(raw_table: dict[str, Any] | None) -> bool:
+    """Whether a REST table is read once per record of a parent (``resolve`` params or ``{…}`` in its path): two
+    parents may rightly get the same page, so :class:`PageLoopGuard` does not apply."""
+    endpoint = (raw_table or {}).get("endpoint")
+    if isinstance(endpoint, str):
+        return "{" in endpoint
+    if not isinstance(endpoint, dict):
+        return False
+    params = endpoint.get("params") or {}
+    resolved = any(isinstance(v, dict) and v.get("type") == "resolve" for v in params.values())
+    return resolved or "{" in str(endpoint.get("path", ""))
+
+
+class PageLoopGuard(ItemTransform[Any, dict[str, Any]]):
+    """Stops when a REST endpoint returns a page it already returned (a pagination loop)."""
+
+    def __init__(self, pipeline: PipelineDecl, table: TableDecl) -> None:
+        super().__init__(lambda item: item)
+        self.pipeline, self.table = pipeline, table
+        self.seen: set[str] = set()
+
+    def __call__(self, item: Any, meta: Any = None) -> Any:
+        """Remember the page's digest; a repeat stops the run."""
+        if not isinstance(item, list) or not item:
+            return item
+        digest = hashlib.sha256(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()
+        if digest in self.seen:
+            raise BadInputError(
+                f"pipeline '{self.pipeline.name}', table {self.table.name}: the API returned a page it had already "
+                f"returned, after {len(self.seen)} page(s): its pagination loops. Check the endpoint's paginator in "
+                f"{self.pipeline.path.name} (e.g. page_number needs total_path or maximum_page), or the API itself"
+            )
+        self.seen.add(digest)
+        return item
