@@ -155,6 +155,7 @@ def summary(flow: FlowRun) -> str:
         lines.append(f"Published views (what Metabase reads): {', '.join(transform.published_views)}")
         if transform.grants is not None:
             lines.append(transform.grants.format())
-        if transform.published_views:
-            lines.append(f"Query one: {flow.warehouse.query_hint(transform.published_views[0])}")
+        business = [v for v in transform.published_views if "freshness" not in v] or transform.published_views
+        if business:
+            lines.append(f"Query one: {flow.warehouse.query_hint(business[0])}")
     return "\n".join(lines)
