@@ -178,8 +178,15 @@ def test_scheduled_run_bad_input_exits_2(demo: Demo) -> None:
     assert "unknown step(s) no_such_step; the steps are pipelines, sqlmesh_run" in result.stderr
 
 
+def _make_dry_run(target: str) -> subprocess.CompletedProcess[str]:
+    """``make -n target`` as a person would type it (not as a sub-make of ``make test``, which adds its own lines)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    command = ["make", "--no-print-directory", "-n", target]
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=True)
+
+
 def test_make_scheduled_runs_the_documented_command() -> None:
-    dry = subprocess.run(["make", "-n", "scheduled"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    dry = _make_dry_run("scheduled")
     assert dry.stdout.strip().splitlines()[-1] == ".venv/bin/python -m datamart scheduled"
 
 
@@ -448,7 +455,7 @@ def test_failed_restore_leaves_the_instance_as_it_was(pg_database_factory, tmp_p
 
 
 def _makefile_command(target: str) -> list[str]:
-    dry = subprocess.run(["make", "-n", target], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    dry = _make_dry_run(target)
     return shlex.split(dry.stdout.strip().splitlines()[-1])
 
 

@@ -42,7 +42,8 @@ def run_command(
             for table in tables or []:
                 decl.table(table)  # unknown table: stops here, before anything runs
         warehouse = resolve_warehouse(target)
-        check_environment(warehouse)  # prod credentials with DATAMART_ENV=dev (or the reverse) stop here
+        if dry_run:  # a run checks it under the pipeline's lock (runner.run_pipeline)
+            check_environment(warehouse)  # prod credentials with DATAMART_ENV=dev (or the reverse) stop here
     except (DeclarationError, SettingsError) as exc:
         print(f"error: {exc}", file=err)
         return 2

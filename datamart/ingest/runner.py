@@ -11,6 +11,7 @@ from pathlib import Path
 import dlt
 from dlt.common import logger
 
+from datamart.environments import check_environment
 from datamart.ingest.declarations import PipelineDecl, warehouse_name
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
@@ -97,6 +98,7 @@ def run_pipeline(
         return _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
     check_secrets(decl, tables)  # a missing secret stops before anything, even the run record, is written
     with pipeline_lock(warehouse, decl.name, wait=wait):
+        check_environment(warehouse)  # inside the lock: on DuckDB the holder of the file may be the other run
         with recorded_run(warehouse, decl.name, decl.dataset, tables, full_refresh) as record_:
             run = _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
             record_.succeeded(run)
