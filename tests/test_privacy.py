@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -28,9 +27,10 @@ from datamart.privacy.cli import check_command
 from datamart.privacy.erasure import find_traces
 from datamart.privacy.lineage import check_published_lineage, violations
 from datamart.privacy.register import REGISTER_PATH, render_register
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import Warehouse
 from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.privacy import OTHER, expected_volunteer_activity
+from datamart.testing.project import copy_project, edit
 from datamart.transform import published_views, sqlmesh_context
 
 KEY = "privacy-test-key"
@@ -40,23 +40,7 @@ RARE_DEPARTMENT = "48"  # Lozère: exactly 3 volunteers in the demo, whatever th
 
 def _copy_project(tmp_path: Path) -> Path:
     """A copy of what SQLMesh reads (no unit tests: the changed models contradict them on purpose)."""
-    keep = {"config.yaml", "external_models.yaml", "models", "audits", "macros"}
-    project = tmp_path / "project"
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        if Path(folder) == PROJECT_ROOT:
-            return {n for n in names if n not in keep}
-        return {n for n in names if n in ("__pycache__", ".cache")}
-
-    shutil.copytree(PROJECT_ROOT, project, ignore=ignore)
-    return project
-
-
-def _edit(project: Path, relative: str, old: str, new: str) -> None:
-    path = project / relative
-    text = path.read_text()
-    assert text.count(old) == 1, f"{old!r} not found once in {relative}"
-    path.write_text(text.replace(old, new))
+    return copy_project(tmp_path / "project")
 
 
 def _context(tmp_path: Path, project: Path | None = None) -> Any:
@@ -116,7 +100,7 @@ def _project_publishing(tmp_path: Path, column: str, group_by: str = "") -> Path
     project = _copy_project(tmp_path)
     staging = "models/staging/app_db/stg_app_db__volunteers.sql"
     for old, new in (PSEUDONYM_IN_STAGING, PSEUDONYM_CLEANED, PSEUDONYM_SELECTED):
-        _edit(project, staging, old, new)
+        edit(project, staging, old, new)
     (project / "models/intermediate/int_volunteer_pseudonyms.sql").write_text(INTERMEDIATE)
     (project / "models/marts/volunteer_reach_v1.sql").write_text(MART.format(column=column, group_by=group_by))
     return project
@@ -165,7 +149,7 @@ def test_a_count_of_distinct_pseudonyms_passes(tmp_path: Path) -> None:
 def test_other_aggregates_and_undeclared_uses_are_refused(tmp_path: Path) -> None:
     project = _project_publishing(tmp_path, "MAX(pseudonym) AS last_pseudonym", "GROUP BY\n  department")
     # and the birth decade without its declaration
-    _edit(project, ACTIVITY, "  tags (\n    'personal:birth_decade'\n  ),\n", "")
+    edit(project, ACTIVITY, "  tags (\n    'personal:birth_decade'\n  ),\n", "")
     refused = violations(check_published_lineage(_context(tmp_path, project)))
     assert sorted((f.model, f.column, f.source_column) for f in refused) == [
         ("marts.volunteer_activity_v1", "birth_decade", "app_db.volunteers.birth_date"),
@@ -280,9 +264,9 @@ def _failed_audits(records: list[logging.LogRecord]) -> set[str]:
 
 def test_the_audit_fails_when_the_macro_is_removed(flow: Flow, caplog: pytest.LogCaptureFixture) -> None:
     project = _copy_project(flow.tmp / f"no-macro-{uuid.uuid4().hex[:6]}")
-    _edit(project, ACTIVITY, "@merge_small_cell(volunteers, department, 'other')", "department")
-    _edit(project, ACTIVITY, "@merge_small_cell(volunteers, birth_decade, NULL)", "birth_decade")
-    _edit(project, ACTIVITY, "  HAVING\n    SUM(volunteers) >= @small_cell_threshold()\n", "")
+    edit(project, ACTIVITY, "@merge_small_cell(volunteers, department, 'other')", "department")
+    edit(project, ACTIVITY, "@merge_small_cell(volunteers, birth_decade, NULL)", "birth_decade")
+    edit(project, ACTIVITY, "  HAVING\n    SUM(volunteers) >= @small_cell_threshold()\n", "")
     context = sqlmesh_context(flow.warehouse, project)
     caplog.set_level(logging.INFO, logger="sqlmesh")
     try:

@@ -25,6 +25,7 @@ from datamart.review.gate import GateError, gate_input, run_checks
 from datamart.review.run import DEFAULT_OUTPUT
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.postgres import create_database, drop_database
+from datamart.testing.project import copy_project, edit
 from datamart.transform import apply_prod, sqlmesh_context
 
 pytestmark = pytest.mark.slow
@@ -100,32 +101,14 @@ def prod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 def _copy_project(root: Path, name: str) -> Path:
-    """A copy of what SQLMesh reads (config, models, audits, macros, external models, unit tests): the branch."""
-    project = root / "branches" / name
-    keep = {"config.yaml", "external_models.yaml", "retired_views.yaml", "models", "audits", "macros", "tests"}
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        if Path(folder) == PROJECT_ROOT:
-            return {n for n in names if n not in keep}
-        if Path(folder) == PROJECT_ROOT / "tests":
-            return {n for n in names if not n.endswith(".yaml")}
-        return {n for n in names if n in ("__pycache__", ".cache")}
-
-    shutil.copytree(PROJECT_ROOT, project, ignore=ignore)
-    return project
-
-
-def _edit(project: Path, relative: str, old: str, new: str) -> None:
-    path = project / relative
-    text = path.read_text()
-    assert text.count(old) == 1, f"{old!r} is not found exactly once in {relative}"
-    path.write_text(text.replace(old, new))
+    """A copy of what SQLMesh reads, unit tests included: the branch."""
+    return copy_project(root / "branches" / name, unit_tests=True)
 
 
 def _drop_organization_kind(project: Path, model: str) -> None:
     """Remove organization_kind from a missions model's final SELECT and its column descriptions."""
-    _edit(project, model, "\n  organization_kind,\n  applications_total", "\n  applications_total")
-    _edit(project, model, "    organization_kind = 'Kind of organization: association, public_body or company.',\n", "")
+    edit(project, model, "\n  organization_kind,\n  applications_total", "\n  applications_total")
+    edit(project, model, "    organization_kind = 'Kind of organization: association, public_body or company.',\n", "")
 
 
 def _branch(prod: Prod, case: str) -> Path:
@@ -137,15 +120,15 @@ def _branch(prod: Prod, case: str) -> Path:
     if case == "removed":
         _drop_organization_kind(project, MISSIONS)
     elif case == "forward_only":  # another column than "removed": an identical model would reuse its snapshot
-        _edit(project, MISSIONS, "\n  department,\n  mission_status,\n", "\n  mission_status,\n")
+        edit(project, MISSIONS, "\n  department,\n  mission_status,\n", "\n  mission_status,\n")
     elif case == "renamed":
-        _edit(project, MISSIONS, "\n  places,\n  start_date,\n", "\n  places AS places_offered,\n  start_date,\n")
+        edit(project, MISSIONS, "\n  places,\n  start_date,\n", "\n  places AS places_offered,\n  start_date,\n")
     elif case == "retyped":
-        _edit(project, MISSIONS, "\n  places,\n  start_date,\n", "\n  CAST(places AS TEXT) AS places,\n  start_date,\n")
+        edit(project, MISSIONS, "\n  places,\n  start_date,\n", "\n  CAST(places AS TEXT) AS places,\n  start_date,\n")
     elif case == "added":
         declined = "applications_total - applications_accepted - applications_pending AS applications_declined"
-        _edit(project, MISSIONS, "  last_updated_at\nFROM", f"  last_updated_at,\n  {declined}\nFROM")
-        _edit(
+        edit(project, MISSIONS, "  last_updated_at\nFROM", f"  last_updated_at,\n  {declined}\nFROM")
+        edit(
             project,
             MISSIONS,
             "    last_updated_at = ",
@@ -155,13 +138,13 @@ def _branch(prod: Prod, case: str) -> Path:
     elif case == "v2":
         v2 = "models/marts/missions_v2.sql"
         shutil.copy(project / MISSIONS, project / v2)
-        _edit(project, v2, "name marts.missions_v1,", "name marts.missions_v2,")
+        edit(project, v2, "name marts.missions_v1,", "name marts.missions_v2,")
         _drop_organization_kind(project, v2)
     elif case == "personal":  # a published view of volunteers' keys: pseudonymous, still personal data
         (project / PERSONAL_MART).write_text(VOLUNTEER_KEYS_MART)
     elif case == "staging":
         model = "models/staging/app_db/stg_app_db__organizations.sql"
-        _edit(project, model, "TRIM(name) AS organization_name", "UPPER(TRIM(name)) AS organization_name")
+        edit(project, model, "TRIM(name) AS organization_name", "UPPER(TRIM(name)) AS organization_name")
     else:
         raise AssertionError(case)
     return project

@@ -10,7 +10,15 @@ from typing import Any, TextIO
 from datamart.environments import check_environment
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
 from datamart.ingest.lock import PipelineLocked
-from datamart.ingest.runner import PipelineRun, format_loads, is_transient, make_pipeline, root_cause, run_pipeline
+from datamart.ingest.runner import (
+    PipelineRun,
+    format_loads,
+    in_chain,
+    is_transient,
+    make_pipeline,
+    root_cause,
+    run_pipeline,
+)
 from datamart.redact import redact
 from datamart.settings import SettingsError, Warehouse, configure_environment, resolve_warehouse
 
@@ -117,16 +125,16 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
 
     step = getattr(exc, "step", None)
     where = f" at step {step}" if step else ""
-    contract = _in_chain(exc, DataValidationError)
-    pipe = _in_chain(exc, PipeException)
-    no_table = _in_chain(exc, NoSuchTableError)
+    contract = in_chain(exc, DataValidationError)
+    pipe = in_chain(exc, PipeException)
+    no_table = in_chain(exc, NoSuchTableError)
     missing = repr(str(no_table)) if no_table is not None else None
     table = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None) or missing
     if table:
         where += f", table {table}"
     if is_transient(exc):
         hint = "the source or the warehouse could not be reached: check the connection, then rerun the same command"
-    elif _in_chain(exc, IncrementalCursorPathHasValueNone) is not None and table:
+    elif in_chain(exc, IncrementalCursorPathHasValueNone) is not None and table:
         cursor = decl.table(table).cursor if table in {t.name for t in decl.tables} else "cursor"
         hint = (
             f"rows of {table} have no {cursor} value, and a cursor must be set on every row: fill it in the source, "
@@ -152,18 +160,6 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
             "re-reads those rows from the source"
         )
     return redact(f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}")
-
-
-def _in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of type ``kind`` in ``exc``'s cause/context chain."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def describe_plan(

@@ -222,14 +222,19 @@ def is_transient(exc: BaseException) -> bool:
         sqlalchemy.exc.OperationalError,
         DestinationTransientException,
     )
+    return in_chain(exc, transient) is not None
+
+
+def in_chain(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``exc``'s cause/context chain, or None."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, transient):
-            return True
+        if isinstance(current, kind):
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
 def root_cause(exc: BaseException) -> str:
