@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test demo-advance plan promote sqlmesh external-models lint format clean
+.PHONY: help install run test demo-advance plan promote sqlmesh external-models lint format clean bench
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse, e.g. make sqlmesh AR
 
 external-models: $(STAMP) ## Regenerate external_models.yaml from the dlt pipelines' schemas (after a source changes)
 	$(BIN)/python -m datamart.external_models
+
+bench: $(STAMP) ## Benchmark against COPY and dump/restore (throwaway PostgreSQL): make bench SCALE=500
+	$(BIN)/python bench/run.py --scale $(or $(SCALE),500)
 
 lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
 	$(BIN)/ruff check datamart tests

@@ -91,12 +91,16 @@ def _joined(keys: pa.Table) -> pa.Array:
 
 
 def _source_keys(source_url: str, schema: str | None, table: TableDecl) -> pa.Table:
-    """The primary-key columns of the source table, streamed in batches (no other column is read)."""
+    """The primary-key columns of the source table (no other column is read): one arrow read through connectorx
+    from PostgreSQL, else streamed in batches through SQLAlchemy."""
     engine = sa.create_engine(source_url)
     try:
         quote = engine.dialect.identifier_preparer.quote
         qualified = f"{quote(schema)}.{quote(table.name)}" if schema else quote(table.name)
         statement = f"SELECT {', '.join(quote(c) for c in table.primary_key)} FROM {qualified}"
+        if engine.dialect.name == "postgresql" and _has_connectorx():
+            url = engine.url._replace(drivername="postgresql").render_as_string(hide_password=False)
+            return _read_arrow(url, statement)
         with engine.connect().execution_options(stream_results=True) as conn:
             result = conn.execute(sa.text(statement))
             return _to_arrow(table.primary_key, iter(lambda: result.fetchmany(KEY_BATCH), []))
@@ -105,12 +109,44 @@ def _source_keys(source_url: str, schema: str | None, table: TableDecl) -> pa.Ta
 
 
 def _warehouse_keys(warehouse: Warehouse, dataset: str, table: TableDecl) -> pa.Table | None:
-    """The primary-key columns of the loaded table, or None when it was never loaded."""
+    """The primary-key columns of the loaded table as arrow (read column-wise, never as Python rows), or None when
+    it was never loaded."""
     if not warehouse.table_exists(dataset, table.name):
         return None
     columns = ", ".join(quote_identifier(c) for c in table.primary_key)
-    rows = warehouse.query(f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(table.name)}")
-    return _to_arrow(table.primary_key, [rows])
+    statement = f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(table.name)}"
+    if warehouse.target == "duckdb":
+        import duckdb
+
+        with duckdb.connect(str(warehouse.duckdb_path)) as conn:
+            return conn.execute(statement).fetch_arrow_table()
+    if _has_connectorx():
+        return _read_arrow(warehouse_url(warehouse), statement)
+    return _to_arrow(table.primary_key, [warehouse.query(statement)])
+
+
+def warehouse_url(warehouse: Warehouse) -> str:
+    """A libpq URL of the PostgreSQL warehouse (password included: never print it)."""
+    from urllib.parse import quote
+
+    pg = warehouse.pg
+    password = f":{quote(str(pg.password), safe='')}" if pg.password else ""
+    return f"postgresql://{quote(str(pg.username), safe='')}{password}@{pg.host}:{pg.port or 5432}/{pg.database}"
+
+
+def _has_connectorx() -> bool:
+    try:
+        import connectorx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read_arrow(url: str, statement: str) -> pa.Table:
+    """One query's result as an arrow table, read by connectorx (binary protocol, no Python object per value)."""
+    import connectorx as cx
+
+    return cx.read_sql(url, statement, return_type="arrow")
 
 
 def _to_arrow(columns: tuple[str, ...], batches: Any) -> pa.Table:

@@ -56,6 +56,10 @@ def bucket_url(pipeline: PipelineDecl) -> str:
 # Arrow-based extraction (SQL tables, files) cannot turn a type change into a variant column: dlt would fail at load
 # time and leave a package that blocks every later run. Stop at extract with a clear message instead, unless the table
 # declares `schema_contract: {data_type: evolve}`. REST rows are dicts: dlt's default (evolve) makes variants there.
+SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
+# Rows per extracted chunk (source.chunk_size overrides it): the unit of memory of a load, whatever the table's size.
+CHUNK_SIZE = 100_000
+
 DEFAULT_CONTRACTS: dict[str, dict[str, str]] = {
     "sql_database": {"data_type": "freeze"},
     "filesystem": {"data_type": "freeze"},
@@ -97,11 +101,20 @@ def build_resources(
         relax_not_null(resource, table)
         if table.deletes:
             apply_delete_hints(resource, table)
+        if pipeline.kind == "sql_database":
+            # connectorx yields an empty record batch when nothing changed; dlt would write an empty parquet file
+            # that the ADBC loader refuses ("Must pass schema, or at least one RecordBatch")
+            resource.add_filter(_not_empty)
         contract = {**DEFAULT_CONTRACTS.get(pipeline.kind, {}), **table.schema_contract}
         if contract:
             resource.apply_hints(schema_contract=contract)
         resources.append(resource)
     return resources
+
+
+def _not_empty(item: Any) -> bool:
+    """False for an arrow table (or record batch) without rows; True for anything else."""
+    return getattr(item, "num_rows", 1) > 0
 
 
 def check_columns_exist(pipeline: PipelineDecl, table: TableDecl, resource: DltResource) -> None:
@@ -189,19 +202,43 @@ def _sql_resource(
     )
     # A type change evolves into a variant column (places__v_text) only row by row: dlt's arrow path cannot.
     variants = table.schema_contract.get("data_type") == "evolve"
+    credentials = source_credentials(pipeline)
+    chunk_size = int(pipeline.options.get("chunk_size", CHUNK_SIZE))
+    backend = "sqlalchemy" if variants else sql_backend(pipeline, credentials)
     return sql_table(
-        credentials=source_credentials(pipeline),
+        credentials=credentials,
         table=table.name,
         schema=pipeline.options.get("schema"),
-        backend="sqlalchemy" if variants else "pyarrow",
+        backend=backend,
+        # connectorx streams record batches of chunk_size rows: memory stays flat whatever the table's size
+        backend_kwargs={"return_type": "arrow_stream", "batch_size": chunk_size} if backend == "connectorx" else None,
         reflection_level="minimal" if variants else "full",
-        chunk_size=int(pipeline.options.get("chunk_size", 100_000)),
+        chunk_size=chunk_size,
         incremental=_incremental(table),
         excluded_columns=dropped or None,
         table_adapter_callback=adapter,
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )
+
+
+def sql_backend(pipeline: PipelineDecl, url: str) -> str:
+    """The table backend of a SQL pipeline: ``source.backend`` in its declaration, else connectorx for PostgreSQL
+    sources (measured: extract ≈ 2× faster than pyarrow, in bounded memory) and pyarrow for the others."""
+    declared = pipeline.options.get("backend")
+    if declared:
+        if declared not in SQL_BACKENDS:
+            raise DeclarationError(
+                f"{pipeline.path.name}: source.backend: {declared!r} is not one of {', '.join(SQL_BACKENDS)}"
+            )
+        return str(declared)
+    if url.startswith(("postgresql", "postgres:")):
+        try:
+            import connectorx  # noqa: F401
+        except ImportError:
+            return "pyarrow"
+        return "connectorx"
+    return "pyarrow"
 
 
 def _select_adapter(coarsened: list[str], table: TableDecl, known: list[str], held_back: list[str]) -> Any:
