@@ -48,10 +48,15 @@ def deletion_marker(resource: DltResource, table: TableDecl) -> tuple[str, str]:
 
 def gone_keys(pipeline: PipelineDecl, table: TableDecl, source_url: str, warehouse: Warehouse) -> pa.Table:
     """The keys present in the warehouse but gone from the source (key columns only are read on both sides)."""
-    warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table)
+    from concurrent.futures import ThreadPoolExecutor
+
+    # both sides at once: the readers (connectorx, DuckDB, the database servers) work outside Python's GIL
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        source_read = pool.submit(_source_keys, source_url, pipeline.options.get("schema"), table)
+        warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table)
+        source_keys = source_read.result()
     if warehouse_keys is None or warehouse_keys.num_rows == 0:
         return pa.table({c: pa.array([], pa.int64()) for c in table.primary_key})
-    source_keys = _source_keys(source_url, pipeline.options.get("schema"), table)
     if source_keys.num_rows == 0:
         return warehouse_keys
     kept = pc.is_in(_joined(warehouse_keys), value_set=_joined(source_keys))

@@ -108,7 +108,8 @@ def run_pipeline(
     written = count_rows(pipeline, [n for n in names if row_counts.get(n)], load_ids=list(info.loads_ids))
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
-    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables)
+    first_load = {n for n in names if before[n] == 0}  # nothing loaded before this run: nothing to delete
+    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables, skip=first_load)
     profile["key-set deletes"] = time.monotonic() - detecting
     if deletion_resources:
         pipeline.run(deletion_resources, loader_file_format=file_format).raise_on_failed_jobs()

@@ -144,15 +144,18 @@ def build_deletions(
     warehouse: Warehouse,
     counter: dict[str, int],
     tables: list[str] | None = None,
+    skip: set[str] | frozenset[str] = frozenset(),
 ) -> list[DltResource]:
     """For tables declaring ``deletes: {hard: key_set}`` with keys gone from the source: their deletion rows.
 
     The number of keys found is written into ``counter`` per table; tables with none get no resource (no load).
+    Tables in ``skip`` are not compared (the runner passes those that were empty before this run: everything in
+    them was just read from the source; a key deleted since is found by the next run).
     """
     by_name = {r.name: r for r in resources}
     deletions = []
     for table in _selected(pipeline, tables):
-        if table.deletes.get("hard") != "key_set":
+        if table.deletes.get("hard") != "key_set" or table.name in skip:
             continue
         gone = gone_keys(pipeline, table, source_credentials(pipeline), warehouse)
         counter[table.name] = gone.num_rows
@@ -205,7 +208,7 @@ def _sql_resource(
     credentials = source_credentials(pipeline)
     chunk_size = int(pipeline.options.get("chunk_size", CHUNK_SIZE))
     backend = "sqlalchemy" if variants else sql_backend(pipeline, credentials)
-    return sql_table(
+    resource = sql_table(
         credentials=credentials,
         table=table.name,
         schema=pipeline.options.get("schema"),
@@ -220,6 +223,8 @@ def _sql_resource(
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )
+    # tables are extracted side by side in dlt's thread pool (connectorx reads outside the GIL)
+    return resource.parallelize()
 
 
 def sql_backend(pipeline: PipelineDecl, url: str) -> str:
