@@ -78,20 +78,28 @@ def datasets_loaded_since(warehouse: Warehouse, datasets: set[str], since_ms: in
 def tables_changed_since(warehouse: Warehouse, tables: list[str], since_ms: int) -> list[str]:
     """Of ``tables`` (``dataset.table``, in datasets dlt loaded since ``since_ms``), those that may have changed.
 
-    A table holding no row of a newer load did not change, unless its pipeline declares deletes for it (a deleted
-    row leaves no trace) or it has no ``_dlt_load_id`` column: those are kept, as are tables no pipeline declares.
+    A table changed when it holds rows of a newer load. A deleted row leaves no trace in its table, so a table whose
+    pipeline declares deletes also changed when dlt's staging copy of it (``<dataset>_staging``, where a merge puts
+    the rows it applies, deletions included, and which dlt keeps until the table's next load) holds rows of a newer
+    load. A table without ``_dlt_load_id``, or one declaring deletes without a staging copy, counts as changed.
     """
     deleting = _tables_with_deletes()
     changed = []
     for name in tables:
         dataset, table = name.split(".")
-        if name in deleting or not _has_column(warehouse, dataset, table, "_dlt_load_id"):
+        if not _has_column(warehouse, dataset, table, "_dlt_load_id") or _has_newer_rows(warehouse, name, since_ms):
             changed.append(name)
-            continue
-        statement = f"SELECT 1 FROM {_qualified(name)} WHERE {_newer_load(since_ms)} LIMIT 1"
-        if warehouse.query(statement):
-            changed.append(name)
+        elif name in deleting:
+            staging = f"{dataset}_staging.{table}"
+            if not _has_column(warehouse, f"{dataset}_staging", table, "_dlt_load_id"):
+                changed.append(name)
+            elif _has_newer_rows(warehouse, staging, since_ms):
+                changed.append(name)
     return changed
+
+
+def _has_newer_rows(warehouse: Warehouse, name: str, since_ms: int) -> bool:
+    return bool(warehouse.query(f"SELECT 1 FROM {_qualified(name)} WHERE {_newer_load(since_ms)} LIMIT 1"))
 
 
 def restatement_start(context: Any, warehouse: Warehouse, restated: list[str], since_ms: int) -> Any:
