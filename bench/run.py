@@ -67,9 +67,10 @@ import resource, subprocess, sys, json, time
 started = time.monotonic()
 code = subprocess.run(sys.argv[2:]).returncode
 elapsed = time.monotonic() - started
-rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(sys.argv[1], "w") as out:
-    json.dump({"code": code, "seconds": elapsed, "rss_kb": rss_kb}, out)
+    cpu = usage.ru_utime + usage.ru_stime
+    json.dump({"code": code, "seconds": elapsed, "rss_kb": usage.ru_maxrss, "cpu": cpu}, out)
 sys.exit(code)
 """
 
@@ -81,6 +82,7 @@ class Step:
     key: str
     label: str
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # user + system time of the client processes (not the database server's)
     rows: int = 0
     peak_rss_mb: float = 0.0
     rows_per_s: float = 0.0
@@ -126,13 +128,14 @@ class Bench:
         measured = json.loads(result_file.read_text())
         step = Step(key=key, label=label, seconds=measured["seconds"], rows=rows)
         step.peak_rss_mb = measured["rss_kb"] / 1024
+        step.cpu_seconds = measured["cpu"]
         step.rows_per_s = rows / step.seconds if step.seconds and rows else 0.0
         step.profile = parse_profile(log.read_text())
         self.steps[key] = step
         profile = ", ".join(f"{k} {v:.1f}s" for k, v in step.profile.items())
         self.say(
-            f"  {step.seconds:.1f}s, {rows:,} rows, {step.rows_per_s:,.0f} rows/s, peak RSS {step.peak_rss_mb:.0f} MB"
-            + (f" ({profile})" if profile else "")
+            f"  {step.seconds:.1f}s (client CPU {step.cpu_seconds:.1f}s), {rows:,} rows, "
+            f"{step.rows_per_s:,.0f} rows/s, peak RSS {step.peak_rss_mb:.0f} MB" + (f" ({profile})" if profile else "")
         )
         return step
 
@@ -448,8 +451,8 @@ def markdown(report: dict[str, Any]) -> str:
         " rows).",
         f"Machine: {report['machine']}. Finished {report['finished_at']}.",
         "",
-        "| step | wall time | rows | rows/s | × COPY rows/s | peak RSS | where the time goes |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| step | wall time | client CPU | rows | rows/s | × COPY rows/s | peak RSS | where the time goes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for step in report["steps"]:
         ratio = f"{step['ratio_to_copy']:.2f}" if step["ratio_to_copy"] else "—"
@@ -457,8 +460,8 @@ def markdown(report: dict[str, Any]) -> str:
         profile = ", ".join(f"{k} {v:.1f}s" for k, v in step["profile"].items())
         label = step["label"].replace("|", "\\|")  # a pipe inside a Markdown cell
         lines.append(
-            f"| {label} | {step['seconds']:.1f} s | {step['rows']:,} | {rate} | {ratio} | "
-            f"{step['peak_rss_mb']:.0f} MB | {profile} |"
+            f"| {label} | {step['seconds']:.1f} s | {step['cpu_seconds']:.1f} s | {step['rows']:,} | {rate} | "
+            f"{ratio} | {step['peak_rss_mb']:.0f} MB | {profile} |"
         )
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     for item in report["targets"]:
