@@ -156,6 +156,8 @@ def build_deletions(
 
     by_name = {r.name: r for r in resources}
     compared = [t for t in _selected(pipeline, tables) if t.deletes.get("hard") == "key_set" and t.name not in skip]
+    if not compared:
+        return []
     url = source_credentials(pipeline)
     # PostgreSQL warehouses: the tables side by side (the time is spent in the two servers and in connectorx, outside
     # the GIL). A DuckDB file is read by one connection at a time.
