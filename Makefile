@@ -7,7 +7,7 @@ ENV ?= dev
 
 .DEFAULT_GOAL := help
 .PHONY: help install run scheduled verify test demo-advance plan review promote sqlmesh external-models \
-	privacy-check privacy-register lint format clean airflow-venv metabase-backup metabase-restore
+	privacy-check privacy-register lint format clean airflow-venv metabase-backup metabase-restore bench
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ privacy-check: $(STAMP) ## Fail if a published column derives from personal data
 
 privacy-register: $(STAMP) ## Regenerate docs/personal-data.md, the personal-data register
 	$(BIN)/python -m datamart privacy register
+
+bench: $(STAMP) ## Benchmark against COPY and dump/restore (throwaway PostgreSQL): make bench SCALE=500
+	$(BIN)/python bench/run.py --scale $(or $(SCALE),500)
 
 lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
 	$(BIN)/ruff check datamart tests dags

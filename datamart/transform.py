@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,11 @@ def _apply_prod(warehouse: Warehouse, context: Any, prod: Any, started: float) -
     if prod is not None and prod.finalized_ts:
         externals = [_short_name(m.fqn) for m in context.models.values() if m.kind.is_external]
         fresh = datasets_loaded_since(warehouse, {e.split(".")[0] for e in externals}, prod.finalized_ts)
-        restate = sorted(e for e in externals if e.split(".")[0] in fresh)
+        candidates = sorted(e for e in externals if e.split(".")[0] in fresh)
+        restate = tables_changed_since(warehouse, candidates, prod.finalized_ts)
         if restate:
-            plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate)
+            start = restatement_start(context, warehouse, restate, prod.finalized_ts)
+            plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate, start=start)
             built.update({plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements})
     models = [s for s in built.values() if s.is_model and not s.is_external and not s.is_symbolic]
     result.models_built = sorted(_short_name(s.name) for s in models)
@@ -134,6 +137,146 @@ def datasets_loaded_since(warehouse: Warehouse, datasets: set[str], since_ms: in
         if latest is not None and float(latest) * 1000 > since_ms - 1000:
             fresh.add(dataset)
     return fresh
+
+
+def tables_changed_since(warehouse: Warehouse, tables: list[str], since_ms: int) -> list[str]:
+    """Of ``tables`` (``dataset.table``, in datasets dlt loaded since ``since_ms``), those that may have changed.
+
+    A table changed when it holds rows of a newer load. A deleted row leaves no trace in its table (and dlt's staging
+    copy is emptied after each load, see .dlt/config.toml), so a table whose pipeline declares deletes also changed
+    when a run recorded since then in ``ops.pipeline_run_tables`` deleted rows from it. A table without
+    ``_dlt_load_id``, or one declaring deletes in a warehouse without run records, counts as changed.
+    """
+    deleting = _tables_with_deletes()
+    deleted = _tables_with_deletions_since(warehouse, since_ms)
+    changed = []
+    for name in tables:
+        dataset, table = name.split(".")
+        if not _has_column(warehouse, dataset, table, "_dlt_load_id") or _has_newer_rows(warehouse, name, since_ms):
+            changed.append(name)
+        elif name in deleting and (deleted is None or name in deleted):
+            changed.append(name)
+    return changed
+
+
+def _tables_with_deletions_since(warehouse: Warehouse, since_ms: int) -> set[str] | None:
+    """``dataset.table`` of the tables a pipeline run ended after ``since_ms`` deleted rows from (run records in
+    schema ops); None when the warehouse has no run records."""
+    from datamart.ingest.declarations import warehouse_name
+    from datamart.ingest.ops import OPS_SCHEMA, RUN_TABLES_TABLE
+
+    if not warehouse.table_exists(OPS_SCHEMA, RUN_TABLES_TABLE):
+        return None
+    rows = warehouse.query(
+        f"SELECT dataset, table_name, max(ended_at) FROM {OPS_SCHEMA}.{RUN_TABLES_TABLE} "
+        "WHERE rows_deleted > 0 GROUP BY dataset, table_name"
+    )
+    since = datetime.fromtimestamp(since_ms / 1000 - 1, UTC)
+    return {
+        f"{warehouse_name(dataset)}.{warehouse_name(table)}"
+        for dataset, table, ended in rows
+        if ended is not None and (ended if ended.tzinfo else ended.replace(tzinfo=UTC)) > since
+    }
+
+
+def _has_newer_rows(warehouse: Warehouse, name: str, since_ms: int) -> bool:
+    return bool(warehouse.query(f"SELECT 1 FROM {_qualified(name)} WHERE {_newer_load(since_ms)} LIMIT 1"))
+
+
+def restatement_start(context: Any, warehouse: Warehouse, restated: list[str], since_ms: int) -> Any:
+    """Where the restatement of the time-incremental models may start; None for their whole history.
+
+    A model of kind INCREMENTAL_BY_TIME_RANGE only needs the intervals that the changed rows fall into. Its time
+    column is traced (SQLMesh column lineage) down to a column of each restated raw table it reads; the earliest
+    value of that column among the rows loaded since ``since_ms`` is the start. A restated table it reads without
+    such a column (a dimension, e.g. partner names) or where rows may have been deleted forces the whole history.
+    FULL models are rebuilt whole in any case (SQLMesh expands their restatement).
+    """
+    restated_fqns = {context.get_model(name).fqn: name for name in restated}
+    deleting = _tables_with_deletes()
+    starts = []
+    for model in context.models.values():
+        if not model.kind.is_incremental_by_time_range:
+            continue
+        upstream = {fqn for fqn in context.dag.upstream(model.fqn) if fqn in restated_fqns}
+        if not upstream:
+            continue
+        time_columns = _external_columns(context, model.fqn, model.time_column.column.name)
+        for fqn in upstream:
+            name = restated_fqns[fqn]
+            columns = time_columns.get(fqn)
+            if not columns or name in deleting:
+                return None  # this table's rows are not placed in time: every interval may have changed
+            for column in sorted(columns):
+                statement = (
+                    f"SELECT min({quote_identifier(column)}) FROM {_qualified(name)} WHERE {_newer_load(since_ms)}"
+                )
+                earliest = warehouse.query(statement)[0][0]
+                if earliest is not None:
+                    starts.append(_as_date(earliest))
+    return min(starts) if starts else None
+
+
+def _external_columns(context: Any, model_fqn: str, column: str, seen: set[tuple[str, str]] | None = None) -> dict:
+    """The columns of external models that ``model_fqn.column`` is computed from, following views and models."""
+    from sqlmesh.core.lineage import column_dependencies
+
+    seen = seen if seen is not None else set()
+    found: dict[str, set[str]] = {}
+    if (model_fqn, column) in seen:
+        return found
+    seen.add((model_fqn, column))
+    try:
+        parents = column_dependencies(context, model_fqn, column)
+    except Exception:  # noqa: BLE001 - an unparsable lineage means "unknown": the caller restates everything
+        return found
+    for parent, columns in parents.items():
+        model = context.get_model(parent)
+        if model is None:
+            continue
+        for parent_column in columns:
+            if model.kind.is_external:
+                found.setdefault(model.fqn, set()).add(parent_column)
+            else:
+                for fqn, cols in _external_columns(context, model.fqn, parent_column, seen).items():
+                    found.setdefault(fqn, set()).update(cols)
+    return found
+
+
+def _tables_with_deletes() -> set[str]:
+    """``dataset.table`` of every declared table whose pipeline removes rows (soft or hard deletes)."""
+    from datamart.ingest.declarations import load_all
+
+    return {f"{decl.dataset}.{table.name}" for decl in load_all() for table in decl.tables if table.deletes}
+
+
+def _has_column(warehouse: Warehouse, dataset: str, table: str, column: str) -> bool:
+    placeholder = "%s" if warehouse.target == "postgres" else "?"
+    statement = (
+        "SELECT count(*) FROM information_schema.columns "
+        f"WHERE table_schema = {placeholder} AND table_name = {placeholder} AND column_name = {placeholder}"
+    )
+    return bool(warehouse.query(statement, (dataset, table, column))[0][0])
+
+
+def _newer_load(since_ms: int) -> str:
+    """A condition on rows written by a dlt load created after ``since_ms`` (load ids are epoch seconds)."""
+    return f"CAST(_dlt_load_id AS DOUBLE PRECISION) > {since_ms / 1000 - 1:.3f}"
+
+
+def _qualified(name: str) -> str:
+    return ".".join(quote_identifier(part) for part in name.split("."))
+
+
+def _as_date(value: Any) -> Any:
+    """A date from a date, a timestamp or an ISO string."""
+    import datetime as dt
+
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(str(value)[:10])
 
 
 def _short_name(fqn: str) -> str:

@@ -43,6 +43,9 @@ class PipelineRun:
     elapsed: float
     tables: list[TableLoad] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. a load left pending by a killed run, finished first
+    # seconds per part of the run: dlt's extract, normalize and load steps (from its trace), key-set delete
+    # detection and the row counts taken in the warehouse
+    profile: dict[str, float] = field(default_factory=dict)
 
     @property
     def rows_loaded(self) -> int:
@@ -122,18 +125,34 @@ def _run_pipeline(
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
     resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
-    before = {n: 0 for n in names} if full_refresh else count_rows(pipeline, names)
-    info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None)
+    # Only merge tables need the counts before and the rows each load wrote (to tell inserts from updates): on an
+    # append table of 10 million rows each of those counts is a full scan.
+    merged = [n for n in names if decl.table(n).write_disposition == "merge"]
+    before = {n: 0 for n in names}
+    if not full_refresh:
+        before.update(count_rows(pipeline, merged))
+    profile: dict[str, float] = {}
+    file_format = loader_file_format(decl, warehouse)
+    info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None, loader_file_format=file_format)
     info.raise_on_failed_jobs()
+    _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
+    counted = time.monotonic()
     after = count_rows(pipeline, names)
-    written = count_rows(pipeline, [n for n in names if row_counts.get(warehouse_name(n))], list(info.loads_ids))
-    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables)
+    written = count_rows(pipeline, [n for n in merged if row_counts.get(warehouse_name(n))], list(info.loads_ids))
+    profile["counts"] = time.monotonic() - counted
+    detecting = time.monotonic()
+    first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
+    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables, skip=first_load)
+    profile["key-set deletes"] = time.monotonic() - detecting
     if deletion_resources:
-        pipeline.run(deletion_resources).raise_on_failed_jobs()
+        pipeline.run(deletion_resources, loader_file_format=file_format).raise_on_failed_jobs()
+        _add_steps(profile, pipeline)
     columns_after = _columns(pipeline, names)
+    counted = time.monotonic()
     totals = count_rows(pipeline, names) if deletion_resources else after
+    profile["counts"] += time.monotonic() - counted
     loads = []
     for name in names:
         read = int(row_counts.get(warehouse_name(name), 0))
@@ -151,9 +170,31 @@ def _run_pipeline(
                 **split,
             )
         )
+    elapsed = time.monotonic() - started
     return PipelineRun(
-        pipeline=decl.name, dataset=decl.dataset, elapsed=time.monotonic() - started, tables=loads, notes=notes
+        pipeline=decl.name, dataset=decl.dataset, elapsed=elapsed, tables=loads, profile=profile, notes=notes
     )
+
+
+def loader_file_format(decl: PipelineDecl, warehouse: Warehouse) -> str | None:
+    """Parquet for arrow-extracted pipelines (SQL, files) into PostgreSQL when the ADBC driver is installed (dlt
+    then loads with COPY through ADBC: measured ≈ 2.7× faster than its csv default), else dlt's default."""
+    if warehouse.target != "postgres" or decl.kind not in ("sql_database", "filesystem"):
+        return None
+    try:
+        import adbc_driver_postgresql  # noqa: F401
+    except ImportError:
+        return None
+    return "parquet"
+
+
+def _add_steps(profile: dict[str, float], pipeline: dlt.Pipeline) -> None:
+    """Add the seconds of the last run's extract, normalize and load steps (dlt's trace) to ``profile``."""
+    trace = pipeline.last_trace
+    for step in trace.steps if trace else []:
+        if step.step in ("extract", "normalize", "load") and step.finished_at and step.started_at:
+            seconds = (step.finished_at - step.started_at).total_seconds()
+            profile[step.step] = profile.get(step.step, 0.0) + seconds
 
 
 def _split(disposition: str, read: int, before: int, after: int, written: int) -> dict[str, int]:
@@ -293,4 +334,8 @@ def format_loads(runs: list[PipelineRun]) -> str:
     lines += [f"{run.pipeline}: {note}" for run in runs for note in run.notes]
     seconds = sum(run.elapsed for run in runs)
     lines.append(f"{len(runs)} pipeline(s) in {seconds:.1f}s")
+    for run in runs:
+        parts = ", ".join(f"{part} {spent:.1f}s" for part, spent in run.profile.items())
+        if parts:
+            lines.append(f"{run.pipeline} profile: {parts}")
     return "\n".join(lines)

@@ -58,6 +58,10 @@ def bucket_url(pipeline: PipelineDecl) -> str:
 # Arrow-based extraction (SQL tables, files) cannot turn a type change into a variant column: dlt would fail at load
 # time and leave a package that blocks every later run. Stop at extract with a clear message instead, unless the table
 # declares `schema_contract: {data_type: evolve}`. REST rows are dicts: dlt's default (evolve) makes variants there.
+SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
+# Rows per extracted chunk (source.chunk_size overrides it): the unit of memory of a load, whatever the table's size.
+CHUNK_SIZE = 100_000
+
 DEFAULT_CONTRACTS: dict[str, dict[str, str]] = {
     "sql_database": {"data_type": "freeze"},
     "filesystem": {"data_type": "freeze"},
@@ -103,11 +107,20 @@ def build_resources(
             resource.add_step(PageLoopGuard(pipeline, table))  # an API serving the same page again stops here
         if table.deletes:
             apply_delete_hints(resource, table)
+        if pipeline.kind == "sql_database":
+            # connectorx yields an empty record batch when nothing changed; dlt would write an empty parquet file
+            # that the ADBC loader refuses ("Must pass schema, or at least one RecordBatch")
+            resource.add_filter(_not_empty)
         contract = {**DEFAULT_CONTRACTS.get(pipeline.kind, {}), **table.schema_contract}
         if contract:
             resource.apply_hints(schema_contract=contract)
         resources.append(resource)
     return resources
+
+
+def _not_empty(item: Any) -> bool:
+    """False for an arrow table (or record batch) without rows; True for anything else."""
+    return getattr(item, "num_rows", 1) > 0
 
 
 def check_columns_exist(pipeline: PipelineDecl, table: TableDecl, resource: DltResource) -> None:
@@ -142,17 +155,28 @@ def build_deletions(
     warehouse: Warehouse,
     counter: dict[str, int],
     tables: list[str] | None = None,
+    skip: set[str] | frozenset[str] = frozenset(),
 ) -> list[DltResource]:
     """For tables declaring ``deletes: {hard: key_set}`` with keys gone from the source: their deletion rows.
 
     The number of keys found is written into ``counter`` per table; tables with none get no resource (no load).
+    Tables in ``skip`` are not compared (the runner passes those that were empty before this run: everything in
+    them was just read from the source; a key deleted since is found by the next run).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     by_name = {r.name: r for r in resources}
+    compared = [t for t in _selected(pipeline, tables) if t.deletes.get("hard") == "key_set" and t.name not in skip]
+    if not compared:
+        return []
+    url = source_credentials(pipeline)
+    # PostgreSQL warehouses: the tables side by side (the time is spent in the two servers and in connectorx, outside
+    # the GIL). A DuckDB file is read by one connection at a time.
+    workers = min(4, len(compared)) if warehouse.target == "postgres" else 1
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        found = list(pool.map(lambda table: gone_keys(pipeline, table, url, warehouse), compared))
     deletions = []
-    for table in _selected(pipeline, tables):
-        if table.deletes.get("hard") != "key_set":
-            continue
-        gone = gone_keys(pipeline, table, source_credentials(pipeline), warehouse)
+    for table, gone in zip(compared, found, strict=True):
         counter[table.name] = gone.num_rows
         if gone.num_rows:
             deletions.append(deletion_resource(table, gone, deletion_marker(by_name[table.name], table)))
@@ -200,19 +224,45 @@ def _sql_resource(
     )
     # A type change evolves into a variant column (places__v_text) only row by row: dlt's arrow path cannot.
     variants = table.schema_contract.get("data_type") == "evolve"
-    return sql_table(
-        credentials=source_credentials(pipeline),
+    credentials = source_credentials(pipeline)
+    chunk_size = int(pipeline.options.get("chunk_size", CHUNK_SIZE))
+    backend = "sqlalchemy" if variants else sql_backend(pipeline, credentials)
+    resource = sql_table(
+        credentials=credentials,
         table=table.name,
         schema=pipeline.options.get("schema"),
-        backend="sqlalchemy" if variants else "pyarrow",
+        backend=backend,
+        # connectorx streams record batches of chunk_size rows: memory stays flat whatever the table's size
+        backend_kwargs={"return_type": "arrow_stream", "batch_size": chunk_size} if backend == "connectorx" else None,
         reflection_level="minimal" if variants else "full",
-        chunk_size=int(pipeline.options.get("chunk_size", 100_000)),
+        chunk_size=chunk_size,
         incremental=_incremental(table),
         excluded_columns=dropped or None,
         table_adapter_callback=adapter,
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )
+    # tables are extracted side by side in dlt's thread pool (connectorx reads outside the GIL)
+    return resource.parallelize()
+
+
+def sql_backend(pipeline: PipelineDecl, url: str) -> str:
+    """The table backend of a SQL pipeline: ``source.backend`` in its declaration, else connectorx for PostgreSQL
+    sources (measured: extract ≈ 2× faster than pyarrow, in bounded memory) and pyarrow for the others."""
+    declared = pipeline.options.get("backend")
+    if declared:
+        if declared not in SQL_BACKENDS:
+            raise DeclarationError(
+                f"{pipeline.path.name}: source.backend: {declared!r} is not one of {', '.join(SQL_BACKENDS)}"
+            )
+        return str(declared)
+    if url.startswith(("postgresql", "postgres:")):
+        try:
+            import connectorx  # noqa: F401
+        except ImportError:
+            return "pyarrow"
+        return "connectorx"
+    return "pyarrow"
 
 
 def _select_adapter(coarsened: list[str], table: TableDecl, known: list[str], held_back: list[str]) -> Any:

@@ -1,0 +1,68 @@
+"""`make bench` end to end at a tiny scale: every step runs, the table and the JSON hold every row, nothing is left.
+
+No timing is asserted: timings at this scale measure start-up costs, and the machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datamart.settings import PROJECT_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+
+def _bench_module() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", PROJECT_ROOT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_at_a_tiny_scale_writes_every_row_and_removes_its_cluster(tmp_path: Path) -> None:
+    output = tmp_path / "results" / "tiny"
+    result = subprocess.run(
+        [sys.executable, "bench/run.py", "--scale", "0.05", "--output", str(output)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    steps = _bench_module().STEPS
+
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert [s["key"] for s in report["steps"]] == [key for key, _ in steps]
+    by_key = {s["key"]: s for s in report["steps"]}
+    source_rows = sum(report["source_rows"].values())
+    assert report["source_rows"]["stats_events"] > 0
+    for key in ("copy", "dump_restore", "full_postgres", "full_duckdb"):
+        assert by_key[key]["rows"] == source_rows, key
+        assert by_key[key]["seconds"] > 0 and by_key[key]["peak_rss_mb"] > 0, key
+    assert by_key["copy"]["ratio_to_copy"] == pytest.approx(1.0)
+    # 1 % of each table changed: at least the minimum of each kind, far fewer than the source holds
+    assert 0 < by_key["incremental_postgres"]["rows"] < source_rows / 10
+    for key in ("full_postgres", "incremental_postgres", "no_change_postgres"):
+        assert {"extract", "normalize", "load"} <= set(by_key[key]["profile"]), key
+    assert len(report["targets"]) == 6 and all(isinstance(t["met"], bool) for t in report["targets"])
+
+    table = output.with_suffix(".md").read_text()
+    assert table in result.stdout, "the table printed is the one written"
+    for _, label in steps:
+        assert label.replace("|", "\\|") in table, label
+    for item in report["targets"]:
+        assert item["target"] in table
+
+    # progress lines while it ran, then the cluster and its directory are gone
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] full load → PostgreSQL", result.stdout, re.MULTILINE)
+    cluster = re.search(r"starting a throwaway PostgreSQL \(.*\) in (\S+)", result.stdout).group(1)
+    assert not Path(cluster).exists()

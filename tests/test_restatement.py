@@ -1,0 +1,66 @@
+"""After a load, the prod promotion rebuilds what the new rows touch: the changed raw tables' marts, and a
+time-incremental mart only from the earliest day of the new rows — on DuckDB and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from datamart import demo
+from datamart.flow import run_flow
+from datamart.settings import Warehouse, quote_identifier
+from datamart.testing.sources import Source
+from datamart.transform import sqlmesh_context
+
+pytestmark = pytest.mark.slow
+
+FUNNEL = "marts.partner_funnel_daily_v1"
+MARKER = "not recomputed"
+
+
+def test_new_events_restate_only_their_days_and_leave_other_marts_alone(
+    warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source_url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    demo.generate(source_url=source_url, bucket=tmp_path / "bucket", scale=0.1)
+    env = {
+        "SOURCES__APP_DB__CREDENTIALS": source_url,
+        "SOURCES__BUCKET__BUCKET_URL": str(tmp_path / "bucket"),
+        "DATAMART__PII_HMAC_KEY": "restatement-test-key",
+        **warehouse.sqlmesh_env(),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    pipelines = tmp_path / "pipelines"
+    run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())
+
+    # Mark the first day in the mart's physical table: a restatement of that day would overwrite the mark.
+    physical = sqlmesh_context(warehouse).get_snapshot(FUNNEL).table_name()
+    physical = ".".join(quote_identifier(p.strip('"')) for p in physical.split(".")[-2:])
+    first_day = warehouse.query(f"SELECT min(event_date) FROM {physical}")[0][0]
+    marked = warehouse.query(f"SELECT count(*) FROM {physical} WHERE event_date = '{first_day}'")[0][0]
+    assert marked > 0
+    update = f"UPDATE {physical} SET partner_name = '{MARKER}' WHERE event_date = '{first_day}'"
+    warehouse.query(update)
+
+    # New events, the hour after the last one; nothing else changes in the source.
+    source = Source(source_url)
+    source.execute(
+        "INSERT INTO stats_events (id, event_type, partner_id, mission_id, occurred_at) "
+        "SELECT id + (SELECT max(id) FROM stats_events), event_type, partner_id, mission_id, "
+        "(SELECT max(occurred_at) FROM stats_events) FROM stats_events ORDER BY id LIMIT 50"
+    )
+    flow = run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())
+
+    assert flow.transform is not None
+    built = set(flow.transform.models_built)
+    assert FUNNEL in built
+    assert not built & {"marts.missions_v1", "marts.organizations_v1", "marts.volunteer_activity_v1"}, built
+    # the first day was not recomputed; the new events are all counted
+    still_marked = f"SELECT count(*) FROM {physical} WHERE event_date = '{first_day}' AND partner_name = '{MARKER}'"
+    assert warehouse.query(still_marked)[0][0] == marked
+    events = warehouse.query("SELECT count(*) FROM raw_app_db.stats_events")[0][0]
+    measured = warehouse.query(f"SELECT sum(impressions + clicks + applications) FROM {FUNNEL}")[0][0]
+    assert measured == events
