@@ -64,3 +64,33 @@ def test_new_events_restate_only_their_days_and_leave_other_marts_alone(
     events = warehouse.query("SELECT count(*) FROM raw_app_db.stats_events")[0][0]
     measured = warehouse.query(f"SELECT sum(impressions + clicks + applications) FROM {FUNNEL}")[0][0]
     assert measured == events
+
+
+def test_a_run_that_only_deletes_rows_rebuilds_the_marts_reading_them(
+    warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hard delete leaves no newer row in its table (and dlt's staging copy is emptied after each load): the run
+    records in ops tell the promotion which tables lost rows."""
+    source_url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    demo.generate(source_url=source_url, bucket=tmp_path / "bucket", scale=0.1)
+    for key, value in {
+        "SOURCES__APP_DB__CREDENTIALS": source_url,
+        "SOURCES__BUCKET__BUCKET_URL": str(tmp_path / "bucket"),
+        "DATAMART__PII_HMAC_KEY": "restatement-test-key",
+        **warehouse.sqlmesh_env(),
+    }.items():
+        monkeypatch.setenv(key, value)
+    pipelines = tmp_path / "pipelines"
+    run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())
+    missions = warehouse.query("SELECT count(*) FROM marts.missions_v1")[0][0]
+    gone = warehouse.query("SELECT min(mission_id) FROM marts.missions_v1")[0][0]
+
+    source = Source(source_url)
+    source.execute(f"DELETE FROM applications WHERE mission_id = {gone}")
+    source.execute(f"DELETE FROM missions WHERE id = {gone}")
+    flow = run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())
+
+    assert flow.transform is not None
+    assert "marts.missions_v1" in flow.transform.models_built
+    assert warehouse.query("SELECT count(*) FROM marts.missions_v1")[0][0] == missions - 1
+    assert warehouse.query(f"SELECT count(*) FROM marts.missions_v1 WHERE mission_id = {gone}")[0][0] == 0
