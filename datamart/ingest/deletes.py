@@ -1,9 +1,14 @@
 """Delete detection for merge tables: soft deletes by a column, hard deletes by comparing key sets.
 
 A cursor never sees a row that was deleted in the source. When a table declares ``deletes: {hard: key_set}``, each
-run reads the primary-key columns only, from the source and from the warehouse, and sends the keys that disappeared
+run compares the primary-key columns only, of the source and of the warehouse, and sends the keys that disappeared
 as deletion rows: dlt's ``hard_delete`` column hint makes the merge remove them, in a load that follows the one of
 the new and changed rows (a failed deletion load is recomputed by the next run: the key sets still differ).
+
+A single integer key is first compared by buckets of ``BUCKET_WIDTH`` consecutive values: each database returns, per
+bucket, the count, the sum and a sum of squares of its keys (a few thousand rows for ten million keys), and only the
+keys of the buckets that differ are read. A day with no or few deletions costs two aggregate scans, not two copies
+of every key; when most buckets differ (deletions spread everywhere) every key is read, as for other keys.
 ``deletes: {soft: <column>}`` puts the same hint on the source's own marker column, so a row whose marker is set
 is removed from the warehouse.
 """
@@ -24,6 +29,13 @@ from datamart.settings import Warehouse, quote_identifier
 
 DELETED_MARKER = "_datamart_deleted_at"
 KEY_BATCH = 200_000
+BUCKET_WIDTH = 4096
+#: A prime below 2**16: the squares of the keys' residues sum without overflow in any database.
+_MODULUS = 65521
+#: Source dialects whose ``%`` truncates like PostgreSQL's and DuckDB's (the buckets must be the same on both sides).
+_BUCKETED_DIALECTS = frozenset({"postgresql", "sqlite", "mysql", "duckdb"})
+#: Above this share of differing buckets, every key is read (the filter would cost more than it saves).
+_MOST_BUCKETS = 0.5
 
 
 def apply_delete_hints(resource: DltResource, table: TableDecl) -> None:
@@ -50,13 +62,27 @@ def gone_keys(pipeline: PipelineDecl, table: TableDecl, source_url: str, warehou
     """The keys present in the warehouse but gone from the source (key columns only are read on both sides)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    schema = pipeline.options.get("schema")
+    empty = pa.table({c: pa.array([], pa.int64()) for c in table.primary_key})
+    only: list[int] | None = None  # the buckets whose keys are read (None: every key)
+    if _integer_key(warehouse, pipeline.dataset, table):
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            source_read = pool.submit(_source_buckets, source_url, schema, table)
+            warehouse_buckets = _warehouse_buckets(warehouse, pipeline.dataset, table)
+            source_buckets = source_read.result()
+        if source_buckets is not None and warehouse_buckets is not None:
+            differing = sorted(b for b in warehouse_buckets if warehouse_buckets[b] != source_buckets.get(b))
+            if not differing:
+                return empty
+            if len(differing) <= _MOST_BUCKETS * len(warehouse_buckets):
+                only = differing
     # both sides at once: the readers (connectorx, DuckDB, the database servers) work outside Python's GIL
     with ThreadPoolExecutor(max_workers=1) as pool:
-        source_read = pool.submit(_source_keys, source_url, pipeline.options.get("schema"), table)
-        warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table)
+        source_read = pool.submit(_source_keys, source_url, schema, table, only)
+        warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table, only)
         source_keys = source_read.result()
     if warehouse_keys is None or warehouse_keys.num_rows == 0:
-        return pa.table({c: pa.array([], pa.int64()) for c in table.primary_key})
+        return empty
     if source_keys.num_rows == 0:
         return warehouse_keys
     wanted, present = _joined(warehouse_keys), _joined(source_keys)
@@ -64,6 +90,74 @@ def gone_keys(pipeline: PipelineDecl, table: TableDecl, source_url: str, warehou
         return warehouse_keys.filter(pa.array(~_sorted_contains(present, wanted)))
     kept = pc.is_in(wanted, value_set=present)
     return warehouse_keys.filter(pc.invert(kept))
+
+
+Buckets = dict[int, tuple[int, int, int]]
+
+
+def _bucket_statement(key: str, relation: str) -> str:
+    """Per bucket of ``BUCKET_WIDTH`` key values: count, sum, sum of squared residues, and the smallest key.
+
+    Standard SQL with ``%`` on integers (truncating in PostgreSQL, DuckDB, SQLite and MySQL alike); the squares are
+    cast to BIGINT first so a 32-bit key cannot overflow.
+    """
+    residue = f"CAST({key} % {_MODULUS} AS BIGINT)"
+    return (
+        f"SELECT {key} - {key} % {BUCKET_WIDTH} AS bucket, COUNT(*), SUM({key}), SUM({residue} * {residue}), "
+        f"MIN({key}) FROM {relation} WHERE {key} IS NOT NULL GROUP BY {key} - {key} % {BUCKET_WIDTH}"
+    )
+
+
+def _buckets(rows: Any) -> Buckets | None:
+    """The summaries by bucket start, or None when a key is negative (buckets would straddle zero: every key is
+    then compared)."""
+    buckets: Buckets = {}
+    for bucket, count, total, squares, smallest in rows:
+        if smallest < 0:
+            return None
+        buckets[int(bucket)] = (int(count), int(total), int(squares))
+    return buckets
+
+
+def _in_buckets(key: str, starts: list[int] | None) -> str:
+    """A WHERE clause keeping the keys (``key``, quoted) of the buckets starting at ``starts``; none for None."""
+    if starts is None:
+        return ""
+    return f" WHERE {key} - {key} % {BUCKET_WIDTH} IN ({', '.join(str(int(s)) for s in starts)})"
+
+
+def _integer_key(warehouse: Warehouse, dataset: str, table: TableDecl) -> bool:
+    """Whether the loaded table has a single key column of an integer type (then compared by buckets first)."""
+    if len(table.primary_key) != 1:
+        return False
+    placeholder = "%s" if warehouse.target == "postgres" else "?"
+    rows = warehouse.query(
+        "SELECT data_type FROM information_schema.columns "
+        f"WHERE table_schema = {placeholder} AND table_name = {placeholder} AND column_name = {placeholder}",
+        (warehouse_name(dataset), warehouse_name(table.name), warehouse_name(table.primary_key[0])),
+    )
+    return bool(rows) and str(rows[0][0]).upper() in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT")
+
+
+def _source_buckets(source_url: str, schema: str | None, table: TableDecl) -> Buckets | None:
+    """The source's key summaries by bucket, or None for a database whose ``%`` may differ."""
+    engine = sa.create_engine(source_url)
+    try:
+        if engine.dialect.name not in _BUCKETED_DIALECTS:
+            return None
+        quote = engine.dialect.identifier_preparer.quote
+        qualified = f"{quote(schema)}.{quote(table.name)}" if schema else quote(table.name)
+        with engine.connect() as conn:
+            return _buckets(conn.execute(sa.text(_bucket_statement(quote(table.primary_key[0]), qualified))))
+    finally:
+        engine.dispose()
+
+
+def _warehouse_buckets(warehouse: Warehouse, dataset: str, table: TableDecl) -> Buckets | None:
+    """The warehouse's key summaries by bucket (the table exists: ``_integer_key`` found its column)."""
+    key = quote_identifier(warehouse_name(table.primary_key[0]))
+    relation = f"{quote_identifier(warehouse_name(dataset))}.{quote_identifier(warehouse_name(table.name))}"
+    return _buckets(warehouse.query(_bucket_statement(key, relation)))
 
 
 def _sorted_contains(present: pa.Array, wanted: pa.Array) -> Any:
@@ -112,14 +206,16 @@ def _joined(keys: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "\x1f").combine_chunks()
 
 
-def _source_keys(source_url: str, schema: str | None, table: TableDecl) -> pa.Table:
-    """The primary-key columns of the source table (no other column is read): one arrow read through connectorx
-    from PostgreSQL, else streamed in batches through SQLAlchemy."""
+def _source_keys(source_url: str, schema: str | None, table: TableDecl, only: list[int] | None = None) -> pa.Table:
+    """The primary-key columns of the source table (no other column is read), all or those of the buckets ``only``
+    lists: one arrow read through connectorx from PostgreSQL, else streamed in batches
+    through SQLAlchemy."""
     engine = sa.create_engine(source_url)
     try:
         quote = engine.dialect.identifier_preparer.quote
         qualified = f"{quote(schema)}.{quote(table.name)}" if schema else quote(table.name)
         statement = f"SELECT {', '.join(quote(c) for c in table.primary_key)} FROM {qualified}"
+        statement += _in_buckets(quote(table.primary_key[0]), only)
         if engine.dialect.name == "postgresql" and _has_connectorx():
             url = engine.url._replace(drivername="postgresql").render_as_string(hide_password=False)
             return _read_arrow(url, statement)
@@ -130,15 +226,18 @@ def _source_keys(source_url: str, schema: str | None, table: TableDecl) -> pa.Ta
         engine.dispose()
 
 
-def _warehouse_keys(warehouse: Warehouse, dataset: str, table: TableDecl) -> pa.Table | None:
-    """The primary-key columns of the loaded table as arrow (read column-wise, never as Python rows), or None when
-    it was never loaded."""
+def _warehouse_keys(
+    warehouse: Warehouse, dataset: str, table: TableDecl, only: list[int] | None = None
+) -> pa.Table | None:
+    """The primary-key columns of the loaded table as arrow (read column-wise, never as Python rows), all or those
+    of the buckets ``only`` lists, or None when it was never loaded."""
     dataset, name = warehouse_name(dataset), warehouse_name(table.name)  # as dlt named them
     if not warehouse.table_exists(dataset, name):
         return None
     # each key column read under its declared name, as the source's keys are
     columns = ", ".join(f"{quote_identifier(warehouse_name(c))} AS {quote_identifier(c)}" for c in table.primary_key)
     statement = f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(name)}"
+    statement += _in_buckets(quote_identifier(warehouse_name(table.primary_key[0])), only)
     if warehouse.target == "duckdb":
         import duckdb
 

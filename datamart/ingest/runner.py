@@ -130,7 +130,7 @@ def _run_pipeline(
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]
     before = {n: 0 for n in names}
     if not full_refresh:
-        before.update(count_rows(pipeline, merged))
+        before.update(count_rows(pipeline, merged)[0])
     profile: dict[str, float] = {}
     file_format = loader_file_format(decl, warehouse)
     info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None, loader_file_format=file_format)
@@ -139,8 +139,8 @@ def _run_pipeline(
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
     counted = time.monotonic()
-    after = count_rows(pipeline, names)
-    written = count_rows(pipeline, [n for n in merged if row_counts.get(warehouse_name(n))], list(info.loads_ids))
+    written_in = [n for n in merged if row_counts.get(warehouse_name(n))]
+    after, written = count_rows(pipeline, names, list(info.loads_ids), written_in)
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
     first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
@@ -150,9 +150,8 @@ def _run_pipeline(
         pipeline.run(deletion_resources, loader_file_format=file_format).raise_on_failed_jobs()
         _add_steps(profile, pipeline)
     columns_after = _columns(pipeline, names)
-    counted = time.monotonic()
-    totals = count_rows(pipeline, names) if deletion_resources else after
-    profile["counts"] += time.monotonic() - counted
+    # each key found gone was one row of the warehouse (a key is unique there, and we hold the pipeline's lock)
+    totals = {n: after[n] - deletions.get(n, 0) for n in names}
     loads = []
     for name in names:
         read = int(row_counts.get(warehouse_name(name), 0))
@@ -286,24 +285,31 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def count_rows(pipeline: dlt.Pipeline, tables: list[str], load_ids: list[str] | None = None) -> dict[str, int]:
-    """Row counts read from the warehouse itself (dlt's trace counts are not trusted for totals); with ``load_ids``,
-    only the rows those loads wrote."""
+def count_rows(
+    pipeline: dlt.Pipeline, tables: list[str], load_ids: list[str] | None = None, written_in: list[str] | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Row counts read from the warehouse itself (dlt's trace counts are not trusted for totals), and for the
+    tables of ``written_in`` the rows the loads ``load_ids`` wrote, counted in the same scan."""
     from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
     counts: dict[str, int] = {}
+    written: dict[str, int] = {}
+    # ids dlt generated (epoch seconds): safe to inline
+    loads = ", ".join(f"'{i}'" for i in load_ids or [])
     with pipeline.sql_client() as client:
         for table in tables:
+            of_loads = table in (written_in or []) and loads
+            written_column = f", count(CASE WHEN _dlt_load_id IN ({loads}) THEN 1 END)" if of_loads else ""
+            qualified = client.make_qualified_table_name(warehouse_name(table))
             try:
-                where = ""
-                if load_ids:  # ids dlt generated (epoch seconds): safe to inline
-                    where = " WHERE _dlt_load_id IN (" + ", ".join(f"'{i}'" for i in load_ids) + ")"
-                statement = f"SELECT count(*) FROM {client.make_qualified_table_name(warehouse_name(table))}{where}"
-                with client.execute_query(statement) as cursor:
-                    counts[table] = int(cursor.fetchone()[0])
+                with client.execute_query(f"SELECT count(*){written_column} FROM {qualified}") as cursor:
+                    row = cursor.fetchone()
             except DatabaseUndefinedRelation:  # nothing ever loaded into it (e.g. no file yet)
-                counts[table] = 0
-    return counts
+                row = (0, 0)
+            counts[table] = int(row[0])
+            if of_loads:
+                written[table] = int(row[1])
+    return counts, written
 
 
 def format_loads(runs: list[PipelineRun]) -> str:
