@@ -10,7 +10,8 @@ demo source in it, then measures in one run:
 5. an incremental run after exactly 1 % of each table's rows changed (updates, inserts, deletes; new events);
 6. the SQLMesh promotion after that incremental load (``python -m datamart promote``);
 7. a run with no change at all;
-8. key-set delete detection over the biggest table's keys (stats_events), as the runner does it.
+8. key-set delete detection over the biggest table's keys (stats_events), as the runner does it (the comparison
+   itself is also timed inside its process, without Python's start, for its target).
 
 Every measured command runs as its own subprocess tree: wall time, and peak RSS of the biggest process in it
 (``ru_maxrss`` of the waited-for children). The table is printed and written as Markdown and JSON
@@ -343,17 +344,24 @@ class Bench:
         self.dlt_run("no_change_postgres", "postgres", 0)
 
     def key_set_deletes(self) -> None:
-        """The runner's key-set comparison over stats_events (the biggest table) against the PostgreSQL warehouse."""
+        """The runner's key-set comparison over stats_events (the biggest table) against the PostgreSQL warehouse.
+
+        Its own process: the wall time includes Python's start and imports; the comparison alone, as a run does it
+        in its already started process, is printed as a ``profile:`` line (``detection``) and used for the target.
+        """
+        events = self.counts_now("stats_events")
         code = (
-            "import time; from datamart.ingest.declarations import load_named; "
+            "import time; started = time.monotonic(); from datamart.ingest.declarations import load_named; "
             "from datamart.ingest.deletes import gone_keys; from datamart.settings import resolve_warehouse; "
             "from datamart.ingest.sources import source_credentials; import dataclasses; "
             "decl = load_named('app_db'); table = dataclasses.replace(decl.table('stats_events'), "
-            "deletes={'hard': 'key_set'}); "
-            "gone = gone_keys(decl, table, source_credentials(decl), resolve_warehouse()); "
-            "print('gone', gone.num_rows)"
+            "deletes={'hard': 'key_set'}); url = source_credentials(decl); warehouse = resolve_warehouse(); "
+            "detecting = time.monotonic(); "
+            f"gone = gone_keys(decl, table, url, warehouse, rows={events}); "
+            "done = time.monotonic(); print('gone', gone.num_rows); "
+            "print(f'key-set profile: start {detecting - started:.2f}s, detection {done - detecting:.2f}s')"
         )
-        self.measure("key_set_deletes", [sys.executable, "-c", code], 2 * self.counts_now("stats_events"))
+        self.measure("key_set_deletes", [sys.executable, "-c", code], 2 * events)
 
     def counts_now(self, table: str) -> int:
         """Rows of a source table now."""
@@ -395,7 +403,8 @@ class Bench:
             ),
             target(
                 "key-set delete detection within the incremental target",
-                self.steps["key_set_deletes"].seconds / full.seconds,
+                self.steps["key_set_deletes"].profile.get("detection", self.steps["key_set_deletes"].seconds)
+                / full.seconds,
                 "<=",
                 0.05,
             ),

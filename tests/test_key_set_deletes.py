@@ -18,7 +18,7 @@ from datamart.ingest.runner import run_pipeline
 from datamart.settings import Warehouse
 from datamart.testing.sources import Source
 
-WIDTH = deletes.BUCKET_WIDTH
+WIDTH = deletes.MIN_BUCKET_WIDTH  # the buckets of a small table
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -40,9 +40,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[list[int] | None]:
     seen: list[list[int] | None] = []
     read = deletes._source_keys
 
-    def recording(url: str, schema: str | None, table: Any, only: list[int] | None = None) -> Any:
+    def recording(url: str, schema: str | None, table: Any, only: list[int] | None = None, width: int = 0) -> Any:
         seen.append(only)
-        return read(url, schema, table, only)
+        return read(url, schema, table, only, width)
 
     monkeypatch.setattr(deletes, "_source_keys", recording)
     return seen
@@ -105,15 +105,16 @@ def test_only_the_buckets_with_deletions_are_read(
 def test_a_swap_with_the_same_count_and_sum_is_still_found(
     source: Source, warehouse: Warehouse, tmp_path: Path, reads: list[list[int] | None]
 ) -> None:
-    insert(source, list(range(2, 2 * WIDTH, 2)))  # even keys
+    assert WIDTH == 64
+    insert(source, list(range(2, 3 * WIDTH, 2)))  # even keys
     run(source, warehouse, tmp_path)
-    # 100 and 400 deleted; 201 and 299 appear with an old cursor value (the cursor never loads them): the bucket's
-    # count (2) and sum (500) are unchanged, only the sum of squares tells the difference.
-    source.execute("DELETE FROM items WHERE id IN (100, 400)")
-    insert(source, [201, 299], when="2024-01-01 10:00:00")
+    # 70 and 120 deleted; 91 and 99 appear with an old cursor value (the cursor never loads them): the bucket's
+    # count (2) and sum (190) are unchanged, only the sum of squares tells the difference.
+    source.execute("DELETE FROM items WHERE id IN (70, 120)")
+    insert(source, [91, 99], when="2024-01-01 10:00:00")
     assert run(source, warehouse, tmp_path) == 2
-    assert reads == [[0]]
-    assert {100, 400}.isdisjoint(loaded(warehouse))
+    assert reads == [[64]]
+    assert {70, 120}.isdisjoint(loaded(warehouse))
 
 
 def test_negative_keys_and_deletions_everywhere_compare_every_key(
@@ -132,3 +133,8 @@ def test_negative_keys_and_deletions_everywhere_compare_every_key(
     assert run(source, warehouse, tmp_path) == 3
     assert reads == [None]  # most buckets differ: reading every key costs less than filtering
     assert len(loaded(warehouse)) == 3 * WIDTH - 3
+
+
+def test_buckets_widen_with_the_table_so_their_summaries_stay_small() -> None:
+    assert [deletes.bucket_width(n) for n in (0, 2_000_000, 10_000_000, 100_000_000)] == [64, 64, 512, 4096]
+    assert deletes.bucket_width(None) == 4096

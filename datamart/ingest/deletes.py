@@ -5,10 +5,11 @@ run compares the primary-key columns only, of the source and of the warehouse, a
 as deletion rows: dlt's ``hard_delete`` column hint makes the merge remove them, in a load that follows the one of
 the new and changed rows (a failed deletion load is recomputed by the next run: the key sets still differ).
 
-A single integer key is first compared by buckets of ``BUCKET_WIDTH`` consecutive values: each database returns, per
-bucket, the count, the sum and a sum of squares of its keys (a few thousand rows for ten million keys), and only the
-keys of the buckets that differ are read. A day with no or few deletions costs two aggregate scans, not two copies
-of every key; when most buckets differ (deletions spread everywhere) every key is read, as for other keys.
+A single integer key is first compared by buckets of consecutive values: each database returns, per bucket, the
+count, the sum and a sum of squares of its keys (at most ``MAX_BUCKETS`` rows per table: buckets of 64 values up to
+about 2 million rows, wider above), and only the keys of the buckets that differ are read. A day with no deletion
+costs two aggregate scans, not two copies of every key; deletions spread over a table (1 in 400 rows) leave about
+15 % of the keys to read; when most buckets differ every key is read, as for other keys.
 ``deletes: {soft: <column>}`` puts the same hint on the source's own marker column, so a row whose marker is set
 is removed from the warehouse.
 """
@@ -29,7 +30,9 @@ from datamart.settings import Warehouse, quote_identifier
 
 DELETED_MARKER = "_datamart_deleted_at"
 KEY_BATCH = 200_000
-BUCKET_WIDTH = 4096
+#: Buckets of at least this many key values, and at most ``MAX_BUCKETS`` per table (wider on bigger tables).
+MIN_BUCKET_WIDTH = 64
+MAX_BUCKETS = 32_768
 #: A prime below 2**16: the squares of the keys' residues sum without overflow in any database.
 _MODULUS = 65521
 #: Source dialects whose ``%`` truncates like PostgreSQL's and DuckDB's (the buckets must be the same on both sides).
@@ -58,28 +61,33 @@ def deletion_marker(resource: DltResource, table: TableDecl) -> tuple[str, str]:
     return soft, "bool" if columns.get(soft, {}).get("data_type") == "bool" else "timestamp"
 
 
-def gone_keys(pipeline: PipelineDecl, table: TableDecl, source_url: str, warehouse: Warehouse) -> pa.Table:
-    """The keys present in the warehouse but gone from the source (key columns only are read on both sides)."""
+def gone_keys(
+    pipeline: PipelineDecl, table: TableDecl, source_url: str, warehouse: Warehouse, rows: int | None = None
+) -> pa.Table:
+    """The keys present in the warehouse but gone from the source (key columns only are read on both sides).
+
+    ``rows``, the warehouse table's row count when known, sets the buckets' width."""
     from concurrent.futures import ThreadPoolExecutor
 
     schema = pipeline.options.get("schema")
     empty = pa.table({c: pa.array([], pa.int64()) for c in table.primary_key})
     only: list[int] | None = None  # the buckets whose keys are read (None: every key)
+    width = bucket_width(rows)
     if _integer_key(warehouse, pipeline.dataset, table):
         with ThreadPoolExecutor(max_workers=1) as pool:
-            source_read = pool.submit(_source_buckets, source_url, schema, table)
-            warehouse_buckets = _warehouse_buckets(warehouse, pipeline.dataset, table)
+            source_read = pool.submit(_source_buckets, source_url, schema, table, width)
+            warehouse_buckets = _warehouse_buckets(warehouse, pipeline.dataset, table, width)
             source_buckets = source_read.result()
         if source_buckets is not None and warehouse_buckets is not None:
             differing = sorted(b for b in warehouse_buckets if warehouse_buckets[b] != source_buckets.get(b))
             if not differing:
                 return empty
             if len(differing) <= _MOST_BUCKETS * len(warehouse_buckets):
-                only = differing
+                only = differing  # at most MAX_BUCKETS / 2 numbers in the statement
     # both sides at once: the readers (connectorx, DuckDB, the database servers) work outside Python's GIL
     with ThreadPoolExecutor(max_workers=1) as pool:
-        source_read = pool.submit(_source_keys, source_url, schema, table, only)
-        warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table, only)
+        source_read = pool.submit(_source_keys, source_url, schema, table, only, width)
+        warehouse_keys = _warehouse_keys(warehouse, pipeline.dataset, table, only, width)
         source_keys = source_read.result()
     if warehouse_keys is None or warehouse_keys.num_rows == 0:
         return empty
@@ -95,16 +103,27 @@ def gone_keys(pipeline: PipelineDecl, table: TableDecl, source_url: str, warehou
 Buckets = dict[int, tuple[int, int, int]]
 
 
-def _bucket_statement(key: str, relation: str) -> str:
-    """Per bucket of ``BUCKET_WIDTH`` key values: count, sum, sum of squared residues, and the smallest key.
+def bucket_width(rows: int | None) -> int:
+    """The width of the buckets for a table of ``rows`` rows: a power of two, at least ``MIN_BUCKET_WIDTH``, wide
+    enough that a table of consecutive keys has at most ``MAX_BUCKETS`` of them (unknown size: 4,096)."""
+    if rows is None:
+        return 4096
+    width = MIN_BUCKET_WIDTH
+    while rows / width > MAX_BUCKETS:
+        width *= 2
+    return width
+
+
+def _bucket_statement(key: str, relation: str, width: int) -> str:
+    """Per bucket of ``width`` key values: count, sum, sum of squared residues, and the smallest key.
 
     Standard SQL with ``%`` on integers (truncating in PostgreSQL, DuckDB, SQLite and MySQL alike); the squares are
     cast to BIGINT first so a 32-bit key cannot overflow.
     """
     residue = f"CAST({key} % {_MODULUS} AS BIGINT)"
     return (
-        f"SELECT {key} - {key} % {BUCKET_WIDTH} AS bucket, COUNT(*), SUM({key}), SUM({residue} * {residue}), "
-        f"MIN({key}) FROM {relation} WHERE {key} IS NOT NULL GROUP BY {key} - {key} % {BUCKET_WIDTH}"
+        f"SELECT {key} - {key} % {width} AS bucket, COUNT(*), SUM({key}), SUM({residue} * {residue}), "
+        f"MIN({key}) FROM {relation} WHERE {key} IS NOT NULL GROUP BY {key} - {key} % {width}"
     )
 
 
@@ -119,11 +138,11 @@ def _buckets(rows: Any) -> Buckets | None:
     return buckets
 
 
-def _in_buckets(key: str, starts: list[int] | None) -> str:
+def _in_buckets(key: str, starts: list[int] | None, width: int) -> str:
     """A WHERE clause keeping the keys (``key``, quoted) of the buckets starting at ``starts``; none for None."""
     if starts is None:
         return ""
-    return f" WHERE {key} - {key} % {BUCKET_WIDTH} IN ({', '.join(str(int(s)) for s in starts)})"
+    return f" WHERE {key} - {key} % {width} IN ({', '.join(str(int(s)) for s in starts)})"
 
 
 def _integer_key(warehouse: Warehouse, dataset: str, table: TableDecl) -> bool:
@@ -139,7 +158,7 @@ def _integer_key(warehouse: Warehouse, dataset: str, table: TableDecl) -> bool:
     return bool(rows) and str(rows[0][0]).upper() in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT")
 
 
-def _source_buckets(source_url: str, schema: str | None, table: TableDecl) -> Buckets | None:
+def _source_buckets(source_url: str, schema: str | None, table: TableDecl, width: int) -> Buckets | None:
     """The source's key summaries by bucket, or None for a database whose ``%`` may differ."""
     engine = sa.create_engine(source_url)
     try:
@@ -148,16 +167,16 @@ def _source_buckets(source_url: str, schema: str | None, table: TableDecl) -> Bu
         quote = engine.dialect.identifier_preparer.quote
         qualified = f"{quote(schema)}.{quote(table.name)}" if schema else quote(table.name)
         with engine.connect() as conn:
-            return _buckets(conn.execute(sa.text(_bucket_statement(quote(table.primary_key[0]), qualified))))
+            return _buckets(conn.execute(sa.text(_bucket_statement(quote(table.primary_key[0]), qualified, width))))
     finally:
         engine.dispose()
 
 
-def _warehouse_buckets(warehouse: Warehouse, dataset: str, table: TableDecl) -> Buckets | None:
+def _warehouse_buckets(warehouse: Warehouse, dataset: str, table: TableDecl, width: int) -> Buckets | None:
     """The warehouse's key summaries by bucket (the table exists: ``_integer_key`` found its column)."""
     key = quote_identifier(warehouse_name(table.primary_key[0]))
     relation = f"{quote_identifier(warehouse_name(dataset))}.{quote_identifier(warehouse_name(table.name))}"
-    return _buckets(warehouse.query(_bucket_statement(key, relation)))
+    return _buckets(warehouse.query(_bucket_statement(key, relation, width)))
 
 
 def _sorted_contains(present: pa.Array, wanted: pa.Array) -> Any:
@@ -206,7 +225,9 @@ def _joined(keys: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "\x1f").combine_chunks()
 
 
-def _source_keys(source_url: str, schema: str | None, table: TableDecl, only: list[int] | None = None) -> pa.Table:
+def _source_keys(
+    source_url: str, schema: str | None, table: TableDecl, only: list[int] | None = None, width: int = 0
+) -> pa.Table:
     """The primary-key columns of the source table (no other column is read), all or those of the buckets ``only``
     lists: one arrow read through connectorx from PostgreSQL, else streamed in batches
     through SQLAlchemy."""
@@ -215,7 +236,7 @@ def _source_keys(source_url: str, schema: str | None, table: TableDecl, only: li
         quote = engine.dialect.identifier_preparer.quote
         qualified = f"{quote(schema)}.{quote(table.name)}" if schema else quote(table.name)
         statement = f"SELECT {', '.join(quote(c) for c in table.primary_key)} FROM {qualified}"
-        statement += _in_buckets(quote(table.primary_key[0]), only)
+        statement += _in_buckets(quote(table.primary_key[0]), only, width)
         if engine.dialect.name == "postgresql" and _has_connectorx():
             url = engine.url._replace(drivername="postgresql").render_as_string(hide_password=False)
             return _read_arrow(url, statement)
@@ -227,7 +248,7 @@ def _source_keys(source_url: str, schema: str | None, table: TableDecl, only: li
 
 
 def _warehouse_keys(
-    warehouse: Warehouse, dataset: str, table: TableDecl, only: list[int] | None = None
+    warehouse: Warehouse, dataset: str, table: TableDecl, only: list[int] | None = None, width: int = 0
 ) -> pa.Table | None:
     """The primary-key columns of the loaded table as arrow (read column-wise, never as Python rows), all or those
     of the buckets ``only`` lists, or None when it was never loaded."""
@@ -237,7 +258,7 @@ def _warehouse_keys(
     # each key column read under its declared name, as the source's keys are
     columns = ", ".join(f"{quote_identifier(warehouse_name(c))} AS {quote_identifier(c)}" for c in table.primary_key)
     statement = f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(name)}"
-    statement += _in_buckets(quote_identifier(warehouse_name(table.primary_key[0])), only)
+    statement += _in_buckets(quote_identifier(warehouse_name(table.primary_key[0])), only, width)
     if warehouse.target == "duckdb":
         import duckdb
 

@@ -144,7 +144,7 @@ def _run_pipeline(
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
     first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
-    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables, skip=first_load)
+    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables, skip=first_load, sizes=after)
     profile["key-set deletes"] = time.monotonic() - detecting
     if deletion_resources:
         pipeline.run(deletion_resources, loader_file_format=file_format).raise_on_failed_jobs()

@@ -156,12 +156,14 @@ def build_deletions(
     counter: dict[str, int],
     tables: list[str] | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
+    sizes: dict[str, int] | None = None,
 ) -> list[DltResource]:
     """For tables declaring ``deletes: {hard: key_set}`` with keys gone from the source: their deletion rows.
 
     The number of keys found is written into ``counter`` per table; tables with none get no resource (no load).
     Tables in ``skip`` are not compared (the runner passes those that were empty before this run: everything in
-    them was just read from the source; a key deleted since is found by the next run).
+    them was just read from the source; a key deleted since is found by the next run). ``sizes``: the tables' row
+    counts in the warehouse, when known (they set the comparison's bucket width).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -174,7 +176,7 @@ def build_deletions(
     # the GIL). A DuckDB file is read by one connection at a time.
     workers = min(4, len(compared)) if warehouse.target == "postgres" else 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        found = list(pool.map(lambda table: gone_keys(pipeline, table, url, warehouse), compared))
+        found = list(pool.map(lambda t: gone_keys(pipeline, t, url, warehouse, (sizes or {}).get(t.name)), compared))
     deletions = []
     for table, gone in zip(compared, found, strict=True):
         counter[table.name] = gone.num_rows
