@@ -21,6 +21,7 @@ import yaml
 from datamart.ingest.cli import failure_message
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_declaration
 from datamart.ingest.runner import PipelineRun, run_pipeline
+from datamart.ingest.sources import _unique_in_source
 from datamart.settings import Warehouse
 from datamart.testing.sources import Source
 
@@ -207,6 +208,27 @@ def test_bad_primary_key_stops_before_anything_is_loaded(
     )
     run(decl, duckdb_warehouse, tmp_path)  # fixed in the source: nothing blocks the next run
     assert rows(duckdb_warehouse, "raw_app.people") == 2
+
+
+def test_a_key_the_source_does_not_enforce_is_still_loaded_once(
+    sqlite_source: Source, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    """Staged rows skip dlt's dedup only where the source enforces the key: here it does not, and the repeat falls
+    in another chunk than the first (the per-chunk check cannot see it)."""
+    sqlite_source.execute("CREATE TABLE people (id INTEGER, name TEXT, updated_at TIMESTAMP)")  # no primary key
+    people = [(1, "a"), (2, "b"), (3, "c"), (2, "b again")]  # chunks of 2: (1, 2) then (3, 2)
+    sqlite_source.execute("INSERT INTO people VALUES (?, ?, '2025-01-01 10:00:00')", rows=people)
+    decl = declare(tmp_path, {"name": "app", "source": {"kind": "sql_database", "chunk_size": 2}, "dataset": "raw_app",
+                              "tables": PEOPLE})  # fmt: skip
+    run(decl, warehouse, tmp_path)
+    per_key = warehouse.query("SELECT id, count(*) FROM raw_app.people GROUP BY id ORDER BY id")
+    assert per_key == [(1, 1), (2, 1), (3, 1)]
+
+    sqlite_source.execute("CREATE TABLE people_keyed (id INTEGER PRIMARY KEY, name TEXT, updated_at TIMESTAMP)")
+    tables = {"people": PEOPLE["people"], "people_keyed": PEOPLE["people"]}
+    keyed = declare(tmp_path, {"name": "app", "source": {"kind": "sql_database"}, "dataset": "raw_app",
+                               "tables": tables})  # fmt: skip
+    assert _unique_in_source(keyed, list(keyed.tables)) == {"people_keyed"}
 
 
 def test_null_cursor_stops_naming_table_and_cursor(

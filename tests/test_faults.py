@@ -381,7 +381,7 @@ def test_sigkill_during_load(stack: Stack) -> None:
         brake = locked(stack.warehouse_url, "raw_app_db.stats_events")
         try:
             run = stack.spawn("dlt", "pipeline", "app_db", "run")
-            copy = 'COPY %stats_events%'  # dlt's csv COPY or ADBC's binary COPY (parquet)
+            copy = "COPY %stats_events%"  # dlt's csv COPY or ADBC's binary COPY (parquet)
             wait_until(
                 "the COPY into raw_app_db.stats_events", lambda: waiting_statements(stack.warehouse_url, copy), run
             )
@@ -423,7 +423,7 @@ def test_warehouse_goes_away_mid_load(stack: Stack) -> None:
     with MartsReader(stack.warehouse_url) as reader:
         brake = locked(stack.warehouse_url, "raw_app_db.stats_events")
         run = stack.spawn("dlt", "pipeline", "app_db", "run", "--retries", "1")
-        copy = 'COPY %stats_events%'  # dlt's csv COPY or ADBC's binary COPY (parquet)
+        copy = "COPY %stats_events%"  # dlt's csv COPY or ADBC's binary COPY (parquet)
         try:
             wait_until(
                 "the COPY into raw_app_db.stats_events", lambda: waiting_statements(stack.warehouse_url, copy), run

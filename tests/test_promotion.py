@@ -7,7 +7,6 @@ changed copy of the SQLMesh project and checks what prod serves afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import shutil
@@ -21,6 +20,7 @@ from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
 from datamart import demo
 from datamart.flow import run_flow
 from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.testing.views import view_checksum
 from datamart.transform import published_views, sqlmesh_context
 
 pytestmark = pytest.mark.slow
@@ -54,15 +54,9 @@ def _changed_project(tmp_path: Path, change: tuple[str, str] | None = None, appe
     return project
 
 
-def _checksum(warehouse: Warehouse, view: str) -> tuple[int, str]:
-    """Row count and a portable checksum of a view: its rows fetched, rendered, sorted and hashed in Python."""
-    rows = sorted(repr(tuple(row)) for row in warehouse.query(f"SELECT * FROM {view}"))
-    return len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest()
-
-
 def _snapshot(warehouse: Warehouse, views: list[str]) -> Snapshot:
     """Every given view's row count and checksum."""
-    return {view: _checksum(warehouse, view) for view in views}
+    return {view: view_checksum(warehouse.query, view) for view in views}
 
 
 def _prod_snapshots(context: Any) -> dict[str, str]:
@@ -113,7 +107,7 @@ def test_dev_environment_leaves_prod_identical(
     built = {s.name for s in plan.new_snapshots if s.is_model and not s.is_symbolic}
     assert built == expected, "only the changed model and its downstream are built"
 
-    dev_count, dev_checksum = _checksum(warehouse, "marts__dev.missions_v1")
+    dev_count, dev_checksum = view_checksum(warehouse.query, "marts__dev.missions_v1")
     assert 0 < dev_count < before[MISSIONS][0]
     closed = warehouse.query(f"SELECT count(*) FROM {MISSIONS} WHERE mission_status = 'closed'")[0][0]
     assert dev_count == before[MISSIONS][0] - closed

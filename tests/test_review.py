@@ -7,7 +7,6 @@ SQLMesh environment. Expected figures are computed with plain SQL on the warehou
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import shutil
@@ -26,6 +25,7 @@ from datamart.review.run import DEFAULT_OUTPUT
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.project import copy_project, edit
+from datamart.testing.views import view_checksum
 from datamart.transform import apply_prod, sqlmesh_context
 
 pytestmark = pytest.mark.slow
@@ -191,8 +191,7 @@ def _data_diff_row(report: str, view: str) -> dict[str, int]:
 
 
 def _checksum(prod: Prod, view: str) -> tuple[int, str]:
-    rows = sorted(repr(tuple(row)) for row in prod.query(f"SELECT * FROM {view}"))
-    return len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    return view_checksum(prod.query, view)
 
 
 def _prod_fingerprints(prod: Prod) -> dict[str, str]:

@@ -95,6 +95,15 @@ def build_resources(
         ]
         for table, resource in zip(selected, built, strict=True):
             check_columns_exist(pipeline, table, resource)
+        unique = _unique_in_source(pipeline, [t for t in selected if t.write_disposition == "merge"])
+        for table, resource in zip(selected, built, strict=True):
+            if table.name in unique:
+                # One extract is one query: a key the source keeps unique arrives once, so dlt's staging dedup (a
+                # ROW_NUMBER() window over every column of the staged rows) has nothing to remove. Skipping it took
+                # the DuckDB full load of `make bench` from 1.3-1.4 GB to 0.82 GB at the same speed.
+                resource.apply_hints(
+                    write_disposition={"disposition": "merge", "strategy": "delete-insert", "deduplicated": True}
+                )
     resources = []
     for table, resource in zip(selected, built, strict=True):
         if table.personal:
@@ -116,6 +125,30 @@ def build_resources(
             resource.apply_hints(schema_contract=contract)
         resources.append(resource)
     return resources
+
+
+def _unique_in_source(pipeline: PipelineDecl, tables: list[TableDecl]) -> set[str]:
+    """The tables whose declared primary key the source enforces (its primary key, or a unique constraint or index
+    on exactly those columns). A key the source does not enforce may repeat: dlt then keeps one row per key."""
+    import sqlalchemy as sa
+
+    if not tables:
+        return set()
+    engine = sa.create_engine(source_credentials(pipeline))
+    schema = pipeline.options.get("schema")
+    unique = set()
+    try:
+        inspector = sa.inspect(engine)
+        for table in tables:
+            wanted = set(table.primary_key)
+            keys = [inspector.get_pk_constraint(table.name, schema=schema).get("constrained_columns") or []]
+            keys += [c["column_names"] for c in inspector.get_unique_constraints(table.name, schema=schema)]
+            keys += [i["column_names"] for i in inspector.get_indexes(table.name, schema=schema) if i.get("unique")]
+            if wanted and any(set(k) == wanted for k in keys):
+                unique.add(table.name)
+    finally:
+        engine.dispose()
+    return unique
 
 
 def _not_empty(item: Any) -> bool:
