@@ -5,6 +5,7 @@ server, real DuckDB/PostgreSQL warehouses.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -277,6 +278,31 @@ def test_value_too_large_for_its_column(pg_database_factory: Callable[[str], str
     refreshed = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "dlt", full_refresh=True)
     assert refreshed.tables[0].rows_in_warehouse == 3
     assert warehouse.query("SELECT amount FROM raw_app.codes WHERE id = 3") == [(pytest.approx(123456789012.25),)]
+
+
+@pytest.mark.postgres
+def test_a_row_the_warehouse_refuses_is_a_data_error_not_a_lost_connection(
+    sqlite_source: Source, pg_database_factory: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Rows of an append table are copied straight into it (parquet through ADBC's COPY): the warehouse's refusal
+    comes back from the ADBC driver, which dlt files as transient. It is a data error: not retried, not reported as
+    a connection problem."""
+    from datamart.ingest.cli import run_with_retries
+    from datamart.settings import postgres_warehouse
+
+    warehouse = postgres_warehouse(pg_database_factory("warehouse"))
+    sqlite_source.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, n INTEGER)", "INSERT INTO events VALUES (1, 5)")
+    decl = app_pipeline(tmp_path, {"events": {"write_disposition": "append", "primary_key": "id", "cursor": "id"}})
+    run(decl, warehouse, tmp_path)
+    warehouse.query("ALTER TABLE raw_app.events ADD CONSTRAINT n_below_100 CHECK (n < 100)")  # a warehouse rule
+    sqlite_source.execute("INSERT INTO events VALUES (2, 500)")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(Exception) as raised:
+        run_with_retries(decl, warehouse, attempts=3, pipelines_dir=tmp_path / "dlt", backoff=0, out=out, err=err)
+    assert "retry" not in err.getvalue(), "a data error is not retried"
+    error = failure_message(decl, raised.value)
+    assert "n_below_100" in error and "could not be reached" not in error, error
+    assert rows(warehouse, "raw_app.events") == 1
 
 
 # --- identifiers -----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,8 +250,17 @@ def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
     }
 
 
+#: PEP 249 errors a database reports about the data or the statement, whatever the driver (psycopg2, ADBC,
+#: SQLAlchemy): rerunning does not fix them.
+_REFUSED = frozenset({"IntegrityError", "DataError", "ProgrammingError"})
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for lost connections and timeouts anywhere in the exception chain; never for data or declaration errors."""
+    """True for lost connections and timeouts anywhere in the exception chain; never for data or declaration errors.
+
+    dlt files every failed ADBC load job as transient (the driver's errors are not psycopg2's): a row the warehouse
+    refuses (a constraint, a value out of range) would be retried and reported as a connection problem, so a
+    refusal anywhere in the chain wins."""
     import psycopg2
     import sqlalchemy.exc
     from dlt.common.destination.exceptions import DestinationTransientException
@@ -262,15 +272,25 @@ def is_transient(exc: BaseException) -> bool:
         sqlalchemy.exc.OperationalError,
         DestinationTransientException,
     )
+    if _refused(exc):
+        return False
     return in_chain(exc, transient) is not None
+
+
+def _refused(exc: BaseException) -> bool:
+    return _first_in_chain(exc, lambda e: any(k.__name__ in _REFUSED for k in type(e).__mro__)) is not None
 
 
 def in_chain(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
     """The first exception of type ``kind`` in ``exc``'s cause/context chain, or None."""
+    return _first_in_chain(exc, lambda e: isinstance(e, kind))
+
+
+def _first_in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> BaseException | None:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
+        if test(current):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
