@@ -115,14 +115,27 @@ class Warehouse:
         pg = self.pg
         return psycopg2.connect(host=pg.host, port=pg.port, user=pg.username, password=pg.password, dbname=pg.database)
 
+    @property
+    def placeholder(self) -> str:
+        """The query parameter marker of :meth:`query`: psycopg2's ``%s`` or DuckDB's ``?``."""
+        return "%s" if self.target == "postgres" else "?"
+
     def table_exists(self, schema: str, table: str) -> bool:
         """Whether ``schema.table`` exists in the warehouse."""
-        placeholder = "%s" if self.target == "postgres" else "?"
         statement = (
             "SELECT count(*) FROM information_schema.tables "
-            f"WHERE table_schema = {placeholder} AND table_name = {placeholder}"
+            f"WHERE table_schema = {self.placeholder} AND table_name = {self.placeholder}"
         )
         return bool(self.query(statement, (schema, table))[0][0])
+
+    def columns(self, schema: str, table: str) -> dict[str, str]:
+        """Column name → SQL type of ``schema.table``, in table order (empty when it does not exist)."""
+        rows = self.query(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            f"WHERE table_schema = {self.placeholder} AND table_name = {self.placeholder} ORDER BY ordinal_position",
+            (schema, table),
+        )
+        return {str(name): str(sql_type) for name, sql_type in rows}
 
     def describe(self) -> str:
         """Where the data lives, without the password."""

@@ -152,7 +152,7 @@ def tables_changed_since(warehouse: Warehouse, tables: list[str], since_ms: int)
     changed = []
     for name in tables:
         dataset, table = name.split(".")
-        if not _has_column(warehouse, dataset, table, "_dlt_load_id") or _has_newer_rows(warehouse, name, since_ms):
+        if "_dlt_load_id" not in warehouse.columns(dataset, table) or _has_newer_rows(warehouse, name, since_ms):
             changed.append(name)
         elif name in deleting and (deleted is None or name in deleted):
             changed.append(name)
@@ -248,15 +248,6 @@ def _tables_with_deletes() -> set[str]:
     from datamart.ingest.declarations import load_all
 
     return {f"{decl.dataset}.{table.name}" for decl in load_all() for table in decl.tables if table.deletes}
-
-
-def _has_column(warehouse: Warehouse, dataset: str, table: str, column: str) -> bool:
-    placeholder = "%s" if warehouse.target == "postgres" else "?"
-    statement = (
-        "SELECT count(*) FROM information_schema.columns "
-        f"WHERE table_schema = {placeholder} AND table_name = {placeholder} AND column_name = {placeholder}"
-    )
-    return bool(warehouse.query(statement, (dataset, table, column))[0][0])
 
 
 def _newer_load(since_ms: int) -> str:

@@ -149,13 +149,10 @@ def _integer_key(warehouse: Warehouse, dataset: str, table: TableDecl) -> bool:
     """Whether the loaded table has a single key column of an integer type (then compared by buckets first)."""
     if len(table.primary_key) != 1:
         return False
-    placeholder = "%s" if warehouse.target == "postgres" else "?"
-    rows = warehouse.query(
-        "SELECT data_type FROM information_schema.columns "
-        f"WHERE table_schema = {placeholder} AND table_name = {placeholder} AND column_name = {placeholder}",
-        (warehouse_name(dataset), warehouse_name(table.name), warehouse_name(table.primary_key[0])),
+    sql_type = warehouse.columns(warehouse_name(dataset), warehouse_name(table.name)).get(
+        warehouse_name(table.primary_key[0]), ""
     )
-    return bool(rows) and str(rows[0][0]).upper() in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT")
+    return sql_type.upper() in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT")
 
 
 def _source_buckets(source_url: str, schema: str | None, table: TableDecl, width: int) -> Buckets | None:

@@ -210,7 +210,7 @@ def running_holder(warehouse: Warehouse, pipeline: str) -> dict[str, Any] | None
     try:
         if not warehouse.table_exists(OPS_SCHEMA, RUNS_TABLE):
             return None
-        placeholder = "%s" if warehouse.target == "postgres" else "?"
+        placeholder = warehouse.placeholder
         rows = warehouse.query(
             f"SELECT host, pid, started_at FROM {OPS_SCHEMA}.{RUNS_TABLE} WHERE pipeline = {placeholder} "
             "AND status = 'running' ORDER BY started_at DESC LIMIT 1",
@@ -226,7 +226,7 @@ def running_holder(warehouse: Warehouse, pipeline: str) -> dict[str, Any] | None
 
 def last_runs(warehouse: Warehouse, pipeline: str, limit: int = 5) -> list[tuple[Any, ...]]:
     """The latest runs of ``pipeline``: (status, started_at, ended_at, error), newest first."""
-    placeholder = "%s" if warehouse.target == "postgres" else "?"
+    placeholder = warehouse.placeholder
     return warehouse.query(
         f"SELECT status, started_at, ended_at, error FROM {OPS_SCHEMA}.{RUNS_TABLE} WHERE pipeline = {placeholder} "
         f"ORDER BY started_at DESC LIMIT {int(limit)}",

@@ -273,17 +273,6 @@ def _key_text(key: Key) -> str:
 # --- the warehouse side -------------------------------------------------------------------------------------------
 
 
-def warehouse_columns(warehouse: Warehouse, dataset: str, table: str) -> dict[str, str]:
-    """Column name → SQL type of ``dataset.table`` in the warehouse, in table order (empty when it does not exist)."""
-    placeholder = "%s" if warehouse.target == "postgres" else "?"
-    rows = warehouse.query(
-        "SELECT column_name, data_type FROM information_schema.columns "
-        f"WHERE table_schema = {placeholder} AND table_name = {placeholder} ORDER BY ordinal_position",
-        (dataset, table),
-    )
-    return {str(name): str(sql_type) for name, sql_type in rows}
-
-
 def _order_by(warehouse: Warehouse, keys: list[str], types: dict[str, str]) -> str:
     """ORDER BY the key in byte order on both engines (PostgreSQL's locale collation would differ from Python's)."""
     parts = []
@@ -590,7 +579,7 @@ def verify_table(
 ) -> TableCheck:
     """Compare one declared table with its source (see the module's docstring for what is compared per kind)."""
     name = _normalize(table.name)
-    types = warehouse_columns(warehouse, decl.dataset, name)
+    types = warehouse.columns(decl.dataset, name)
     refresh = f"dlt pipeline {decl.name} run --table {table.name} --full-refresh"
     if decl.kind == "rest_api":
         count = _count(warehouse, decl.dataset, name) if types else 0
@@ -757,8 +746,8 @@ def full_compare(
         try:
             _drop_dataset(warehouse, scratch.dataset)
             run_pipeline(scratch, warehouse, tables=[table], pipelines_dir=work, record=False)
-            full_types = warehouse_columns(warehouse, scratch.dataset, name)
-            types = warehouse_columns(warehouse, decl.dataset, name)
+            full_types = warehouse.columns(scratch.dataset, name)
+            types = warehouse.columns(decl.dataset, name)
             check = TableCheck(
                 table=declared.name,
                 method="full reload",

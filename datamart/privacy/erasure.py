@@ -175,7 +175,7 @@ def _versions(model: str, columns: _Columns) -> list[tuple[str, str]]:
 
 def _search(warehouse: Warehouse, schema: str, relation: str, column: str, value: str, what: str) -> list[Trace]:
     qualified = f"{quote_identifier(schema)}.{quote_identifier(relation)}"
-    placeholder = "%s" if warehouse.target == "postgres" else "?"
+    placeholder = warehouse.placeholder
     statement = f"SELECT count(*) FROM {qualified} WHERE CAST({quote_identifier(column)} AS TEXT) = {placeholder}"
     try:
         count = int(warehouse.query(statement, (value,))[0][0])
