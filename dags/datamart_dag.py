@@ -63,7 +63,7 @@ def declared_pipelines(project_dir: Path = PROJECT_DIR) -> list[str]:
 
 with DAG(
     dag_id=DAG_ID,
-    description="datamart: every dlt pipeline, then SQLMesh's run of prod (make scheduled, split into tasks)",
+    description="datamart: every dlt pipeline, then the refresh of prod's marts (make scheduled, split into tasks)",
     schedule=setting("DATAMART_SCHEDULE", "@daily"),
     start_date=datetime(2025, 10, 1),
     catchup=False,  # a pipeline reads everything new since its last run: one run catches up
@@ -78,11 +78,12 @@ with DAG(
     tags=["datamart"],
 ) as dag:
     python = shlex.quote(str(VENV / "bin" / "python"))
-    sqlmesh_run = BashOperator(
-        task_id="sqlmesh_run",
+    refresh = BashOperator(
+        task_id="refresh",
         bash_command=f"{python} -m datamart scheduled --skip pipelines" + LAST_TRY_ALERT,
         cwd=str(PROJECT_DIR),
-        doc_md="SQLMesh's run of prod's due intervals and the later steps of `make scheduled` (no promotion).",
+        doc_md="The refresh of prod's published views from what the pipelines loaded, and the later steps of "
+        "`make scheduled` (no promotion).",
     )
     for name in declared_pipelines():
         load = BashOperator(
@@ -94,4 +95,4 @@ with DAG(
             cwd=str(PROJECT_DIR),
             doc_md=f"pipelines/{name}.yaml into the warehouse (as `dlt pipeline {name} run`), then a summary.",
         )
-        load >> sqlmesh_run
+        load >> refresh

@@ -20,6 +20,7 @@ from datamart.settings import (
     PROJECT_ROOT,
     TARGETS,
     SettingsError,
+    Warehouse,
     configure_environment,
     resolve_warehouse,
 )
@@ -77,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             from datamart.transform import apply_prod
 
             result = apply_prod(warehouse)
-            built = ", ".join(result.models_built) or "none (prod already matches the project)"
             print(f"Promoted to prod in {result.elapsed:.1f}s. Warehouse: {warehouse.describe()}")
-            print(f"Models built: {len(result.models_built)} ({built})")
+            print(result.built_line())
             print(f"Audits passed: {result.audits_passed}")
             print(f"Published views (what Metabase reads): {', '.join(result.published_views)}")
             if result.grants is not None:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return review_command(warehouse, args.env, args.project, args.output, args.forward_only)
         elif args.command == "query":
-            print_rows(warehouse.query(args.sql))
+            return _query(warehouse, args.sql)
         elif args.command == "privacy":
             from datamart.privacy.cli import privacy_command
 
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunFailed as exc:
         print(exc, file=sys.stderr)
+        return 1
     except WAREHOUSE_UNREACHABLE as exc:
         print(
             redact(
@@ -179,8 +180,31 @@ def _scheduled(args: argparse.Namespace) -> int:
 WAREHOUSE_UNREACHABLE = (psycopg2.OperationalError,)
 
 
-def print_rows(rows: list[tuple[object, ...]]) -> None:
-    """Rows as tab-separated lines, then their count."""
+def _query(warehouse: Warehouse, sql: str) -> int:
+    """``python -m datamart query``: a header line, the rows tab-separated, their count; exit 1 on a SQL error."""
+    import duckdb
+
+    try:
+        columns, rows = warehouse.query_with_columns(sql)
+    except (duckdb.Error, psycopg2.Error) as exc:
+        if isinstance(exc, WAREHOUSE_UNREACHABLE) and not isinstance(exc, psycopg2.errors.QueryCanceled):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: the query failed on {warehouse.describe()}: {message}", file=sys.stderr)
+        return 1
+    try:
+        print_rows(columns, rows)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader stopped early (`… | head`): not an error of the query; keep Python quiet at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def print_rows(columns: list[str], rows: list[tuple[object, ...]]) -> None:
+    """A header line, the rows as tab-separated lines, then their count."""
+    if columns:
+        print("\t".join(columns))
     for row in rows:
         print("\t".join("" if value is None else str(value) for value in row))
     print(f"({len(rows)} rows)")

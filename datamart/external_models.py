@@ -203,11 +203,23 @@ def render_external_models(schemas: list[tuple[PipelineDecl, Schema]]) -> str:
 
 def render_ops_models() -> str:
     """The run-record tables of schema ``ops`` (written by every pipeline run, read by marts.data_freshness_v1)."""
-    from datamart.ingest.ops import OPS_SCHEMA, RUN_TABLES_COLUMNS, RUN_TABLES_TABLE, RUNS_COLUMNS, RUNS_TABLE
+    from datamart.ingest.ops import (
+        OPS_SCHEMA,
+        REFRESHES_COLUMNS,
+        REFRESHES_TABLE,
+        RUN_TABLES_COLUMNS,
+        RUN_TABLES_TABLE,
+        RUNS_COLUMNS,
+        RUNS_TABLE,
+    )
 
     described = {
         RUNS_TABLE: ("One row per run of a pipeline: when, where, status and error.", RUNS_COLUMNS),
         RUN_TABLES_TABLE: ("One row per table of a succeeded pipeline run: rows read and written.", RUN_TABLES_COLUMNS),
+        REFRESHES_TABLE: (
+            "One row per refresh of the published views: when, by which command, what it rebuilt.",
+            REFRESHES_COLUMNS,
+        ),
     }
     entries = [
         yaml.safe_dump(

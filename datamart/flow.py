@@ -98,7 +98,7 @@ def run_flow(
             raise error
         raise RunFailed(failures[0].message() + "\nThe published views were not changed.") from error
     print("[sqlmesh] planning and applying prod", file=out)
-    flow.transform = apply_prod(warehouse)
+    flow.transform = apply_prod(warehouse, command="run")
     flow.elapsed = time.monotonic() - started
     print(summary(flow), file=out)
     return flow
@@ -149,8 +149,7 @@ def summary(flow: FlowRun) -> str:
     transform = flow.transform
     if transform is not None:
         lines.append("")
-        built = ", ".join(transform.models_built) if transform.models_built else "none (nothing changed)"
-        lines.append(f"Models built: {len(transform.models_built)} ({built})")
+        lines.append(transform.built_line())
         lines.append(f"Audits passed: {transform.audits_passed}")
         lines.append(f"Published views (what Metabase reads): {', '.join(transform.published_views)}")
         if transform.grants is not None:

@@ -1,9 +1,10 @@
 """The scheduled run (``python -m datamart scheduled``, ``make scheduled``): what cron, a CronJob or Airflow runs.
 
 Steps, in order (:data:`STEPS`): every declared pipeline (with ``dlt pipeline <name> run``'s retries), then the
-SQLMesh *run* of prod's due intervals — never a plan: new model versions reach prod through ``make promote`` from a
-merged pull request. A step runs only when every step before it succeeded (models never process an interval whose raw
-data failed to load). Exit code 0 when every step succeeded, 1 when one failed, 2 on bad input (settings,
+refresh of prod's published views from what was loaded (the same refresh ``make run`` and ``make promote`` end with)
+— never a promotion: new model versions reach prod through ``make promote`` from a merged pull request.
+A step runs only when every step before it succeeded (models never process an interval whose raw data failed to
+load). Exit code 0 when every step succeeded, 1 when one failed, 2 on bad input (settings,
 declarations, the wrong environment's warehouse). A failure posts an alert to the webhook when one is configured.
 
 Adding a step: write ``def my_step(run: ScheduledRun) -> list[StepResult]`` and append it to :data:`STEPS`; its
@@ -116,44 +117,39 @@ def pipelines(run: ScheduledRun) -> list[StepResult]:
     return sorted(results, key=lambda result: order.get(result.pipeline or "", len(order)))
 
 
-def sqlmesh_run(run: ScheduledRun) -> list[StepResult]:
-    """SQLMesh's run of prod's due intervals (``Context.run("prod")``): no plan, no promotion of new versions."""
-    from datamart.transform import _short_name, sqlmesh_context
+def refresh(run: ScheduledRun) -> list[StepResult]:
+    """Bring prod's published views up to the raw tables (``datamart.transform.refresh_prod``), promoting nothing.
 
-    context = sqlmesh_context(run.warehouse)
-    prod = context.state_reader.get_environment("prod")
-    if prod is None:
+    The same refresh as ``make run`` and ``make promote`` end with: the models reading a raw table loaded since the
+    last refresh are restated, after SQLMesh's run of prod's due intervals.
+    """
+    from datamart.transform import NeverPromoted, refresh_prod
+
+    try:
+        done = refresh_prod(run.warehouse, execution_time=run.execution_time)
+    except NeverPromoted as exc:
         return [
             StepResult(
-                "sqlmesh_run",
-                False,
-                error="prod has never been built in this warehouse: there is nothing to run",
-                command="`make promote` once (it builds prod from the project), then the scheduled run",
+                "refresh", False, error=str(exc).split(": ")[0], command="`make promote` once, then the scheduled run"
             )
         ]
-    in_prod = {s.name: s.fingerprint for s in prod.snapshots}
-    in_project = {s.name: s.fingerprint for s in context.snapshots.values()}
-    differ = sorted(_short_name(n) for n in in_project.keys() | in_prod.keys() if in_project.get(n) != in_prod.get(n))
-    status = context.run("prod", execution_time=run.execution_time)
     notes = []
-    if differ:
-        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    if done.differs:
+        shown = ", ".join(done.differs[:3]) + (f" and {len(done.differs) - 3} more" if len(done.differs) > 3 else "")
         notes = [
-            f"the project differs from prod ({shown}): NOT promoted, prod ran its own versions;",
+            f"the project differs from prod ({shown}): NOT promoted, prod refreshed its own versions;",
             "`make promote` applies the project (normally once the pull request is merged)",
         ]
-    if status.is_failure:
-        return [
-            StepResult(
-                "sqlmesh_run",
-                False,
-                error="SQLMesh's run of prod failed (the model and error are in the log above)",
-                command='fix the model or the data, then `make sqlmesh ARGS="run prod"` or the scheduled run again',
-                notes=notes,
-            )
-        ]
-    done = "nothing was due" if status.is_nothing_to_do else "prod's due intervals processed"
-    return [StepResult("sqlmesh_run", True, done, notes=notes)]
+    parts = []
+    if done.models_restated:
+        shown = ", ".join(done.models_restated[:4]) + (
+            f" and {len(done.models_restated) - 4} more" if len(done.models_restated) > 4 else ""
+        )
+        parts.append(f"{len(done.models_restated)} models rebuilt from new data ({shown})")
+    if done.ran_due_intervals:
+        parts.append("prod's due intervals processed")
+    detail = "; ".join(parts) or "the published views already reflect every load"
+    return [StepResult("refresh", True, f"{detail}, {done.elapsed:.1f}s", notes=notes)]
 
 
 def reconcile(run: ScheduledRun) -> list[StepResult]:
@@ -182,7 +178,7 @@ def reconcile(run: ScheduledRun) -> list[StepResult]:
 
 
 # The scheduled run, in order.
-STEPS: list[Step] = [pipelines, sqlmesh_run, reconcile]
+STEPS: list[Step] = [pipelines, refresh, reconcile]
 
 
 def step_names() -> list[str]:

@@ -95,16 +95,25 @@ class Warehouse:
 
     def query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run one SQL statement on the warehouse in its own short connection and return the rows."""
+        return self.query_with_columns(statement, params)[1]
+
+    def query_with_columns(self, statement: str, params: tuple[Any, ...] = ()) -> tuple[list[str], list[tuple]]:
+        """Like :meth:`query`, with the result's column names (empty for a statement that returns no rows)."""
         if self.target == "duckdb":
             import duckdb
 
             with duckdb.connect(str(self.duckdb_path)) as conn:
-                return conn.execute(statement, list(params)).fetchall()
+                cursor = conn.execute(statement, list(params))
+                if cursor.description is None:
+                    return [], []
+                return [d[0] for d in cursor.description], cursor.fetchall()
         conn = self.pg_connect()
         try:
             with conn, conn.cursor() as cur:
                 cur.execute(statement, params or None)
-                return cur.fetchall() if cur.description else []
+                if not cur.description:
+                    return [], []
+                return [d[0] for d in cur.description], cur.fetchall()
         finally:
             conn.close()
 

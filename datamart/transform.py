@@ -14,7 +14,7 @@ from typing import Any
 from sqlmesh.utils.errors import AuditError, NodeAuditsErrors, PlanError, SQLMeshError
 
 from datamart.grants import GrantReport, apply_metabase_grants
-from datamart.ingest.ops import ensure_ops_tables
+from datamart.ingest.ops import ensure_ops_tables, last_refresh, recorded_refresh
 from datamart.review.gate import enforce
 from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, quote_identifier
 
@@ -32,6 +32,16 @@ class TransformRun:
     published_views: list[str] = field(default_factory=list)
     grants: GrantReport | None = None
     elapsed: float = 0.0
+    views_swapped: list[str] = field(default_factory=list)  # prod views now pointing at another version
+
+    def built_line(self) -> str:
+        """``Models built: N (…)`` and, when views moved to a version built earlier, ``views swapped: …``."""
+        built = ", ".join(self.models_built) or "none: the data they read had not changed"
+        line = f"Models built: {len(self.models_built)} ({built})"
+        reused = [v for v in self.views_swapped if v not in self.models_built]
+        if reused:
+            line += f"; views switched to a version built earlier: {', '.join(reused)}"
+        return line
 
 
 def sqlmesh_context(warehouse: Warehouse, project: Path | None = None, **kwargs: Any) -> Any:
@@ -42,43 +52,133 @@ def sqlmesh_context(warehouse: Warehouse, project: Path | None = None, **kwargs:
     return Context(paths=[str(project or PROJECT_ROOT)], **kwargs)
 
 
-def apply_prod(warehouse: Warehouse, project: Path | None = None) -> TransformRun:
-    """Apply model changes to prod, then rebuild what reads raw data loaded since prod was last built.
+def apply_prod(warehouse: Warehouse, project: Path | None = None, command: str = "promote") -> TransformRun:
+    """Apply model changes to prod, then rebuild what reads raw data loaded since the published views last did.
 
     First the review gate (``datamart.review.gate.CHECKS``, the contract of the published views) runs against what
-    prod serves: a refused change raises ``GateError`` before anything is planned, and prod is not touched.
-
-    A prod plan rebuilds only changed models. Data loaded by dlt since the last prod plan (by this command or by
-    ``dlt pipeline <name> run`` alone) is found in each raw dataset's ``_dlt_loads`` table; the external models of
-    those datasets are restated (SQLMesh restates everything downstream of them, one model after the other, each in
-    one transaction). A failing audit raises a :class:`PromotionError` naming the model and the audit, before the
-    views are swapped and before the models downstream of it are rebuilt: those keep serving their previous data.
+    prod serves: a refused change raises ``GateError`` before anything is planned, and prod is not touched. Then a
+    prod plan builds the changed models, and :func:`refresh_prod` restates what the loads since the last refresh
+    changed. A failing audit raises a :class:`PromotionError` naming the model and the audit, before the views are
+    swapped and before the models downstream of it are rebuilt: those keep serving their previous data.
     """
     started = time.monotonic()
     ensure_ops_tables(warehouse)  # marts.data_freshness_v1 reads them, even before any pipeline ran
     context = sqlmesh_context(warehouse, project)
     enforce(context, project, warehouse)
+    with audits_named_on_failure(), recorded_refresh(warehouse, command) as record:
+        before = _prod_fingerprints(context)
+        plan = context.plan("prod", auto_apply=True, no_prompts=True)
+        built = {s.name: s for s in plan.new_snapshots}
+        built.update(_restate_changed(context, warehouse, record.started_at, before is not None))
+        result = _transform_run(context, warehouse, built, before, started)
+        record.models = result.models_built
+    return result
+
+
+def refresh_prod(warehouse: Warehouse, execution_time: str | None = None) -> RefreshRun:
+    """Bring prod's published views up to the raw tables, without promoting anything: the scheduled run's refresh.
+
+    SQLMesh's run of prod's due intervals (each model on its ``cron``), then a restatement of the models reading a
+    raw table loaded (or deleted from) since the last refresh. A restatement plan works from SQLMesh's state, not
+    from the project's files (SQLMesh ignores local changes when restating), so prod keeps its own model versions
+    even when this checkout differs: new versions reach prod only through the gate (``make promote``).
+    """
+    started = time.monotonic()
+    ensure_ops_tables(warehouse)
+    context = sqlmesh_context(warehouse)
     prod = context.state_reader.get_environment("prod")
-    with audits_named_on_failure():
-        return _apply_prod(warehouse, context, prod, started)
+    if prod is None:
+        raise NeverPromoted(
+            "prod has never been built in this warehouse: there is nothing to refresh; run `make promote` once (it "
+            "builds prod from the project through the review gate), then the scheduled run"
+        )
+    in_prod = {s.name: s.fingerprint for s in prod.snapshots}
+    in_project = {s.name: s.fingerprint for s in context.snapshots.values()}
+    refresh = RefreshRun(
+        differs=sorted(
+            _short_name(n) for n in in_project.keys() | in_prod.keys() if in_project.get(n) != in_prod.get(n)
+        )
+    )
+    with audits_named_on_failure(), recorded_refresh(warehouse, "scheduled") as record:
+        status = context.run("prod", execution_time=execution_time)
+        if status.is_failure:
+            raise PromotionError(
+                "SQLMesh's run of prod failed (the model and error are in the log above); the published views keep "
+                "their previous data"
+            )
+        refresh.ran_due_intervals = not status.is_nothing_to_do
+        restated = _restate_changed(context, warehouse, record.started_at, True)
+        refresh.models_restated = sorted(
+            _short_name(s.name) for s in restated.values() if s.is_model and not s.is_external and not s.is_symbolic
+        )
+        record.models = refresh.models_restated
+    refresh.elapsed = time.monotonic() - started
+    return refresh
 
 
-def _apply_prod(warehouse: Warehouse, context: Any, prod: Any, started: float) -> TransformRun:
+class NeverPromoted(SQLMeshError):
+    """The warehouse has no prod environment yet: only a promotion (through the gate) may create it."""
+
+
+@dataclass
+class RefreshRun:
+    """What one refresh of prod did (the scheduled run)."""
+
+    differs: list[str] = field(default_factory=list)  # models whose project version is not prod's
+    ran_due_intervals: bool = False
+    models_restated: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def _prod_fingerprints(context: Any) -> dict[str, str] | None:
+    prod = context.state_reader.get_environment("prod")
+    return None if prod is None else {s.name: s.fingerprint for s in prod.snapshots}
+
+
+def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: datetime, prod_existed: bool) -> dict:
+    """Restate in prod the external models whose raw table changed since the last refresh; the snapshots restated.
+
+    Since when: the start of the last succeeded refresh (``ops.datamart_refreshes``), or when no refresh is recorded,
+    the time prod was last finalized. Nothing when prod did not exist before this command (it was just built whole).
+    The external models of those datasets are restated (SQLMesh restates everything downstream of them, one model
+    after the other, each in one transaction).
+    """
+    if not prod_existed:
+        return {}
+    last = last_refresh(warehouse)
+    if last is None:
+        prod = context.state_reader.get_environment("prod")
+        if prod is None or not prod.finalized_ts:
+            return {}
+        since_ms = prod.finalized_ts
+    else:
+        since_ms = int(last.timestamp() * 1000)
+    since_ms = min(since_ms, int(refresh_started.timestamp() * 1000))
+    externals = [_short_name(m.fqn) for m in context.models.values() if m.kind.is_external]
+    fresh = datasets_loaded_since(warehouse, {e.split(".")[0] for e in externals}, since_ms)
+    candidates = sorted(e for e in externals if e.split(".")[0] in fresh)
+    restate = tables_changed_since(warehouse, candidates, since_ms)
+    if not restate:
+        return {}
+    start = restatement_start(context, warehouse, restate, since_ms)
+    plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate, start=start)
+    return {plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements}
+
+
+def _transform_run(
+    context: Any, warehouse: Warehouse, built: dict, before: dict[str, str] | None, started: float
+) -> TransformRun:
     result = TransformRun()
-    plan = context.plan("prod", auto_apply=True, no_prompts=True)
-    built = {s.name: s for s in plan.new_snapshots}
-    if prod is not None and prod.finalized_ts:
-        externals = [_short_name(m.fqn) for m in context.models.values() if m.kind.is_external]
-        fresh = datasets_loaded_since(warehouse, {e.split(".")[0] for e in externals}, prod.finalized_ts)
-        candidates = sorted(e for e in externals if e.split(".")[0] in fresh)
-        restate = tables_changed_since(warehouse, candidates, prod.finalized_ts)
-        if restate:
-            start = restatement_start(context, warehouse, restate, prod.finalized_ts)
-            plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate, start=start)
-            built.update({plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements})
     models = [s for s in built.values() if s.is_model and not s.is_external and not s.is_symbolic]
     result.models_built = sorted(_short_name(s.name) for s in models)
     result.audits_passed = sum(len(s.model.audits) for s in models)
+    after = _prod_fingerprints(context) or {}
+    externals = {m.fqn for m in context.models.values() if m.kind.is_external}
+    result.views_swapped = sorted(
+        _short_name(name)
+        for name, fingerprint in after.items()
+        if (before or {}).get(name) != fingerprint and name not in externals
+    )
     result.published_views = published_views(context)
     result.grants = apply_metabase_grants(warehouse)  # after every promotion: a view swap drops the views' grants
     result.elapsed = time.monotonic() - started

@@ -115,12 +115,12 @@ def test_dag_has_one_task_per_declaration(airflow_python: Path, tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     tasks = json.loads(result.stdout.strip().splitlines()[-1])
     venv = env["DATAMART_VENV"]
-    assert set(tasks) == {"pipeline_app_db", "pipeline_bucket", "pipeline_partner_api", "sqlmesh_run"}
+    assert set(tasks) == {"pipeline_app_db", "pipeline_bucket", "pipeline_partner_api", "refresh"}
     for name in ("app_db", "bucket", "partner_api"):
         downstream, retries, command, cwd = tasks[f"pipeline_{name}"]
-        assert downstream == ["sqlmesh_run"] and retries == 3 and cwd == str(project)
+        assert downstream == ["refresh"] and retries == 3 and cwd == str(project)
         assert command.startswith(f"{venv}/bin/python -m datamart scheduled --only pipelines --pipeline {name}{{{{")
-    assert tasks["sqlmesh_run"][2].startswith(f"{venv}/bin/python -m datamart scheduled --skip pipelines{{{{")
+    assert tasks["refresh"][2].startswith(f"{venv}/bin/python -m datamart scheduled --skip pipelines{{{{")
 
 
 def test_airflow_runs_the_dag_end_to_end_on_the_duckdb_demo(
@@ -134,11 +134,11 @@ def test_airflow_runs_the_dag_end_to_end_on_the_duckdb_demo(
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
     assert re.search(r"DagRun Finished: dag_id=datamart.*state=success", log), log[-3000:]
-    # one task per pipeline, then the SQLMesh run, each with its own log lines
+    # one task per pipeline, then the refresh of the marts, each with its own log lines
     started = re.findall(r"\[DAG TEST\] starting task_id=(\w+)", log)
-    assert sorted(started[:2]) == ["pipeline_app_db", "pipeline_bucket"] and started[2:] == ["sqlmesh_run"]
+    assert sorted(started[:2]) == ["pipeline_app_db", "pipeline_bucket"] and started[2:] == ["refresh"]
     assert "app_db: extracting and loading organizations" in log
-    assert re.search(r"ok +sqlmesh run +(nothing was due|prod's due intervals processed)", log)
+    assert re.search(r"ok +refresh +\d+ models rebuilt from new data \(.*marts\.missions_v1", log), log[-3000:]
     # the new day reached the warehouse
     with sqlite3.connect(tmp / "app.sqlite") as conn:
         events = conn.execute("SELECT count(*) FROM stats_events").fetchone()[0]
@@ -146,6 +146,9 @@ def test_airflow_runs_the_dag_end_to_end_on_the_duckdb_demo(
 
     with duckdb.connect(str(tmp / "warehouse.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(*) FROM raw_app_db.stats_events").fetchone()[0] == events
+        # and the marts Metabase reads followed it
+        published = conn.execute("SELECT bool_and(last_success_published) FROM marts.data_freshness_v1").fetchone()
+        assert published == (True,)
 
 
 def test_a_failed_pipeline_task_fails_the_dag_run_and_alerts(
@@ -180,7 +183,7 @@ def test_a_failed_pipeline_task_fails_the_dag_run_and_alerts(
     assert result.returncode != 0
     assert re.search(r"error: pipeline 'app_db' failed[^\n]*: NoSuchTableError: organizations", log), log[-3000:]
     assert re.search(r"DagRun Finished: dag_id=datamart.*state=failed", log)
-    assert "starting task_id=sqlmesh_run" not in log, "the SQLMesh run waits for every pipeline"
+    assert "starting task_id=refresh" not in log, "the refresh waits for every pipeline"
     # the task's last try (no retries here) posted the alert: pipeline, step, error, what to run
     assert len(received) == 1, log[-3000:]
     text = json.loads(received[0])["text"]

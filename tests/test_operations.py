@@ -16,7 +16,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg2
@@ -133,33 +132,120 @@ def _changed_project(tmp: Path) -> Path:
     return copy
 
 
-def test_scheduled_run_loads_runs_prod_and_never_promotes(demo: Demo) -> None:
+def _assert_marts_equal_a_build_from_scratch(demo: Demo) -> None:
+    """Every published view serves what its model computes from the raw tables now (row for row)."""
+    from datamart.testing.marts import differences_from_scratch
+    from datamart.transform import published_views, sqlmesh_context
+
+    context = sqlmesh_context(demo.warehouse)
+    try:
+        for view in published_views(context):
+            missing, extra = differences_from_scratch(context, demo.warehouse, view)
+            assert not missing and not extra, f"{view}: {len(missing)} missing, {len(extra)} stale, e.g. {missing[:2]}"
+    finally:
+        context.close()  # DuckDB: one writer at a time, the next command needs the file
+
+
+def _freshness(demo: Demo) -> dict[str, bool]:
+    rows = demo.warehouse.query("SELECT table_name, last_success_published FROM marts.data_freshness_v1")
+    return {str(table): bool(published) for table, published in rows}
+
+
+def test_scheduled_run_refreshes_the_marts_and_never_promotes(demo: Demo) -> None:
     # prod is built from a project that differs from the checkout (a model changed elsewhere): the scheduled run
-    # must run prod's own versions and say so, not promote the checkout's
+    # must refresh prod's own versions and say so, not promote the checkout's
     changed = _changed_project(demo.tmp)
     sqlmesh_env = dict(demo.env, **demo.warehouse.sqlmesh_env())
     _run(sqlmesh_env, "sqlmesh", "-p", str(changed), "plan", "prod", "--auto-apply", "--no-prompts")
+    prod_versions = _prod_fingerprints(demo)
     _run(demo.env, "-m", "datamart.demo", "--advance-day", "--bucket", str(demo.tmp / "bucket"))
     live_missions = demo.source("SELECT count(*) FROM missions WHERE deleted_at IS NULL")
     assert demo.mart("SELECT count(*) FROM marts.missions_v1") != live_missions, "the day changed the missions"
 
-    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d")
-    result = _run(demo.env, "-m", "datamart", "scheduled", "--execution-time", tomorrow)
+    # the same day, as cron runs it: nothing is "due" by the models' @daily cron, the marts must still follow
+    result = _run(demo.env, "-m", "datamart", "scheduled")
     out = result.stdout
     assert re.search(r"^  ok +pipeline app_db +5 tables, [1-9][\d,]* rows", out, re.M), out
     assert re.search(r"^  ok +pipeline bucket +2 tables", out, re.M), out
-    assert re.search(r"^  ok +sqlmesh run +prod's due intervals processed", out, re.M), out
+    assert re.search(r"^  ok +refresh +\d+ models rebuilt from new data \(.*marts\.missions_v1", out, re.M), out
     assert re.search(r"the project differs from prod \(.*staging\.stg_bucket__partners.*\): NOT promoted", out), out
     assert re.search(r"^  ok +reconcile app_db +5 tables match", out, re.M), out  # app_db.yaml: verify: true
     assert out.rstrip().endswith("result: ok")
     assert len(out[out.index("datamart scheduled run") :].splitlines()) <= 25, "one screen"
-    # the loads reached the warehouse and prod's run rebuilt the marts from them
+    # the loads reached the warehouse and the marts Metabase reads reflect them, as a build from scratch would
     assert demo.mart("SELECT count(*) FROM raw_app_db.stats_events") == demo.source("SELECT count(*) FROM stats_events")
     assert demo.mart("SELECT count(*) FROM marts.missions_v1") == live_missions
-    # still not promoted: the next run says the same
-    again = _run(demo.env, "-m", "datamart", "scheduled", "--only", "sqlmesh_run").stdout
-    assert "nothing was due" in again and "NOT promoted" in again
+    _assert_marts_equal_a_build_from_scratch(demo)
+    assert set(_freshness(demo).values()) == {True}, _freshness(demo)
+    assert _prod_fingerprints(demo) == prod_versions, "prod kept its own model versions"
+    # nothing new: the next refresh has nothing to rebuild and still does not promote
+    again = _run(demo.env, "-m", "datamart", "scheduled", "--only", "refresh").stdout
+    assert "the published views already reflect every load" in again and "NOT promoted" in again
     assert "[pipelines]" not in again
+
+
+def test_freshness_says_when_the_marts_are_behind_a_load(demo: Demo) -> None:
+    """A pipeline run alone (dlt's own command) loads raw data: the freshness view says the marts lag until the
+    scheduled run refreshes them."""
+    _run(demo.env, "-m", "datamart.demo", "--advance-day", "--bucket", str(demo.tmp / "bucket"))
+    _run(demo.env, "dlt", "pipeline", "app_db", "run")
+    behind = _freshness(demo)
+    assert behind["missions"] is False and behind["partners"] is True, behind
+    _run(demo.env, "-m", "datamart", "scheduled", "--only", "refresh")
+    assert set(_freshness(demo).values()) == {True}
+    _assert_marts_equal_a_build_from_scratch(demo)
+
+
+def test_promote_names_the_views_it_switched(demo: Demo) -> None:
+    """Prod runs another project's versions: promoting this checkout switches views back to versions built before;
+    the command says so instead of "Models built: 0 (prod already matches)"."""
+    before = _prod_fingerprints(demo)
+    result = _run(demo.env, "-m", "datamart", "promote")
+    assert _prod_fingerprints(demo) != before
+    assert re.search(
+        r"^Models built: 0 \(none: the data they read had not changed\); views switched to a version built "
+        r"earlier: .*staging\.stg_bucket__partners",
+        result.stdout,
+        re.M,
+    ), result.stdout
+
+
+def _prod_fingerprints(demo: Demo) -> dict[str, str]:
+    from datamart.transform import sqlmesh_context
+
+    context = sqlmesh_context(demo.warehouse)
+    try:
+        prod = context.state_reader.get_environment("prod")
+        return {s.name: s.fingerprint for s in prod.snapshots}
+    finally:
+        context.close()  # DuckDB: one writer at a time, the next command needs the file
+
+
+def test_run_exits_non_zero_when_a_pipeline_fails(demo: Demo) -> None:
+    env = dict(demo.env, SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{demo.tmp / 'no-such-dir' / 'app.sqlite'}")
+    views = demo.mart("SELECT count(*) FROM marts.missions_v1")
+    result = _run(env, "-m", "datamart", "run", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "pipeline 'app_db' failed" in result.stderr and "The published views were not changed." in result.stderr
+    assert demo.mart("SELECT count(*) FROM marts.missions_v1") == views
+
+
+def test_query_prints_a_header_and_fails_cleanly(demo: Demo) -> None:
+    result = _run(demo.env, "-m", "datamart", "query", "SELECT mission_id, mission_status FROM marts.missions_v1")
+    lines = result.stdout.splitlines()
+    assert lines[0] == "mission_id\tmission_status"
+    assert lines[-1] == f"({len(lines) - 2} rows)" and len(lines) > 3
+    bad = _run(demo.env, "-m", "datamart", "query", "SELECT no_such_column FROM marts.missions_v1", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: the query failed on DuckDB file ") and "no_such_column" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    # a reader that stops early (`… | head -1`): no traceback, no error
+    command = [sys.executable, "-m", "datamart", "query", "SELECT * FROM raw_app_db.stats_events"]
+    reader = subprocess.Popen(command, env=demo.env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stdout.readline().startswith(b"id\t")
+    reader.stdout.close()
+    _, stderr = reader.communicate(timeout=120)
+    assert reader.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr
 
 
 def test_scheduled_reconciliation_fails_on_drift(demo: Demo) -> None:
@@ -175,7 +261,7 @@ def test_scheduled_reconciliation_fails_on_drift(demo: Demo) -> None:
 def test_scheduled_run_bad_input_exits_2(demo: Demo) -> None:
     result = _run(demo.env, "-m", "datamart", "scheduled", "--only", "no_such_step", check=False)
     assert result.returncode == 2
-    assert "unknown step(s) no_such_step; the steps are pipelines, sqlmesh_run" in result.stderr
+    assert "unknown step(s) no_such_step; the steps are pipelines, refresh" in result.stderr
 
 
 def _make_dry_run(target: str) -> subprocess.CompletedProcess[str]:
@@ -224,7 +310,7 @@ def test_failed_run_posts_an_alert_without_secrets(
     assert result.returncode == 1, result.stdout + result.stderr
     assert re.search(r"^  FAILED +pipeline app_db +.*OperationalError", result.stdout, re.M), result.stdout
     assert re.search(r"^  ok +pipeline bucket", result.stdout, re.M), "a failed pipeline does not stop the others"
-    assert re.search(r"^  skipped +sqlmesh run +skipped: pipeline app_db failed", result.stdout, re.M)
+    assert re.search(r"^  skipped +refresh +skipped: pipeline app_db failed", result.stdout, re.M)
     assert "result: FAILED, alert posted to the webhook" in result.stdout
 
     assert len(requests) == 1
@@ -235,7 +321,7 @@ def test_failed_run_posts_an_alert_without_secrets(
     assert "- pipeline app_db, step pipelines" in text
     assert "OperationalError" in text and "Connection refused" in text
     assert "what to run: check the connection, then `dlt pipeline app_db run`" in text
-    assert "not run: sqlmesh run" in text
+    assert "not run: refresh" in text
     assert len(text.splitlines()) <= 10
     for secret in (password, source_password, env["DATAMART__PII_HMAC_KEY"], url, url.rsplit("/", 1)[1]):
         assert secret not in request["body"] and secret not in result.stdout, secret

@@ -7,6 +7,10 @@ redacted), ``host``, ``pid``.
 ``ops.pipeline_run_tables``: one row per table of a succeeded run — ``run_id``, ``pipeline``, ``dataset``,
 ``table_name``, ``rows_read``, ``rows_inserted``, ``rows_updated``, ``rows_deleted`` (soft and hard),
 ``rows_in_warehouse``, ``ended_at``.
+``ops.datamart_refreshes``: one row per refresh of the published views (``python -m datamart run|promote|scheduled``)
+— ``refresh_id``, ``command``, ``started_at``, ``ended_at``, ``status``, ``models`` (rebuilt or restated), ``error``.
+A succeeded refresh reflects every load that ended before its ``started_at``: the next refresh restates what was
+loaded since then, and ``marts.data_freshness_v1`` says for each table whether the marts reflect its last load.
 
 A run is written as ``running`` once the pipeline's lock is taken, then updated to ``succeeded`` or ``failed``. A
 process killed meanwhile leaves ``running``: the next run of that pipeline, which holds the lock and therefore
@@ -66,6 +70,20 @@ RUN_TABLES_COLUMNS: dict[str, tuple[str, str]] = {
     "ended_at": ("TIMESTAMPTZ", "When the run ended (UTC)."),
 }
 
+REFRESHES_TABLE = "datamart_refreshes"
+REFRESHES_COLUMNS: dict[str, tuple[str, str]] = {
+    "refresh_id": ("TEXT", "Identifier of the refresh."),
+    "command": ("TEXT", "What refreshed the published views: run, promote or scheduled."),
+    "started_at": (
+        "TIMESTAMPTZ",
+        "When the refresh started (UTC): once it succeeded, every load that ended before is in the published views.",
+    ),
+    "ended_at": ("TIMESTAMPTZ", "When it ended (UTC); empty while running."),
+    "status": ("TEXT", "running, succeeded or failed."),
+    "models": ("TEXT", "Models rebuilt or restated, comma-separated; empty when nothing had changed."),
+    "error": ("TEXT", "Why it failed (secrets redacted); empty otherwise."),
+}
+
 
 def _ddl(table: str, columns: dict[str, tuple[str, str]], key: str) -> str:
     body = ", ".join(f"{name} {sql_type}" for name, (sql_type, _) in columns.items())
@@ -78,6 +96,7 @@ def ensure_ops_tables(warehouse: Warehouse) -> None:
         f"CREATE SCHEMA IF NOT EXISTS {OPS_SCHEMA}",
         _ddl(RUNS_TABLE, RUNS_COLUMNS, "run_id"),
         _ddl(RUN_TABLES_TABLE, RUN_TABLES_COLUMNS, "run_id, table_name"),
+        _ddl(REFRESHES_TABLE, REFRESHES_COLUMNS, "refresh_id"),
     ]
     if warehouse.target == "postgres":
         conn = warehouse.pg_connect()
@@ -231,4 +250,70 @@ def last_runs(warehouse: Warehouse, pipeline: str, limit: int = 5) -> list[tuple
         f"SELECT status, started_at, ended_at, error FROM {OPS_SCHEMA}.{RUNS_TABLE} WHERE pipeline = {placeholder} "
         f"ORDER BY started_at DESC LIMIT {int(limit)}",
         (pipeline,),
+    )
+
+
+@dataclass
+class RefreshRecord:
+    """The ``ops.datamart_refreshes`` row of one refresh of the published views."""
+
+    warehouse: Warehouse
+    refresh_id: str
+    started_at: datetime
+    models: list[str] | None = None  # set by the block: what it rebuilt or restated
+
+
+def last_refresh(warehouse: Warehouse) -> datetime | None:
+    """When the latest succeeded refresh started (what it reflects), or None when none is recorded."""
+    if not warehouse.table_exists(OPS_SCHEMA, REFRESHES_TABLE):
+        return None
+    value = warehouse.query(f"SELECT max(started_at) FROM {OPS_SCHEMA}.{REFRESHES_TABLE} WHERE status = 'succeeded'")
+    started = value[0][0] if value else None
+    if started is None:
+        return None
+    return started if started.tzinfo else started.replace(tzinfo=UTC)
+
+
+@contextmanager
+def recorded_refresh(warehouse: Warehouse, command: str) -> Iterator[RefreshRecord]:
+    """Record a refresh: ``running`` now, ``succeeded`` with the block's ``models`` or ``failed`` with its error.
+
+    Earlier ``running`` rows (a killed refresh) are marked failed. The start is taken before the block reads what
+    changed, so a load that ends while the refresh runs is restated again by the next one (never missed).
+    """
+    ensure_ops_tables(warehouse)
+    started = _now()
+    _execute(
+        warehouse,
+        f"UPDATE {OPS_SCHEMA}.{REFRESHES_TABLE} SET status = 'failed', error = ?, ended_at = ? "
+        "WHERE status = 'running'",
+        (INTERRUPTED, started),
+    )
+    record = RefreshRecord(warehouse=warehouse, refresh_id=uuid.uuid4().hex, started_at=started)
+    _execute(
+        warehouse,
+        f"INSERT INTO {OPS_SCHEMA}.{REFRESHES_TABLE} (refresh_id, command, started_at, status) VALUES (?,?,?,?)",
+        (record.refresh_id, command, started, "running"),
+    )
+    try:
+        yield record
+    except BaseException as exc:
+        from datamart.ingest.runner import root_cause
+
+        try:
+            _end_refresh(record, "failed", redact(root_cause(exc))[:2000])
+        except Exception as ops_error:  # noqa: BLE001 - the warehouse may be the thing that failed
+            exc.add_note(
+                f"(the failure could not be recorded in {OPS_SCHEMA}.{REFRESHES_TABLE}: {redact(str(ops_error))})"
+            )
+        raise
+    _end_refresh(record, "succeeded", None)
+
+
+def _end_refresh(record: RefreshRecord, status: str, error: str | None) -> None:
+    _execute(
+        record.warehouse,
+        f"UPDATE {OPS_SCHEMA}.{REFRESHES_TABLE} SET status = ?, error = ?, ended_at = ?, models = ? "
+        "WHERE refresh_id = ?",
+        (status, error, _now(), ",".join(record.models or []), record.refresh_id),
     )

@@ -8,7 +8,7 @@ MODEL (
     accepted_values("column" := pipeline_last_run_status, is_in := ('running', 'succeeded', 'failed')),
     assert_no_personal_columns
   ),
-  description 'How fresh the data is, one row per loaded table: when a pipeline last loaded it successfully and how long ago, and how the last run of its pipeline went. A view over the run records (schema ops), so the age is computed when it is read. Answers: is the data in the dashboards up to date? Which table has not been refreshed since yesterday? Did last night''s load fail?',
+  description 'How fresh the data is, one row per loaded table: when a pipeline last loaded it successfully and how long ago, how the last run of its pipeline went, and whether the published views already reflect that load. A view over the run records (schema ops), so the age is computed when it is read. Answers: is the data in the dashboards up to date? Which table has not been refreshed since yesterday? Did last night''s load fail? Do the dashboards show the data that was loaded?',
   column_descriptions (
     pipeline = 'Pipeline that loads the table (pipelines/<name>.yaml).',
     dataset = 'Warehouse schema the table is loaded into (raw_<source>).',
@@ -19,7 +19,9 @@ MODEL (
     rows_read_last_success = 'Rows read from the source by that run (0: nothing had changed).',
     rows_in_warehouse = 'Rows in the table after that run.',
     pipeline_last_run_at = 'When the latest run of the pipeline started, whatever its outcome (UTC).',
-    pipeline_last_run_status = 'Outcome of that run: running, succeeded or failed.'
+    pipeline_last_run_status = 'Outcome of that run: running, succeeded or failed.',
+    published_views_refreshed_at = 'When the published views last took in new data (UTC): the start of the latest successful refresh (make run, make promote or the scheduled run). Every load that ended before it is in the dashboards.',
+    last_success_published = 'Whether the dashboards already reflect this table''s last successful load (false: the data is loaded but the published views are behind it until the next refresh).'
   )
 );
 
@@ -55,6 +57,12 @@ WITH runs AS (
     status,
     ROW_NUMBER() OVER (PARTITION BY pipeline ORDER BY started_at DESC) AS recency
   FROM runs
+), refreshes AS (
+  SELECT
+    MAX(started_at) AS refreshed_at
+  FROM ops.datamart_refreshes
+  WHERE
+    status = 'succeeded'
 ), freshness AS (
   SELECT
     ranked_loads.pipeline,
@@ -65,10 +73,12 @@ WITH runs AS (
     ranked_loads.rows_read AS rows_read_last_success,
     ranked_loads.rows_in_warehouse,
     ranked_runs.started_at AS pipeline_last_run_at,
-    ranked_runs.status AS pipeline_last_run_status
+    ranked_runs.status AS pipeline_last_run_status,
+    refreshes.refreshed_at AS published_views_refreshed_at
   FROM ranked_loads
   LEFT JOIN ranked_runs
     ON ranked_runs.pipeline = ranked_loads.pipeline AND ranked_runs.recency = 1
+  CROSS JOIN refreshes
   WHERE
     ranked_loads.recency = 1
 )
@@ -82,5 +92,7 @@ SELECT
   rows_read_last_success,
   rows_in_warehouse,
   pipeline_last_run_at,
-  pipeline_last_run_status
+  pipeline_last_run_status,
+  published_views_refreshed_at,
+  COALESCE(last_success_at <= published_views_refreshed_at, FALSE) AS last_success_published
 FROM freshness
