@@ -178,6 +178,22 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
             "tables.t.deletes.hard: 'guess' is not a method; use key_set",
         ),
         ("name: bad\nsource: {kind: ftp}\ndataset: raw\ntables: {t: {}}\n", "source.kind: 'ftp' is not one of"),
+        (
+            "name: bad\nsource: {kind: sql_database, scheam: app}\ndataset: raw\ntables: {t: {}}\n",
+            "source.scheam: unknown key (did you mean 'schema'?); allowed: backend, chunk_size, kind, schema",
+        ),
+        (
+            "name: bad\nsource: {kind: filesystem, bucket: s3://x}\ndataset: raw\ntables: {t: {}}\n",
+            "source.bucket: unknown key; allowed: kind",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database}\ndataset: raw\ntables: {t: {personnal: {email: hash}}}\n",
+            "tables.t.personnal: unknown key (did you mean 'personal'?)",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database}\ndataset: raw\ntables: {t: {personal: {email: hsah}}}\n",
+            "tables.t.personal.email: 'hsah' is not one of ('hash', 'drop', 'year', 'keep') (did you mean 'hash'?)",
+        ),
     ],
 )
 def test_declaration_mistakes_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -202,6 +218,23 @@ def test_a_cursor_missing_from_the_source_stops_before_anything_is_loaded(
     )
     with pytest.raises(
         DeclarationError, match=r"app_db.yaml: tables.volunteers.cursor: column 'updatedAt' does not exist"
+    ):
+        run_pipeline(load_declaration(path), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "p")
+    assert not warehouse.table_exists("raw_app_db", "volunteers")
+
+
+def test_a_misspelt_personal_column_stops_before_anything_is_read(
+    warehouse: Warehouse, app_source: Source, tmp_path: Path
+) -> None:
+    """``emial: hash`` would leave ``email`` unclassified and load it in clear: refused, naming the closest column."""
+    path = tmp_path / "app_db.yaml"
+    text = (PROJECT_ROOT / "pipelines" / "app_db.yaml").read_text()
+    assert "      email: hash" in text
+    path.write_text(text.replace("      email: hash", "      emial: hash"))
+    with pytest.raises(
+        DeclarationError,
+        match=r"app_db.yaml: tables.volunteers.personal.emial: the source table volunteers has no column 'emial' "
+        r"\(did you mean 'email'\?\); its columns: id, email, first_name",
     ):
         run_pipeline(load_declaration(path), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "p")
     assert not warehouse.table_exists("raw_app_db", "volunteers")

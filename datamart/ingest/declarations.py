@@ -6,6 +6,7 @@ A declaration says what to load and how; the connection itself is a secret looke
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,29 @@ CONTRACT_ENTITIES = ("tables", "columns", "data_type")
 CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
 
 
+# source: keys per kind besides ``kind`` (rest_api's are checked by datamart/ingest/rest.py)
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "sql_database": ("schema", "backend", "chunk_size"),
+    "filesystem": (),
+}
+
+
 def _fail(path: Path, key: str, message: str) -> DeclarationError:
     return DeclarationError(f"{path.name}: {key}: {message}")
+
+
+def closest(name: str, valid: Any) -> str:
+    """`` (did you mean 'x'?)`` when ``name`` looks like a typo of one of ``valid``, else empty."""
+    match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def refuse_unknown(path: Path, where: str, keys: Any, allowed: Any) -> None:
+    """Refuse the first key of ``keys`` that is not in ``allowed``, naming the closest allowed one."""
+    unknown = sorted(set(map(str, keys)) - set(allowed))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise _fail(path, key, f"unknown key{closest(unknown[0], allowed)}; allowed: {', '.join(sorted(allowed))}")
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:
@@ -99,16 +121,20 @@ def load_declaration(path: Path) -> PipelineDecl:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise _fail(path, "(file)", "expected a mapping with name, source, dataset and tables")
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise _fail(path, ", ".join(sorted(unknown)), f"unknown key; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    refuse_unknown(path, "", raw, _TOP_KEYS)
     name = raw.get("name") or path.stem
     if name != path.stem:
         raise _fail(path, "name", f"'{name}' must match the file name '{path.stem}'")
     source = raw.get("source") or {}
+    if not isinstance(source, dict):
+        raise _fail(path, "source", f"expected a mapping with kind ({', '.join(SOURCE_KINDS)}) and its options")
     kind = source.get("kind")
     if kind not in SOURCE_KINDS:
-        raise _fail(path, "source.kind", f"{kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+        raise _fail(
+            path, "source.kind", f"{kind!r} is not one of {', '.join(SOURCE_KINDS)}{closest(kind, SOURCE_KINDS)}"
+        )
+    if kind in SOURCE_KEYS:
+        refuse_unknown(path, "source", source, ("kind", *SOURCE_KEYS[kind]))
     if not raw.get("dataset"):
         raise _fail(path, "dataset", "missing: the warehouse schema to load into, e.g. raw_<source>")
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(raw["dataset"])):
@@ -150,12 +176,14 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         from datamart.ingest.rest import REST_TABLE_KEYS  # here: rest.py imports this module
 
         allowed = (_TABLE_KEYS - {"files", "format"}) | REST_TABLE_KEYS
-    unknown = set(decl) - allowed
-    if unknown:
-        raise _fail(path, f"{where}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    refuse_unknown(path, where, decl, allowed)
     disposition = decl.get("write_disposition", "append")
     if disposition not in WRITE_DISPOSITIONS:
-        raise _fail(path, f"{where}.write_disposition", f"{disposition!r} is not one of {WRITE_DISPOSITIONS}")
+        raise _fail(
+            path,
+            f"{where}.write_disposition",
+            f"{disposition!r} is not one of {WRITE_DISPOSITIONS}{closest(disposition, WRITE_DISPOSITIONS)}",
+        )
     primary_key = _as_tuple(decl.get("primary_key"))
     if disposition == "merge" and not primary_key:
         raise _fail(path, f"{where}.primary_key", "a merge table needs a primary_key to merge on")
@@ -169,7 +197,11 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     personal = {str(c): str(t) for c, t in (decl.get("personal") or {}).items()}
     for column, treatment in personal.items():
         if treatment not in PERSONAL_TREATMENTS:
-            raise _fail(path, f"{where}.personal.{column}", f"{treatment!r} is not one of {PERSONAL_TREATMENTS}")
+            raise _fail(
+                path,
+                f"{where}.personal.{column}",
+                f"{treatment!r} is not one of {PERSONAL_TREATMENTS}{closest(treatment, PERSONAL_TREATMENTS)}",
+            )
     contract = decl.get("schema_contract") or {}
     if isinstance(contract, str):
         contract = dict.fromkeys(CONTRACT_ENTITIES, contract)
@@ -215,10 +247,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
 def _check_deletes(
     path: Path, where: str, kind: str, disposition: str, primary_key: tuple[str, ...], deletes: dict[str, str]
 ) -> None:
-    unknown = set(deletes) - {"soft", "hard"}
-    if unknown:
-        key = f"{where}.deletes.{sorted(unknown)[0]}"
-        raise _fail(path, key, "unknown key; allowed: soft (a column), hard (key_set)")
+    refuse_unknown(path, f"{where}.deletes", deletes, ("soft", "hard"))
     if deletes and disposition != "merge":
         raise _fail(path, f"{where}.deletes", "deletes apply to merge tables only (set write_disposition: merge)")
     if "hard" in deletes:

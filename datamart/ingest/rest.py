@@ -32,7 +32,7 @@ from dlt.sources.rest_api.typing import (
     PaginatorTypeConfig,
 )
 
-from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, closest
 from datamart.settings import SettingsError
 
 REST_TABLE_KEYS: set[str] = {"endpoint", "include_from_parent", "max_table_nesting"}
@@ -109,7 +109,9 @@ def validate_rest_declaration(path: Path, source: dict[str, Any], tables: dict[s
     unknown = sorted(set(source) - set(SOURCE_KEYS))
     if unknown:
         raise _fail(
-            path, f"source.{unknown[0]}", f"unknown key for a rest_api source; allowed: {', '.join(SOURCE_KEYS)}"
+            path,
+            f"source.{unknown[0]}",
+            f"unknown key for a rest_api source{closest(unknown[0], SOURCE_KEYS)}; allowed: {', '.join(SOURCE_KEYS)}",
         )
     _check_base_url(path, pipeline, source.get("base_url"))
     _check_auth(path, pipeline, source.get("auth"))
@@ -190,7 +192,9 @@ def _check_paginator(path: Path, where: str, paginator: Any) -> None:
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise _fail(
-            path, f"{where}.{unknown[0]}", f"unknown key for paginator {kind}; allowed: {', '.join(sorted(allowed))}"
+            path,
+            f"{where}.{unknown[0]}",
+            f"unknown key for paginator {kind}{closest(unknown[0], allowed)}; allowed: {', '.join(sorted(allowed))}",
         )
     try:
         create_paginator(config)

@@ -11,7 +11,7 @@ import dlt
 from dlt.extract.resource import DltResource
 
 from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader, is_child_endpoint
-from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, closest
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
 from datamart.ingest.rest import build_rest_resources
@@ -249,12 +249,11 @@ def _sql_resource(
 ) -> DltResource:
     from dlt.sources.sql_database import sql_table
 
-    dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
-    coarsened = [c for c, treatment in table.personal.items() if treatment == "year"]
-    hold = bool(table.personal and known)  # before the first load, every column of the source is the baseline
+    # Every table with personal columns goes through the adapter: it checks that each declared personal column
+    # exists (a misspelt one would otherwise load the real column in clear) and builds the SELECT without them.
     adapter = (
-        _select_adapter(coarsened, table, known or [], held_back if held_back is not None else [])
-        if (coarsened or hold)
+        _select_adapter(pipeline, table, known or [], held_back if held_back is not None else [])
+        if table.personal
         else None
     )
     # A type change evolves into a variant column (places__v_text) only row by row: dlt's arrow path cannot.
@@ -272,7 +271,6 @@ def _sql_resource(
         reflection_level="minimal" if variants else "full",
         chunk_size=chunk_size,
         incremental=_incremental(table),
-        excluded_columns=dropped or None,
         table_adapter_callback=adapter,
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
@@ -300,17 +298,31 @@ def sql_backend(pipeline: PipelineDecl, url: str) -> str:
     return "pyarrow"
 
 
-def _select_adapter(coarsened: list[str], table: TableDecl, known: list[str], held_back: list[str]) -> Any:
-    """A table adapter whose SELECT reads the year of each coarsened date (the date never leaves the source) and
-    leaves out the unclassified new columns of a table with personal data (listed in ``held_back``)."""
+def _select_adapter(pipeline: PipelineDecl, table: TableDecl, known: list[str], held_back: list[str]) -> Any:
+    """A table adapter (dlt calls it with the reflected source table, before any row is read) that refuses a
+    declared personal column the source table lacks, and SELECTs without the dropped columns, with the year of each
+    coarsened date instead of the date (the date never leaves the source), and without the unclassified new columns
+    of a table with personal data (listed in ``held_back``)."""
     import sqlalchemy as sa
 
+    dropped = {c for c, treatment in table.personal.items() if treatment == "drop"}
+    coarsened = [c for c, treatment in table.personal.items() if treatment == "year"]
+
     def adapt(source: sa.Table) -> Any:
+        names = [column.name for column in source.columns]
+        for declared in table.personal:
+            if declared not in names:
+                raise DeclarationError(
+                    f"{pipeline.path.name}: tables.{table.name}.personal.{declared}: the source table {table.name} "
+                    f"has no column {declared!r}{closest(declared, names)}; its columns: {', '.join(names)}. "
+                    "Nothing was read: correct the name (as the source spells it), or remove the entry if the "
+                    "column is gone. A misspelt personal column would load the real one in clear."
+                )
         selected = []
         for column in source.columns:
-            if column.name in coarsened:
+            if column.name in dropped or column.name in coarsened:
                 continue
-            if table.personal and known and column.name not in known and column.name not in table.personal:
+            if known and column.name not in known and column.name not in table.personal:
                 held_back.append(column.name)
                 continue
             selected.append(column)
