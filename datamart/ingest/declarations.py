@@ -20,6 +20,7 @@ SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
 WRITE_DISPOSITIONS = ("append", "merge", "replace")
 PERSONAL_TREATMENTS = ("hash", "drop", "year", "keep")
 FILE_FORMATS = ("csv", "parquet", "jsonl")
+SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
 
 
 class DeclarationError(ValueError):
@@ -40,6 +41,7 @@ class TableDecl:
     lag: float | None = None  # re-read window below the last cursor value (seconds for timestamps)
     files: str | None = None  # filesystem sources: glob relative to the bucket
     format: str | None = None  # filesystem sources: csv, parquet, jsonl
+    backend: str | None = None  # SQL sources: this table's dlt backend (default: the pipeline's, see sources.py)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ _TABLE_KEYS = {
     "lag",
     "files",
     "format",
+    "backend",
 }
 CONTRACT_ENTITIES = ("tables", "columns", "data_type")
 CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
@@ -225,6 +228,13 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
             )
     deletes = {str(k): str(v) for k, v in (decl.get("deletes") or {}).items()}
     _check_deletes(path, where, kind, disposition, primary_key, deletes)
+    backend = decl.get("backend")
+    if backend is not None and (kind != "sql_database" or backend not in SQL_BACKENDS):
+        raise _fail(
+            path,
+            f"{where}.backend",
+            f"{backend!r}: a SQL table's backend is one of {', '.join(SQL_BACKENDS)}{closest(backend, SQL_BACKENDS)}",
+        )
     if kind == "filesystem":
         if not decl.get("files"):
             raise _fail(path, f"{where}.files", "a file table needs a glob, e.g. exports/*.parquet")
@@ -241,6 +251,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         lag=float(lag) if lag is not None else None,
         files=decl.get("files"),
         format=decl.get("format"),
+        backend=backend,
     )
 
 

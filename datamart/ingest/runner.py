@@ -125,7 +125,7 @@ def _run_pipeline(
     notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
-    resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
+    resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back, notes=notes)
     # Only merge tables need the counts before and the rows each load wrote (to tell inserts from updates): on an
     # append table of 10 million rows each of those counts is a full scan.
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]

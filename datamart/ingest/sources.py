@@ -11,7 +11,7 @@ import dlt
 from dlt.extract.resource import DltResource
 
 from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader, is_child_endpoint
-from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, closest
+from datamart.ingest.declarations import SQL_BACKENDS, DeclarationError, PipelineDecl, TableDecl, closest
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
 from datamart.ingest.rest import build_rest_resources
@@ -58,7 +58,6 @@ def bucket_url(pipeline: PipelineDecl) -> str:
 # Arrow-based extraction (SQL tables, files) cannot turn a type change into a variant column: dlt would fail at load
 # time and leave a package that blocks every later run. Stop at extract with a clear message instead, unless the table
 # declares `schema_contract: {data_type: evolve}`. REST rows are dicts: dlt's default (evolve) makes variants there.
-SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
 # Rows per extracted chunk (source.chunk_size overrides it): the unit of memory of a load, whatever the table's size.
 CHUNK_SIZE = 100_000
 
@@ -73,12 +72,14 @@ def build_resources(
     tables: list[str] | None = None,
     known_columns: dict[str, list[str]] | None = None,
     held_back: dict[str, list[str]] | None = None,
+    notes: list[str] | None = None,
 ) -> list[DltResource]:
     """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map.
 
     In a SQL table with personal columns, a source column that is neither in ``known_columns`` (what the warehouse
     already has) nor classified under ``personal:`` is held back, and listed in ``held_back``: an unclassified column
-    of a table holding personal data may itself be personal.
+    of a table holding personal data may itself be personal. ``notes`` receives what the run summary should say
+    (a table read with another backend than the pipeline's).
     """
     selected = _selected(pipeline, tables)
     known_columns = known_columns if known_columns is not None else {}
@@ -89,8 +90,11 @@ def build_resources(
     elif pipeline.kind == "filesystem":
         built = [_file_resource(pipeline, t) for t in selected]
     else:
+        backends = table_backends(pipeline, selected, notes if notes is not None else [])
         built = [
-            _sql_resource(pipeline, t, known_columns.get(t.name, []), held_back.setdefault(t.name, []))
+            _sql_resource(
+                pipeline, t, known_columns.get(t.name, []), held_back.setdefault(t.name, []), backends[t.name]
+            )
             for t in selected
         ]
         for table, resource in zip(selected, built, strict=True):
@@ -245,7 +249,11 @@ def _rewrite_column_hints(resource: DltResource, policy: dict[str, str]) -> None
 
 
 def _sql_resource(
-    pipeline: PipelineDecl, table: TableDecl, known: list[str] | None = None, held_back: list[str] | None = None
+    pipeline: PipelineDecl,
+    table: TableDecl,
+    known: list[str] | None = None,
+    held_back: list[str] | None = None,
+    backend: str | None = None,
 ) -> DltResource:
     from dlt.sources.sql_database import sql_table
 
@@ -260,7 +268,7 @@ def _sql_resource(
     variants = table.schema_contract.get("data_type") == "evolve"
     credentials = source_credentials(pipeline)
     chunk_size = int(pipeline.options.get("chunk_size", CHUNK_SIZE))
-    backend = "sqlalchemy" if variants else sql_backend(pipeline, credentials)
+    backend = "sqlalchemy" if variants else backend or sql_backend(pipeline, credentials)
     resource = sql_table(
         credentials=credentials,
         table=table.name,
@@ -296,6 +304,85 @@ def sql_backend(pipeline: PipelineDecl, url: str) -> str:
             return "pyarrow"
         return "connectorx"
     return "pyarrow"
+
+
+# PostgreSQL types connectorx 0.4 reads (measured on PostgreSQL 15, every other type tried panics with "not
+# implemented": tsvector, tsquery, xml, money, interval, cidr, macaddr, point, box, varbit, timetz, composite types,
+# pg_lsn, xid, and arrays of timestamps, enums or uuids). Enums and domains over these read as their base type.
+CONNECTORX_TYPES = frozenset(
+    "bool int2 int4 int8 float4 float8 numeric text varchar bpchar char name date time timestamp timestamptz uuid "
+    "json jsonb bytea inet int4range int8range numrange tsrange tstzrange daterange bit oid".split()
+)
+CONNECTORX_ARRAY_ELEMENTS = frozenset("bool int2 int4 int8 float4 float8 numeric text varchar bpchar".split())
+
+
+def table_backends(pipeline: PipelineDecl, tables: list[TableDecl], notes: list[str]) -> dict[str, str | None]:
+    """The backend of each table: its declared ``backend``, else the pipeline's, except that a table with a column
+    connectorx cannot read (it would stop the whole pipeline with a panic) is read with pyarrow, said in ``notes``.
+
+    ``None`` leaves the choice to :func:`sql_backend` (one lookup of the pipeline's default).
+    """
+    chosen: dict[str, str | None] = {t.name: t.backend for t in tables}
+    undecided = [t for t in tables if not t.backend]
+    if not undecided:
+        return chosen
+    url = source_credentials(pipeline)
+    default = sql_backend(pipeline, url)
+    if default != "connectorx":
+        return chosen
+    unreadable = _connectorx_unreadable(url, pipeline.options.get("schema"), [t.name for t in undecided])
+    for table in undecided:
+        columns = unreadable.get(table.name)
+        if columns:
+            chosen[table.name] = "pyarrow"
+            shown = ", ".join(f"{name} ({sql_type})" for name, sql_type in columns[:3])
+            notes.append(
+                f"table {table.name} read with pyarrow: connectorx cannot read {shown}"
+                + (f" and {len(columns) - 3} more" if len(columns) > 3 else "")
+                + f" (set backend: on the table in pipelines/{pipeline.name}.yaml to choose)"
+            )
+        else:
+            chosen[table.name] = default
+    return chosen
+
+
+def _connectorx_unreadable(url: str, schema: str | None, tables: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Per table, the columns (name, type) whose PostgreSQL type connectorx cannot read: one catalog query."""
+    import sqlalchemy as sa
+
+    statement = sa.text(
+        """
+        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+               CASE WHEN t.typtype = 'd' THEN bt.typname ELSE t.typname END,
+               CASE WHEN t.typtype = 'd' THEN bt.typtype ELSE t.typtype END,
+               et.typname
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_type t ON t.oid = a.atttypid
+        LEFT JOIN pg_type bt ON bt.oid = t.typbasetype
+        LEFT JOIN pg_type et ON et.oid = (CASE WHEN t.typtype = 'd' THEN bt.typelem ELSE t.typelem END)
+             AND (CASE WHEN t.typtype = 'd' THEN bt.typcategory ELSE t.typcategory END) = 'A'
+        WHERE n.nspname = COALESCE(:schema, current_schema()) AND c.relname = ANY(:tables)
+          AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY c.relname, a.attnum
+        """
+    )
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(statement, {"schema": schema, "tables": tables}).fetchall()
+    finally:
+        engine.dispose()
+    unreadable: dict[str, list[tuple[str, str]]] = {}
+    for table, column, sql_type, base, kind, element in rows:
+        if element is not None:
+            readable = element in CONNECTORX_ARRAY_ELEMENTS
+        else:
+            readable = kind == "e" or base in CONNECTORX_TYPES
+        if not readable:
+            unreadable.setdefault(table, []).append((column, sql_type))
+    return unreadable
 
 
 def _select_adapter(pipeline: PipelineDecl, table: TableDecl, known: list[str], held_back: list[str]) -> Any:
