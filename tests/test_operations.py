@@ -248,6 +248,29 @@ def test_query_prints_a_header_and_fails_cleanly(demo: Demo) -> None:
     assert reader.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr
 
 
+@pytest.mark.postgres
+def test_scheduled_run_refreshes_the_marts_on_postgres(pg_database_factory, tmp_path: Path) -> None:
+    """The same refresh on a PostgreSQL warehouse: a new day, `make scheduled`'s command, marts equal to a build
+    from scratch, and the freshness view says the dashboards reflect every load."""
+    warehouse = postgres_warehouse(pg_database_factory("warehouse"))
+    env = dict(_base_env(tmp_path), DATAMART_TARGET="postgres", DESTINATION__POSTGRES__CREDENTIALS=_url(warehouse))
+    demo = Demo(env, tmp_path, warehouse)
+    _run(env, "-m", "datamart", "run", "--demo")
+    _run(env, "-m", "datamart.demo", "--advance-day", "--bucket", str(tmp_path / "bucket"))
+    stale = demo.mart("SELECT count(*) FROM marts.missions_v1")
+    result = _run(env, "-m", "datamart", "scheduled")
+    assert re.search(r"^  ok +refresh +\d+ models rebuilt from new data", result.stdout, re.M), result.stdout
+    live = demo.source("SELECT count(*) FROM missions WHERE deleted_at IS NULL")
+    assert live != stale and demo.mart("SELECT count(*) FROM marts.missions_v1") == live
+    _assert_marts_equal_a_build_from_scratch(demo)
+    assert set(_freshness(demo).values()) == {True}
+
+
+def _url(warehouse: Warehouse) -> str:
+    pg = warehouse.pg
+    return f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
+
+
 def test_scheduled_reconciliation_fails_on_drift(demo: Demo) -> None:
     """A row deleted behind dlt's back: the reconcile step (pipelines declaring ``verify: true``) fails and says so."""
     organization = demo.mart("SELECT min(id) FROM raw_app_db.organizations")
