@@ -33,7 +33,7 @@ from dlt.common.schema import Schema
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_all
 from datamart.ingest.deletes import DELETED_MARKER
 from datamart.ingest.personal import HMAC_KEY_SECRET, year_column
-from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment
+from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, keep_files_private
 
 EXTERNAL_MODELS_PATH = PROJECT_ROOT / "external_models.yaml"
 COMMAND = "python -m datamart.external_models"
@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 with a diff when the committed file is stale")
     args = parser.parse_args(argv)
+    keep_files_private()
     configure_environment()
     with tempfile.TemporaryDirectory(prefix="datamart-external-models-") as tmp:
         text = generate_from_demo(Path(tmp))

@@ -53,11 +53,15 @@ def ensure_demo_secrets() -> bool:
     if secrets_file.exists() or os.environ.get("DATAMART__PII_HMAC_KEY"):
         return False
     key = secrets.token_hex(32)
-    secrets_file.write_text(
+    text = (
         "# Written by `make run` for the local demo. Keep this key stable: it defines every pseudonym.\n"
         f'[datamart]\npii_hmac_key = "{key}"\n'
     )
-    os.chmod(secrets_file, 0o600)
+    secrets_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # created 0600 in one call: never readable by others, not even between a write and a chmod
+    fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     # dlt has already read its secret files in this process: hand it the new key the way it always looks.
     os.environ["DATAMART__PII_HMAC_KEY"] = key
     return True

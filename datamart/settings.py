@@ -39,6 +39,36 @@ def configure_environment() -> None:
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 
 
+PRIVATE_UMASK = 0o077  # files 0600, folders 0700: the owner only
+
+
+def keep_files_private() -> None:
+    """Files this process creates are readable by their owner only; so is ``data/`` if it already exists.
+
+    Called first by every entry point (``python -m datamart``, ``python -m datamart.demo``, ``python -m
+    datamart.external_models`` and the ``dlt`` CLI through the project's plugin): the warehouse file, dlt's load
+    packages (rows of every loaded table), the demo source's personal data and ``.dlt/secrets.toml`` are never
+    created readable by other users of the machine. ``data/`` made by an earlier version (0755) is closed too:
+    without the folder's x bit nobody else reaches what is inside.
+    """
+    os.umask(PRIVATE_UMASK)
+    try:
+        if DATA_DIR.is_dir() and DATA_DIR.stat().st_uid == os.getuid():
+            DATA_DIR.chmod(0o700)
+    except OSError:  # a read-only checkout: nothing to close
+        pass
+
+
+def pipelines_dir_for(target: str, environment: str) -> Path:
+    """dlt's local working dirs for a target and environment (``DATAMART_PIPELINES_DIR`` or data/dlt/pipelines).
+
+    One folder per target (and per environment other than dev) so that switching target or ``DATAMART_ENV`` never
+    mixes two warehouses' incremental states.
+    """
+    base = Path(os.environ.get("DATAMART_PIPELINES_DIR") or DATA_DIR / "dlt" / "pipelines")
+    return base / target if environment == "dev" else base / environment / target
+
+
 def selected_target(explicit: str | None = None) -> str:
     """The warehouse target: the explicit value, else ``DATAMART_TARGET``, else ``duckdb``."""
     target = (explicit or os.environ.get("DATAMART_TARGET") or "duckdb").strip().lower()
