@@ -53,9 +53,11 @@ VENV = Path(setting("DATAMART_VENV", str(PROJECT_DIR / ".venv")))
 
 
 def declared_pipelines(project_dir: Path = PROJECT_DIR) -> list[str]:
-    """The pipeline names declared in ``pipelines/*.yaml`` (the ``name`` key, else the file name)."""
+    """The pipeline names declared in ``pipelines/*.yaml`` (the ``name`` key, else the file name), or in
+    ``DATAMART_DECLARATIONS_DIR`` when set (the folder the commands read too)."""
+    folder = Path(os.environ.get("DATAMART_DECLARATIONS_DIR") or project_dir / "pipelines")
     names = []
-    for path in sorted((project_dir / "pipelines").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         declaration = yaml.safe_load(path.read_text()) or {}
         names.append(str(declaration.get("name") or path.stem))
     return names

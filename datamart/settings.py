@@ -20,7 +20,8 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = PROJECT_ROOT / "data"
-PIPELINES_DIR = PROJECT_ROOT / "pipelines"
+PIPELINES_DIR = PROJECT_ROOT / "pipelines"  # the project's declarations (DATAMART_DECLARATIONS_DIR overrides)
+DEMO_PIPELINES_DIR = Path(__file__).resolve().parent / "demo" / "pipelines"  # the demo's own declarations
 TARGETS = ("duckdb", "postgres")
 ENVIRONMENTS = ("dev", "preprod", "prod")
 DEFAULT_DUCKDB_PATH = "data/warehouse.duckdb"
@@ -57,6 +58,15 @@ def keep_files_private() -> None:
             DATA_DIR.chmod(0o700)
     except OSError:  # a read-only checkout: nothing to close
         pass
+
+
+def declarations_dir() -> Path:
+    """The folder of pipeline declarations: ``DATAMART_DECLARATIONS_DIR``, else the project's ``pipelines/``.
+
+    The tests point it at the demo's own copies (``datamart/demo/pipelines``), so that they keep working once a
+    project adds or replaces pipelines.
+    """
+    return Path(os.environ.get("DATAMART_DECLARATIONS_DIR") or PIPELINES_DIR)
 
 
 def pipelines_dir_for(target: str, environment: str) -> Path:
