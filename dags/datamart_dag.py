@@ -14,7 +14,9 @@ Settings (environment variable, else Airflow Variable, else the default):
 - ``DATAMART_SCHEDULE`` / ``datamart_schedule``: the cron expression (default ``@daily``).
 - ``DATAMART_TASK_RETRIES`` / ``datamart_task_retries``: Airflow's retries per task (default 2, 5 minutes apart and
   doubling), on top of the retries ``dlt pipeline <name> run`` makes itself on lost connections.
-- ``DATAMART_ENV``, ``DATAMART_TARGET`` and the secrets (``DESTINATION__POSTGRES__CREDENTIALS``,
+- ``DATAMART_ENV`` / ``datamart_env``: the environment of every task (default ``prod``, as the promotion workflow and
+  the CronJob: the warehouse refuses an environment other than its own).
+- ``DATAMART_TARGET`` and the secrets (``DESTINATION__POSTGRES__CREDENTIALS``,
   ``SOURCES__<NAME>__…``, ``DATAMART__PII_HMAC_KEY``, ``DATAMART__ALERT_WEBHOOK_URL``) are read by the commands from
   the worker's environment, as they are by cron; nothing secret is written in this file or in Airflow's database.
 """
@@ -49,6 +51,9 @@ def setting(name: str, default: str) -> str:
 
 
 PROJECT_DIR = Path(setting("DATAMART_PROJECT_DIR", str(Path(__file__).resolve().parent.parent)))
+# The environment the tasks run in: prod, like the promotion workflow and the CronJob (one warehouse, one environment;
+# a warehouse marked prod refuses DATAMART_ENV=dev). A worker serving preprod sets DATAMART_ENV=preprod.
+ENVIRONMENT = setting("DATAMART_ENV", "prod")
 VENV = Path(setting("DATAMART_VENV", str(PROJECT_DIR / ".venv")))
 
 
@@ -84,6 +89,8 @@ with DAG(
         task_id="sqlmesh_run",
         bash_command=f"{python} -m datamart scheduled --skip pipelines" + LAST_TRY_ALERT,
         cwd=str(PROJECT_DIR),
+        env={"DATAMART_ENV": ENVIRONMENT},
+        append_env=True,
         doc_md="SQLMesh's run of prod's due intervals and the later steps of `make scheduled` (no promotion).",
     )
     for name in declared_pipelines():
@@ -94,6 +101,8 @@ with DAG(
             bash_command=f"{python} -m datamart scheduled --only pipelines --pipeline {shlex.quote(name)}"
             + LAST_TRY_ALERT,
             cwd=str(PROJECT_DIR),
+            env={"DATAMART_ENV": ENVIRONMENT},
+            append_env=True,
             doc_md=f"pipelines/{name}.yaml into the warehouse (as `dlt pipeline {name} run`), then a summary.",
         )
         load >> sqlmesh_run
