@@ -49,15 +49,19 @@ def keep_files_private() -> None:
     Called first by every entry point (``python -m datamart``, ``python -m datamart.demo``, ``python -m
     datamart.external_models`` and the ``dlt`` CLI through the project's plugin): the warehouse file, dlt's load
     packages (rows of every loaded table), the demo source's personal data and ``.dlt/secrets.toml`` are never
-    created readable by other users of the machine. ``data/`` made by an earlier version (0755) is closed too:
-    without the folder's x bit nobody else reaches what is inside.
+    created readable by other users of the machine. ``data/`` made by an earlier version (0755) is closed too
+    (without the folder's x bit nobody else reaches what is inside), and so is a ``.dlt/secrets.toml`` written by hand
+    readable by others (0600).
     """
     os.umask(PRIVATE_UMASK)
-    try:
-        if DATA_DIR.is_dir() and DATA_DIR.stat().st_uid == os.getuid():
-            DATA_DIR.chmod(0o700)
-    except OSError:  # a read-only checkout: nothing to close
-        pass
+    secrets_file = Path(os.environ.get("DLT_PROJECT_DIR") or PROJECT_ROOT) / ".dlt" / "secrets.toml"
+    for path, mode in ((DATA_DIR, 0o700), (secrets_file, 0o600)):
+        try:
+            status = path.stat()
+            if status.st_uid == os.getuid() and status.st_mode & 0o077:
+                path.chmod(mode)
+        except OSError:  # missing, or a read-only checkout: nothing to close
+            pass
 
 
 def declarations_dir() -> Path:

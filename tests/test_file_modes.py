@@ -87,3 +87,22 @@ def test_make_run_writes_data_and_secrets_private_to_the_owner(tmp_path: Path) -
     for made in ("warehouse.duckdb", "dlt/pipelines/duckdb/app_db", "demo/app.sqlite", "bucket"):
         assert (data / made).exists(), made
     assert _open_to_others(data) == []
+
+
+def test_an_existing_data_folder_and_secrets_file_are_closed(tmp_path: Path) -> None:
+    """Made by an earlier version or by hand (0755, 0644): the next command closes them."""
+    project = tmp_path / "project"
+    (project / ".dlt").mkdir(parents=True)
+    secrets = project / ".dlt" / "secrets.toml"
+    secrets.write_text('[datamart]\npii_hmac_key = "k"\n')
+    secrets.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART"))}
+    env.update(DLT_PROJECT_DIR=str(project), DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "w.duckdb"))
+    result = subprocess.run(
+        [PYTHON, "-m", "datamart", "env"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    data = PROJECT_ROOT / "data"
+    if data.exists():
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
