@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the project with its test tools
 
-run: $(STAMP) ## Whole job on the default warehouse: demo data if missing, every pipeline, SQLMesh prod plan
+run: $(STAMP) ## Whole job on the default warehouse: demo data if missing (demo: true pipelines), every pipeline, SQLMesh prod plan
 	$(BIN)/python -m datamart run --demo
 
-scheduled: $(STAMP) ## The scheduled job (cron, CronJob, Airflow): every pipeline, SQLMesh run of prod, alert on failure
+scheduled: $(STAMP) ## The scheduled job (cron, CronJob, Airflow): every pipeline, SQLMesh run of prod, review environments cleaned, alert on failure
 	$(BIN)/python -m datamart scheduled
 
 verify: $(STAMP) ## Compare every pipeline's tables with their source (counts, keys, checksums); exit 1 on drift

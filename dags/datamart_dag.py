@@ -14,7 +14,9 @@ Settings (environment variable, else Airflow Variable, else the default):
 - ``DATAMART_SCHEDULE`` / ``datamart_schedule``: the cron expression (default ``@daily``).
 - ``DATAMART_TASK_RETRIES`` / ``datamart_task_retries``: Airflow's retries per task (default 2, 5 minutes apart and
   doubling), on top of the retries ``dlt pipeline <name> run`` makes itself on lost connections.
-- ``DATAMART_ENV``, ``DATAMART_TARGET`` and the secrets (``DESTINATION__POSTGRES__CREDENTIALS``,
+- ``DATAMART_ENV`` / ``datamart_env``: the environment of every task (default ``prod``, as the promotion workflow and
+  the CronJob: the warehouse refuses an environment other than its own).
+- ``DATAMART_TARGET`` and the secrets (``DESTINATION__POSTGRES__CREDENTIALS``,
   ``SOURCES__<NAME>__…``, ``DATAMART__PII_HMAC_KEY``, ``DATAMART__ALERT_WEBHOOK_URL``) are read by the commands from
   the worker's environment, as they are by cron; nothing secret is written in this file or in Airflow's database.
 """
@@ -49,13 +51,18 @@ def setting(name: str, default: str) -> str:
 
 
 PROJECT_DIR = Path(setting("DATAMART_PROJECT_DIR", str(Path(__file__).resolve().parent.parent)))
+# The environment the tasks run in: prod, like the promotion workflow and the CronJob (one warehouse, one environment;
+# a warehouse marked prod refuses DATAMART_ENV=dev). A worker serving preprod sets DATAMART_ENV=preprod.
+ENVIRONMENT = setting("DATAMART_ENV", "prod")
 VENV = Path(setting("DATAMART_VENV", str(PROJECT_DIR / ".venv")))
 
 
 def declared_pipelines(project_dir: Path = PROJECT_DIR) -> list[str]:
-    """The pipeline names declared in ``pipelines/*.yaml`` (the ``name`` key, else the file name)."""
+    """The pipeline names declared in ``pipelines/*.yaml`` (the ``name`` key, else the file name), or in
+    ``DATAMART_DECLARATIONS_DIR`` when set (the folder the commands read too)."""
+    folder = Path(os.environ.get("DATAMART_DECLARATIONS_DIR") or project_dir / "pipelines")
     names = []
-    for path in sorted((project_dir / "pipelines").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         declaration = yaml.safe_load(path.read_text()) or {}
         names.append(str(declaration.get("name") or path.stem))
     return names
@@ -82,6 +89,8 @@ with DAG(
         task_id="refresh",
         bash_command=f"{python} -m datamart scheduled --skip pipelines" + LAST_TRY_ALERT,
         cwd=str(PROJECT_DIR),
+        env={"DATAMART_ENV": ENVIRONMENT},
+        append_env=True,
         doc_md="The refresh of prod's published views from what the pipelines loaded, and the later steps of "
         "`make scheduled` (no promotion).",
     )
@@ -93,6 +102,8 @@ with DAG(
             bash_command=f"{python} -m datamart scheduled --only pipelines --pipeline {shlex.quote(name)}"
             + LAST_TRY_ALERT,
             cwd=str(PROJECT_DIR),
+            env={"DATAMART_ENV": ENVIRONMENT},
+            append_env=True,
             doc_md=f"pipelines/{name}.yaml into the warehouse (as `dlt pipeline {name} run`), then a summary.",
         )
         load >> refresh

@@ -22,6 +22,7 @@ from datamart.settings import (
     SettingsError,
     Warehouse,
     configure_environment,
+    keep_files_private,
     resolve_warehouse,
 )
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
+    keep_files_private()
     configure_environment()
     if args.command == "scheduled":
         return _scheduled(args)

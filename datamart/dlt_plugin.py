@@ -2,16 +2,66 @@
 
 Open-source dlt has no ``run`` operation; its CLI loads plugins from the ``dlt`` entry-point group and its ``pipeline``
 command composes additively, so this module adds ``run`` beside ``info``, ``show``, ``drop``…
+
+It also gives dlt a run context for this project (hook ``plug_run_context``): inside the project, dlt's data dir is
+``data/dlt`` and its default pipelines dir is the project's working dirs for the selected warehouse
+(``data/dlt/pipelines/<target>``, see :func:`datamart.settings.pipelines_dir_for`), so dlt's own commands
+(``dlt pipeline app_db info|trace|show|…``, ``dlt pipeline --list-pipelines``) find the pipelines that ``run``
+created, without ``--pipelines-dir``. And the dlt CLI creates its files private to their owner, like every entry
+point of the project (:func:`datamart.settings.keep_files_private`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from dlt.common.configuration import plugins
+from dlt.common.runtime.run_context import RunContext
+
+from datamart.settings import (
+    DATA_DIR,
+    PROJECT_ROOT,
+    SettingsError,
+    keep_files_private,
+    pipelines_dir_for,
+    selected_environment,
+    selected_target,
+)
+
+
+class ProjectRunContext(RunContext):
+    """dlt's run context inside this project: data under ``data/dlt``, pipelines in the project's working dirs."""
+
+    @property
+    def data_dir(self) -> str:
+        """``DLT_DATA_DIR`` if set, else ``data/dlt`` of the project (dlt's default is the user's home)."""
+        return os.environ.get("DLT_DATA_DIR") or str(DATA_DIR / "dlt")
+
+    def get_data_entity(self, entity: str) -> str:
+        """The pipelines dir of the selected target and environment (``DATAMART_TARGET``, ``DATAMART_ENV``)."""
+        if entity == "pipelines":
+            try:
+                return str(pipelines_dir_for(selected_target(), selected_environment()))
+            except SettingsError:  # a wrong DATAMART_TARGET/ENV: dlt's default, our commands say what is wrong
+                pass
+        return os.path.join(self.data_dir, entity)
+
+
+def _in_project(run_dir: str | None) -> bool:
+    here = Path(os.path.abspath(run_dir or "."))
+    return here == PROJECT_ROOT or PROJECT_ROOT in here.parents
+
+
+@plugins.hookimpl(specname="plug_run_context", tryfirst=True)
+def plug_run_context_datamart(run_dir: str | None, runtime_kwargs: dict[str, Any] | None) -> Any:
+    """This project's run context when dlt runs inside it (else dlt's own contexts decide)."""
+    if runtime_kwargs or not _in_project(run_dir):
+        return None
+    return ProjectRunContext(run_dir)
 
 
 class RunCommand:
@@ -112,6 +162,8 @@ class VerifyCommand:
 @plugins.hookimpl(specname="plug_cli")
 def plug_cli_datamart_run(host: str) -> Any:
     """Register ``run`` under ``dlt pipeline`` (the ``dlt`` host only)."""
+    if host == "dlt":
+        keep_files_private()  # the dlt CLI is an entry point: load packages, traces and state owner-only
     return RunCommand if host == "dlt" else None
 
 

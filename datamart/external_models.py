@@ -5,13 +5,18 @@ the committed file is stale (a declaration or the source changed without regener
 
 Where the schemas come from: a dlt schema is only complete after a run. Reflecting a ``sql_database`` table gives
 the source's columns, but the coarsened personal columns (``birth_date`` → ``birth_year``) are typed from the data
-and ``_dlt_load_id`` is added by the normalize step, so "extracting nothing" cannot give the final columns. The
-generation therefore runs every declared pipeline, with the project's own code (:func:`run_pipeline`), on the demo
-source (docs/demo-source.md) generated at a small scale into a temporary folder, loading into a temporary DuckDB file
-with temporary dlt working dirs, and takes each pipeline's ``default_schema``. It needs no warehouse, no secret and
-no network, works on a fresh clone and is deterministic (the demo is seeded); it never reads the developer's or
-production's data. Limit: the pipelines must run against the demo source, i.e. the demo must mirror the real source's
-tables (it does for ``app_db`` and ``bucket``); a pipeline the demo cannot feed fails with dlt's error naming it.
+and ``_dlt_load_id`` is added by the normalize step, so "extracting nothing" cannot give the final columns. So:
+
+- a pipeline declared ``demo: true`` (it reads the generated demo source, docs/demo-source.md: ``app_db`` and
+  ``bucket``) is run with the project's own code (:func:`run_pipeline`) on the demo source generated at a small scale
+  into a temporary folder, loading into a temporary DuckDB file with temporary dlt working dirs, and its
+  ``default_schema`` is taken. It needs no warehouse, no secret and no network, works on a fresh clone and is
+  deterministic (the demo is seeded); it never reads the developer's or production's data.
+- any other pipeline (one the project added, or a demo pipeline it replaced with its own source) cannot run on the
+  demo: its schema is the one of its last run, ``dlt pipeline <name> run``, on the selected warehouse (the dlt
+  working dir, else the schema dlt stored in the warehouse). Without any run, its entries already in
+  external_models.yaml are kept as they are (and named on stderr); a pipeline with neither stops the command with
+  the ``dlt pipeline <name> run`` to do first.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -33,7 +39,7 @@ from dlt.common.schema import Schema
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_all
 from datamart.ingest.deletes import DELETED_MARKER
 from datamart.ingest.personal import HMAC_KEY_SECRET, year_column
-from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment
+from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, keep_files_private
 
 EXTERNAL_MODELS_PATH = PROJECT_ROOT / "external_models.yaml"
 COMMAND = "python -m datamart.external_models"
@@ -185,9 +191,15 @@ def external_model(decl: PipelineDecl, table: TableDecl, schema: Schema) -> dict
     return entry
 
 
-def render_external_models(schemas: list[tuple[PipelineDecl, Schema]]) -> str:
-    """The text of external_models.yaml: every declared table of every pipeline, in declaration order."""
-    sections = [HEADER]
+def render_external_models(
+    schemas: list[tuple[PipelineDecl, Schema]], kept: dict[str, str] | None = None, order: list[str] | None = None
+) -> str:
+    """The text of external_models.yaml: every declared table of every pipeline, in declaration order.
+
+    ``kept``: sections taken as they are (pipelines with no schema here), placed by ``order`` (pipeline names).
+    """
+    kept = kept or {}
+    rendered: dict[str, str] = {}
     for decl, schema in schemas:
         title = f"# --- {decl.dataset}: pipeline {decl.name} (pipelines/{decl.path.name}) ---"
         if decl.description:
@@ -196,7 +208,14 @@ def render_external_models(schemas: list[tuple[PipelineDecl, Schema]]) -> str:
             yaml.safe_dump([external_model(decl, table, schema)], sort_keys=False, allow_unicode=True, width=100)
             for table in decl.tables
         ]
-        sections.append(title + "\n" + "\n".join(entries))
+        rendered[decl.name] = title + "\n" + "\n".join(entries)
+    names = order or [decl.name for decl, _ in schemas]
+    sections = [HEADER]
+    for name in names:
+        if name in rendered:
+            sections.append(rendered[name])
+        elif name in kept:
+            sections.append(kept[name].rstrip("\n") + "\n")
     sections.append(render_ops_models())
     return "\n".join(sections)
 
@@ -267,12 +286,19 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def dlt_schemas_from_declarations(
-    source: DemoSource, work_dir: Path, declarations: list[PipelineDecl] | None = None
+    source: DemoSource | None, work_dir: Path, declarations: list[PipelineDecl] | None = None
 ) -> list[tuple[PipelineDecl, Schema]]:
-    """Each pipeline's dlt schema after a first run on ``source`` into a fresh DuckDB file under ``work_dir``."""
+    """Each demo pipeline's dlt schema after a first run on ``source`` into a fresh DuckDB file under ``work_dir``.
+
+    Only the pipelines declared ``demo: true``; the others are left out (see :func:`last_run_schema`).
+    """
     from datamart.ingest.runner import make_pipeline, run_pipeline
 
-    declarations = load_all() if declarations is None else declarations
+    declarations = [d for d in (load_all() if declarations is None else declarations) if d.demo]
+    if not declarations:
+        return []
+    if source is None:
+        raise ExternalModelsError("demo pipelines need a generated demo source")
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir))  # always from scratch: no earlier state
     warehouse = Warehouse(target="duckdb", duckdb_path=run_dir / "warehouse.duckdb")
     env = {"DATAMART__PII_HMAC_KEY": "external-models-generation"}  # pseudonyms are thrown away with the run
@@ -296,21 +322,101 @@ def dlt_schemas_from_declarations(
     return schemas
 
 
+def last_run_schema(decl: PipelineDecl, warehouse: Warehouse) -> Schema | None:
+    """The dlt schema of the last run of a (non-demo) pipeline on ``warehouse``: the local working dir, else the
+    schema dlt stored in the warehouse; None when the pipeline never ran there."""
+    from datamart.ingest.runner import make_pipeline
+
+    pipeline = make_pipeline(decl, warehouse)
+    if not pipeline.default_schema_name:
+        try:
+            pipeline.sync_destination()  # a fresh checkout: dlt keeps the schema in the warehouse too
+        except Exception as exc:  # noqa: BLE001 - no warehouse, or nothing of this pipeline in it: never ran
+            print(f"external models: pipeline {decl.name}: no schema in the warehouse ({exc})", file=sys.stderr)
+            return None
+    if not pipeline.default_schema_name:
+        return None
+    schema = pipeline.default_schema
+    return schema if any(t.name in schema.tables for t in decl.tables) else None
+
+
+def committed_sections(text: str) -> dict[str, str]:
+    """The sections of an external_models.yaml text, by pipeline name (``ops`` for the run records)."""
+    sections: dict[str, str] = {}
+    name = None
+    for line in text.splitlines(keepends=True):
+        match = re.match(r"# --- \S+: pipeline (\S+) ", line)
+        if match:
+            name = match.group(1)
+        elif line.startswith("# --- "):
+            name = None
+        if name:
+            sections[name] = sections.get(name, "") + line
+    return sections
+
+
 def generate_from_demo(work_dir: Path, declarations: list[PipelineDecl] | None = None) -> str:
-    """The external_models.yaml text: demo source → every pipeline into a temp DuckDB → dlt schemas → YAML."""
-    print(f"external models: generating the demo source (scale {DEMO_SCALE}) in {work_dir}", file=sys.stderr)
-    source = generate_demo_source(work_dir / "demo")
-    return render_external_models(dlt_schemas_from_declarations(source, work_dir, declarations))
+    """The external_models.yaml text: demo pipelines run on a fresh demo, the others from their last run."""
+    declarations = load_all() if declarations is None else declarations
+    source = None
+    if any(d.demo for d in declarations):
+        print(f"external models: generating the demo source (scale {DEMO_SCALE}) in {work_dir}", file=sys.stderr)
+        source = generate_demo_source(work_dir / "demo")
+    demo_schemas = dict(
+        (decl.name, (decl, schema)) for decl, schema in dlt_schemas_from_declarations(source, work_dir, declarations)
+    )
+    others = [d for d in declarations if not d.demo]
+    kept: dict[str, str] = {}
+    schemas: list[tuple[PipelineDecl, Schema]] = []
+    if others:
+        from datamart.settings import resolve_warehouse
+
+        warehouse = resolve_warehouse()
+        committed = EXTERNAL_MODELS_PATH.read_text(encoding="utf-8") if EXTERNAL_MODELS_PATH.exists() else ""
+        sections = committed_sections(committed)
+        missing = []
+        for decl in others:
+            schema = last_run_schema(decl, warehouse)
+            if schema is not None:
+                print(
+                    f"external models: pipeline {decl.name} from its last run ({warehouse.describe()})", file=sys.stderr
+                )
+                demo_schemas[decl.name] = (decl, schema)
+            elif decl.name in sections:
+                print(
+                    f"external models: pipeline {decl.name} never ran on {warehouse.describe()}: its committed "
+                    "entries are kept as they are",
+                    file=sys.stderr,
+                )
+                kept[decl.name] = sections[decl.name]
+            else:
+                missing.append(decl.name)
+        if missing:
+            raise ExternalModelsError(
+                f"pipeline(s) {', '.join(missing)}: not fed by the demo source (no `demo: true`) and never run on "
+                f"{warehouse.describe()}, so their tables are unknown: run `dlt pipeline <name> run` once for each, "
+                f"then `{COMMAND}` again"
+            )
+    for decl in declarations:
+        if decl.name in demo_schemas:
+            schemas.append(demo_schemas[decl.name])
+    return render_external_models(schemas, kept=kept, order=[d.name for d in declarations])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Write external_models.yaml, or with ``--check`` print the diff and return 1 when it is stale."""
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 with a diff when the committed file is stale")
+    parser.add_argument("--output", type=Path, help=f"write there instead of {EXTERNAL_MODELS_PATH.name}")
     args = parser.parse_args(argv)
+    keep_files_private()
     configure_environment()
     with tempfile.TemporaryDirectory(prefix="datamart-external-models-") as tmp:
-        text = generate_from_demo(Path(tmp))
+        try:
+            text = generate_from_demo(Path(tmp))
+        except (ExternalModelsError, DeclarationError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     relative = EXTERNAL_MODELS_PATH.relative_to(PROJECT_ROOT)
     if args.check:
         committed = EXTERNAL_MODELS_PATH.read_text(encoding="utf-8") if EXTERNAL_MODELS_PATH.exists() else ""
@@ -323,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.writelines(diff)
         print(f"external models: {relative} is stale; regenerate with `{COMMAND}`", file=sys.stderr)
         return 1
-    EXTERNAL_MODELS_PATH.write_text(text, encoding="utf-8")
-    print(f"external models: wrote {relative}", file=sys.stderr)
+    target = args.output or EXTERNAL_MODELS_PATH
+    target.write_text(text, encoding="utf-8")
+    print(f"external models: wrote {target if args.output else relative}", file=sys.stderr)
     return 0
 
 

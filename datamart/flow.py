@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,6 @@ from datamart.ingest.runner import PipelineRun, format_loads
 from datamart.ingest.sources import bucket_url, source_credentials
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, resolve_warehouse
 from datamart.transform import TransformRun, apply_prod
-
-DEMO_SOURCE = "app_db"
-DEMO_BUCKET = "bucket"
 
 
 class RunFailed(RuntimeError):
@@ -53,26 +51,44 @@ def ensure_demo_secrets() -> bool:
     if secrets_file.exists() or os.environ.get("DATAMART__PII_HMAC_KEY"):
         return False
     key = secrets.token_hex(32)
-    secrets_file.write_text(
+    text = (
         "# Written by `make run` for the local demo. Keep this key stable: it defines every pseudonym.\n"
         f'[datamart]\npii_hmac_key = "{key}"\n'
     )
-    os.chmod(secrets_file, 0o600)
+    secrets_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # created 0600 in one call: never readable by others, not even between a write and a chmod
+    fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     # dlt has already read its secret files in this process: hand it the new key the way it always looks.
     os.environ["DATAMART__PII_HMAC_KEY"] = key
     return True
 
 
-def ensure_demo_data(out: TextIO) -> None:
-    """Generate the demo source (day 0) if the app_db source does not exist yet."""
+def ensure_demo_data(out: TextIO, declarations: list[PipelineDecl] | None = None) -> None:
+    """Generate the demo source (day 0) for the pipelines declared ``demo: true``, if it does not exist yet.
+
+    Only those: a pipeline of the project's own (added, or replacing a demo one) reads its own source, which the demo
+    never touches. No demo pipeline declared, nothing generated.
+    """
     from datamart import demo
 
-    url = source_credentials(load_named(DEMO_SOURCE))
-    bucket = Path(bucket_url(load_named(DEMO_BUCKET)))
-    if demo.source_exists(url):
+    declarations = load_all() if declarations is None else declarations
+    app = next((d for d in declarations if d.demo and d.kind == "sql_database"), None)
+    files = next((d for d in declarations if d.demo and d.kind == "filesystem"), None)
+    if app is None and files is None:
         return
-    print(f"demo: generating the demo application database and bucket ({url}, {bucket})", file=out)
-    demo.generate(source_url=url, bucket=bucket)
+    # the half of the demo no pipeline reads is generated aside and thrown away, never into another pipeline's source
+    with tempfile.TemporaryDirectory(prefix="datamart-demo-unused-") as unused:
+        url = source_credentials(app) if app else f"sqlite:///{Path(unused) / 'app.sqlite'}"
+        bucket = Path(bucket_url(files)) if files else Path(unused) / "bucket"
+        exists = demo.source_exists(url) if app else bucket.is_dir() and any(bucket.iterdir())
+        if exists:
+            return
+        names = ", ".join(d.name for d in (app, files) if d is not None)
+        where = ", ".join(str(w) for w, d in ((url, app), (bucket, files)) if d is not None)
+        print(f"demo: generating the demo source of pipeline(s) {names} ({where})", file=out)
+        demo.generate(source_url=url, bucket=bucket)
 
 
 def run_flow(
@@ -84,7 +100,7 @@ def run_flow(
     """Run every pipeline then the prod plan; raise on the first failure (prod views stay as they were)."""
     started = time.monotonic()
     warehouse = warehouse or resolve_warehouse()
-    if demo:
+    if demo and any(d.demo for d in load_all()):  # only for pipelines that read the demo source
         if ensure_demo_secrets():
             print("demo: wrote .dlt/secrets.toml with a random pseudonymisation key", file=out)
         ensure_demo_data(out)

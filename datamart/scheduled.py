@@ -32,7 +32,7 @@ from datamart.settings import SettingsError, Warehouse
 class StepResult:
     """One line of the summary: a pipeline or a step, what it did or why it failed, and what to run then."""
 
-    step: str  # the step function's name: pipelines, sqlmesh_run, …
+    step: str  # the step function's name: pipelines, refresh, …
     ok: bool
     detail: str = ""
     pipeline: str | None = None
@@ -177,8 +177,57 @@ def reconcile(run: ScheduledRun) -> list[StepResult]:
     return results
 
 
+REVIEW_PREFIX = "pr_"  # the environments `make review` builds (datamart/review/run.py: pr_<branch>)
+
+
+def environments(run: ScheduledRun) -> list[StepResult]:
+    """Review environments (``pr_*``) of merged pull requests, or holding their own copy of data, are invalidated;
+    then SQLMesh's janitor drops what no environment uses any more (views, schemas, tables).
+
+    Which ones go, decided from the warehouse's SQLMesh state alone (the scheduled job runs from an image without
+    git history, so "merged into main" cannot be asked of git there, and an age would keep an erased person's rows
+    for that long):
+
+    - every version the environment holds is prod's: its pull request was merged and promoted (or it changed
+      nothing); removing it loses nothing, prod serves the same tables;
+    - it holds its own materialised table (a changed model that is not a view): the scheduled run refreshes prod's
+      tables only, so that copy would keep rows deleted at the source since, an erased person's among them. Its
+      review report is already on the pull request; the next push (``make review``) builds it again.
+
+    An environment whose own versions are all views (they read the raw tables, hence never outlive a deletion) is
+    kept for its reviewers; SQLMesh's ``environment_ttl`` expires it a week after its last plan.
+    """
+    from sqlmesh.core.model.kind import ModelKindName
+
+    from datamart.transform import sqlmesh_context
+
+    no_copy = {ModelKindName.VIEW, ModelKindName.EMBEDDED, ModelKindName.EXTERNAL, ModelKindName.SEED}
+    context = sqlmesh_context(run.warehouse)
+    try:
+        prod = context.state_reader.get_environment("prod")
+        in_prod = {s.snapshot_id for s in prod.snapshots} if prod else set()
+        invalidated = []
+        for environment in sorted(context.state_reader.get_environments(), key=lambda e: e.name):
+            if not environment.name.startswith(REVIEW_PREFIX):
+                continue
+            own = [s for s in environment.snapshots if s.snapshot_id not in in_prod]
+            copies = sorted(s.name.split(".")[-1].strip('"') for s in own if s.kind_name not in no_copy)
+            if own and not copies:
+                continue
+            reason = f"holds its own copy of {', '.join(copies)}" if copies else "merged: every version is prod's"
+            context.invalidate_environment(environment.name)
+            invalidated.append(f"{environment.name} ({reason})")
+        # The janitor, without TTL: a table no environment uses (an invalidated review's copy) is dropped now, not a
+        # week later; called directly because Context.run_janitor(ignore_ttl=True) asks for a confirmation.
+        context._run_janitor(ignore_ttl=True)
+    finally:
+        context.close()
+    done = f"invalidated {len(invalidated)} review environment(s), janitor run" if invalidated else "janitor run"
+    return [StepResult("environments", True, done, notes=invalidated)]
+
+
 # The scheduled run, in order.
-STEPS: list[Step] = [pipelines, refresh, reconcile]
+STEPS: list[Step] = [pipelines, refresh, environments, reconcile]
 
 
 def step_names() -> list[str]:

@@ -20,7 +20,8 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = PROJECT_ROOT / "data"
-PIPELINES_DIR = PROJECT_ROOT / "pipelines"
+PIPELINES_DIR = PROJECT_ROOT / "pipelines"  # the project's declarations (DATAMART_DECLARATIONS_DIR overrides)
+DEMO_PIPELINES_DIR = Path(__file__).resolve().parent / "demo" / "pipelines"  # the demo's own declarations
 TARGETS = ("duckdb", "postgres")
 ENVIRONMENTS = ("dev", "preprod", "prod")
 DEFAULT_DUCKDB_PATH = "data/warehouse.duckdb"
@@ -37,6 +38,49 @@ def configure_environment() -> None:
     os.environ.setdefault("DLT_LOCAL_DIR", str(PROJECT_ROOT))
     os.environ.setdefault("DLT_DATA_DIR", str(DATA_DIR / "dlt"))
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+
+
+PRIVATE_UMASK = 0o077  # files 0600, folders 0700: the owner only
+
+
+def keep_files_private() -> None:
+    """Files this process creates are readable by their owner only; so is ``data/`` if it already exists.
+
+    Called first by every entry point (``python -m datamart``, ``python -m datamart.demo``, ``python -m
+    datamart.external_models`` and the ``dlt`` CLI through the project's plugin): the warehouse file, dlt's load
+    packages (rows of every loaded table), the demo source's personal data and ``.dlt/secrets.toml`` are never
+    created readable by other users of the machine. ``data/`` made by an earlier version (0755) is closed too
+    (without the folder's x bit nobody else reaches what is inside), and so is a ``.dlt/secrets.toml`` written by hand
+    readable by others (0600).
+    """
+    os.umask(PRIVATE_UMASK)
+    secrets_file = Path(os.environ.get("DLT_PROJECT_DIR") or PROJECT_ROOT) / ".dlt" / "secrets.toml"
+    for path, mode in ((DATA_DIR, 0o700), (secrets_file, 0o600)):
+        try:
+            status = path.stat()
+            if status.st_uid == os.getuid() and status.st_mode & 0o077:
+                path.chmod(mode)
+        except OSError:  # missing, or a read-only checkout: nothing to close
+            pass
+
+
+def declarations_dir() -> Path:
+    """The folder of pipeline declarations: ``DATAMART_DECLARATIONS_DIR``, else the project's ``pipelines/``.
+
+    The tests point it at the demo's own copies (``datamart/demo/pipelines``), so that they keep working once a
+    project adds or replaces pipelines.
+    """
+    return Path(os.environ.get("DATAMART_DECLARATIONS_DIR") or PIPELINES_DIR)
+
+
+def pipelines_dir_for(target: str, environment: str) -> Path:
+    """dlt's local working dirs for a target and environment (``DATAMART_PIPELINES_DIR`` or data/dlt/pipelines).
+
+    One folder per target (and per environment other than dev) so that switching target or ``DATAMART_ENV`` never
+    mixes two warehouses' incremental states.
+    """
+    base = Path(os.environ.get("DATAMART_PIPELINES_DIR") or DATA_DIR / "dlt" / "pipelines")
+    return base / target if environment == "dev" else base / environment / target
 
 
 def selected_target(explicit: str | None = None) -> str:

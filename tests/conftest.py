@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.settings import DEMO_PIPELINES_DIR, PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.postgres import (
     PostgresUnavailable,
     ThrowawayPostgres,
@@ -28,12 +28,15 @@ _ISOLATED_DLT = pytest.StashKey[Path]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Keep tests away from the developer's own secrets: dlt reads a copy of the committed config.toml only."""
+    """Keep tests away from the developer's own secrets and pipelines: dlt reads a copy of the committed config.toml
+    only, and the declarations are the demo's own copies (``datamart/demo/pipelines``)."""
     isolated = Path(tempfile.mkdtemp(prefix="datamart-tests-dlt-"))
     (isolated / ".dlt").mkdir()
     shutil.copy(PROJECT_ROOT / ".dlt" / "config.toml", isolated / ".dlt" / "config.toml")
     os.environ["DLT_PROJECT_DIR"] = str(isolated)
     os.environ["RUNTIME__DLTHUB_TELEMETRY"] = "false"
+    # the tests' own copies of the demo pipelines: a project that adds or replaces pipelines/ keeps its tests working
+    os.environ["DATAMART_DECLARATIONS_DIR"] = str(DEMO_PIPELINES_DIR)
     for key in [k for k in os.environ if k.startswith(("DESTINATION__", "SOURCES__", "DATAMART__"))]:
         del os.environ[key]
     os.environ.pop("DATAMART_TARGET", None)

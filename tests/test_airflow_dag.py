@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datamart.settings import PROJECT_ROOT
+from datamart.settings import DEMO_PIPELINES_DIR, PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,9 @@ def _airflow_env(tmp: Path) -> dict[str, str]:
         SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{tmp / 'app.sqlite'}",
         DESTINATION__DUCKDB__CREDENTIALS=str(tmp / "warehouse.duckdb"),
         DATAMART__PII_HMAC_KEY="airflow-test-key",
+        # the tests' own copies of the demo pipelines (conftest), and the environment the DAG's tasks default to
+        DATAMART_DECLARATIONS_DIR=str(DEMO_PIPELINES_DIR),
+        DATAMART_ENV="prod",
         # the DAG runs the commands of this checkout in the venv running the tests
         DATAMART_VENV=str(Path(sys.executable).parent.parent),
         DATAMART_TASK_RETRIES="0",
@@ -101,7 +104,7 @@ def _dags_test(airflow_python: Path, env: dict[str, str]) -> subprocess.Complete
 def test_dag_has_one_task_per_declaration(airflow_python: Path, tmp_path: Path) -> None:
     # a copy of the project with one more declaration: the DAG gains its task with no edit
     project = tmp_path / "project"
-    shutil.copytree(PROJECT_ROOT / "pipelines", project / "pipelines")
+    shutil.copytree(DEMO_PIPELINES_DIR, project / "pipelines")
     shutil.copy(PROJECT_ROOT / "pipelines" / "examples" / "partner_api.yaml", project / "pipelines")
     script = (
         "import runpy, json; g = runpy.run_path('dags/datamart_dag.py'); dag = g['dag']; "
@@ -109,6 +112,7 @@ def test_dag_has_one_task_per_declaration(airflow_python: Path, tmp_path: Path) 
         "for t in dag.tasks}))"
     )
     env = dict(_airflow_env(tmp_path), DATAMART_PROJECT_DIR=str(project), DATAMART_TASK_RETRIES="3")
+    env["DATAMART_DECLARATIONS_DIR"] = str(project / "pipelines")
     result = subprocess.run(
         [str(airflow_python), "-c", script], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
     )

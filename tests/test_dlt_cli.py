@@ -128,3 +128,28 @@ def test_unreachable_source_is_retried_then_reported(env: dict[str, str], tmp_pa
     assert "error: pipeline 'app_db' failed" in result.stderr
     assert "could not be reached" in result.stderr
     assert "pw" not in result.stderr.replace("pipeline", "")  # the password is never printed
+
+
+def test_dlt_own_commands_find_the_pipelines_without_pipelines_dir(env: dict[str, str], warehouse: Warehouse) -> None:
+    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
+    with sqlite3.connect(env["SOURCES__APP_DB__CREDENTIALS"][len("sqlite:///") :]) as conn:
+        conn.execute("DELETE FROM applications WHERE id = (SELECT max(id) FROM applications)")  # a hard delete
+    second = dlt(env, "pipeline", "app_db", "run")
+    assert second.returncode == 0, second.stderr
+    working_dir = Path(env["DATAMART_PIPELINES_DIR"]) / warehouse.target
+
+    listed = dlt(env, "pipeline", "--list-pipelines")
+    assert listed.returncode == 0, listed.stderr
+    assert f"1 pipelines found in {working_dir}" in listed.stdout and "app_db" in listed.stdout
+
+    info = dlt(env, "pipeline", "app_db", "info")
+    assert info.returncode == 0, info.stderr
+    assert f"Found pipeline app_db in {working_dir}" in info.stdout
+    assert "dataset_name: raw_app_db" in info.stdout
+
+    # the trace of the whole run: the rows' load package and then the deletions' (two dlt runs), not the last only
+    trace = dlt(env, "pipeline", "app_db", "trace")
+    assert trace.returncode == 0, trace.stderr
+    assert trace.stdout.count("Step extract COMPLETED") == 2, trace.stdout
+    assert trace.stdout.count("Step load COMPLETED") == 2, trace.stdout
+    assert "- applications: 1 row(s)" in trace.stdout  # the deletion package, after the rows' package

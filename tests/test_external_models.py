@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,10 @@ from datamart.external_models import (
     sqlmesh_type,
 )
 from datamart.ingest.declarations import PipelineDecl, load_named
+from datamart.settings import DEMO_PIPELINES_DIR, PIPELINES_DIR, PROJECT_ROOT
 
 Schemas = list[tuple[PipelineDecl, Schema]]
+PYTHON = sys.executable
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +49,68 @@ def _models(text: str) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in yaml.safe_load(text)}
 
 
-def test_committed_file_is_a_fresh_generation(rendered: str) -> None:
-    committed = external_models.EXTERNAL_MODELS_PATH.read_text(encoding="utf-8")
-    assert committed == rendered, "external_models.yaml is stale: run `make external-models` and commit it"
+def _command_env(tmp_path: Path, declarations: Path) -> dict[str, str]:
+    """The environment of `python -m datamart.external_models` (and `dlt pipeline`) on a warehouse of the test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
+    env.update(
+        DATAMART_DECLARATIONS_DIR=str(declarations),
+        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
+        DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "warehouse.duckdb"),
+    )
+    return env
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_committed_file_is_a_fresh_generation(tmp_path: Path) -> None:
+    """`make external-models`'s command with --check, on the project's own pipelines (pipelines/*.yaml)."""
+    result = _run(_command_env(tmp_path, PIPELINES_DIR), PYTHON, "-m", "datamart.external_models", "--check")
+    assert result.returncode == 0, f"external_models.yaml is stale: run `make external-models`\n{result.stdout}"
+
+
+def test_a_pipeline_the_demo_cannot_feed_is_taken_from_its_last_run(tmp_path: Path) -> None:
+    """A project adds its own pipeline: the demo ones still run on the demo, the new one comes from its own run."""
+    declarations = tmp_path / "declarations"
+    shutil.copytree(DEMO_PIPELINES_DIR, declarations)
+    (declarations / "crm.yaml").write_text(
+        "source: {kind: sql_database}\n"
+        "dataset: raw_crm\n"
+        "tables:\n"
+        "  contacts:\n"
+        "    write_disposition: merge\n"
+        "    primary_key: id\n"
+        "    cursor: updated_at\n"
+        "    personal: {email: hash}\n",
+        encoding="utf-8",
+    )
+    with sqlite3.connect(tmp_path / "crm.sqlite") as conn:
+        conn.execute("CREATE TABLE contacts (id INTEGER PRIMARY KEY, email TEXT, score REAL, updated_at TIMESTAMP)")
+        conn.execute("INSERT INTO contacts VALUES (1, 'a@example.org', 1.5, '2026-11-01 10:00:00')")
+    env = _command_env(tmp_path, declarations)
+    command = [PYTHON, "-m", "datamart.external_models", "--output", str(tmp_path / "out.yaml")]
+
+    never_ran = _run(env, *command)
+    assert never_ran.returncode == 2
+    assert "pipeline(s) crm: not fed by the demo source" in never_ran.stderr
+    assert "run `dlt pipeline <name> run` once" in never_ran.stderr
+
+    env.update(SOURCES__CRM__CREDENTIALS=f"sqlite:///{tmp_path / 'crm.sqlite'}", DATAMART__PII_HMAC_KEY="k")
+    loaded = _run(env, str(Path(PYTHON).parent / "dlt"), "pipeline", "crm", "run")
+    assert loaded.returncode == 0, loaded.stderr
+    result = _run(env, *command)
+    assert result.returncode == 0, result.stderr
+    models = _models((tmp_path / "out.yaml").read_text(encoding="utf-8"))
+    assert list(models)[:2] == ["raw_app_db.organizations", "raw_app_db.missions"]  # the demo ones, from the demo
+    assert models["raw_crm.contacts"]["columns"] == {
+        "id": "bigint",
+        "email": "text",
+        "score": "double",
+        "updated_at": "timestamp",
+        "_dlt_load_id": "text",
+    }
+    assert models["raw_crm.contacts"]["column_descriptions"]["email"].startswith("Pseudonymised")
 
 
 def test_a_changed_declaration_makes_the_committed_file_stale(schemas: Schemas) -> None:

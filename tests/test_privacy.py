@@ -6,9 +6,13 @@ whole flow on a small demo source into each warehouse (DuckDB file, PostgreSQL d
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from datamart.privacy.cli import check_command
 from datamart.privacy.erasure import find_traces
 from datamart.privacy.lineage import check_published_lineage, violations
 from datamart.privacy.register import REGISTER_PATH, render_register
-from datamart.settings import Warehouse
+from datamart.settings import PIPELINES_DIR, PROJECT_ROOT, Warehouse
 from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.privacy import OTHER, expected_volunteer_activity
 from datamart.testing.project import copy_project, edit
@@ -157,7 +161,8 @@ def test_other_aggregates_and_undeclared_uses_are_refused(tmp_path: Path) -> Non
     ]
 
 
-def test_the_register_is_up_to_date(tmp_path: Path) -> None:
+def test_the_register_is_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATAMART_DECLARATIONS_DIR", str(PIPELINES_DIR))  # the project's register: its own pipelines
     expected = render_register(_context(tmp_path), metabase_role_name())
     assert REGISTER_PATH.read_text(encoding="utf-8") == expected, "stale: run `make privacy-register` and commit it"
     assert "| `app_db.volunteers.email` | hash:" in expected
@@ -369,3 +374,76 @@ def test_an_erased_volunteer_leaves_no_trace_even_after_a_schema_change(
     )
     rows = flow.warehouse.query("SELECT department, birth_decade, volunteers FROM marts.volunteer_activity_v1")
     assert {(d, None if b is None else int(b)): int(v) for d, b, v in rows} == {c: v[0] for c, v in expected.items()}
+
+
+def _release_duckdb() -> None:
+    """DuckDB has one writer per file: close the adapters SQLMesh keeps per file in this process (its cache)."""
+    from sqlmesh.core.config.connection import BaseDuckDBConnectionConfig
+
+    for adapter in BaseDuckDBConnectionConfig._data_file_to_adapter.values():
+        adapter.close()
+    BaseDuckDBConnectionConfig._data_file_to_adapter.clear()
+    gc.collect()
+
+
+def _schemas(flow: Flow) -> set[str]:
+    return {r[0] for r in flow.warehouse.query("SELECT schema_name FROM information_schema.schemata")}
+
+
+def test_an_erasure_reaches_the_review_environments(
+    flow: Flow, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review environments (`make review`'s pr_*) hold views, or tables of their own: the scheduled run's
+    `environments` step removes those of merged pull requests and those holding a copy, so an erasure reaches them."""
+    # a merged pull request: its environment serves prod's versions
+    context = sqlmesh_context(flow.warehouse)
+    try:
+        context.plan("pr_main", auto_apply=True, no_prompts=True, skip_tests=True, include_unmodified=True)
+    finally:
+        context.close()
+    # an open one that materialises the per-volunteer model: a table of its own, not refreshed by the scheduled run
+    project = _copy_project(flow.tmp / f"pr-{uuid.uuid4().hex[:6]}")
+    edit(project, "models/intermediate/int_volunteer_applications.sql", "kind VIEW,", "kind FULL,")
+    context = sqlmesh_context(flow.warehouse, project)
+    try:
+        context.plan("pr_materialise", auto_apply=True, no_prompts=True, skip_tests=True)
+    finally:
+        context.close()
+    assert {"staging__pr_main", "intermediate__pr_materialise"} <= _schemas(flow)
+
+    volunteer_id, email = flow.source(
+        "SELECT v.id, v.email FROM volunteers v JOIN applications a ON a.volunteer_id = v.id "
+        "GROUP BY v.id, v.email ORDER BY count(*) DESC, v.id LIMIT 1"
+    )[0]
+    flow.source("DELETE FROM applications WHERE volunteer_id = ?", (volunteer_id,))
+    flow.source("DELETE FROM volunteers WHERE id = ?", (volunteer_id,))
+    flow.run()
+    code, output = _erased_command(flow, volunteer_id, email, monkeypatch, capsys)
+    assert code == 1 and "intermediate__pr_materialise.int_volunteer_applications" in output, output
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART_TARGET"))}
+    env["DATAMART_TARGET"] = flow.warehouse.target
+    if flow.warehouse.target == "duckdb":
+        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(flow.warehouse.duckdb_path)
+    else:
+        env["DESTINATION__POSTGRES__CREDENTIALS"] = flow.warehouse.pg.to_native_representation()
+    _release_duckdb()
+    scheduled = subprocess.run(
+        [sys.executable, "-m", "datamart", "scheduled", "--only", "environments", "--no-alert"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
+    assert "pr_main (merged: every version is prod's)" in scheduled.stdout
+    assert "pr_materialise (holds its own copy of int_volunteer_applications" in scheduled.stdout
+    assert not {s for s in _schemas(flow) if "__pr_" in s}, "the review environments' schemas were dropped"
+
+    code, output = _erased_command(flow, volunteer_id, email, monkeypatch, capsys)
+    assert (code, output.split(" in ")[0]) == (
+        0,
+        f"erased: no trace of app_db.volunteers key {volunteer_id}, email pseudonym",
+    )
+    assert flow.warehouse.query("SELECT count(*) FROM marts.missions_v1")[0][0] > 0  # prod untouched

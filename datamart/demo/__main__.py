@@ -17,6 +17,7 @@ from datamart.demo.generator import (
     source_exists,
 )
 from datamart.demo.source import DemoError
+from datamart.settings import keep_files_private
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return the exit code (2: the source's state does not allow the requested action)."""
     args = _parser().parse_args(argv)
+    keep_files_private()  # the demo source holds (fake) personal data: owner only, as real data would be
     url = args.source_url or default_source_url()
     started = time.monotonic()
     try:

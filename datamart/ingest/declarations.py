@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from datamart.settings import PIPELINES_DIR
+from datamart.settings import declarations_dir
 
 SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
 WRITE_DISPOSITIONS = ("append", "merge", "replace")
@@ -57,6 +57,9 @@ class PipelineDecl:
     options: dict[str, Any] = field(default_factory=dict)
     raw_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # each table's YAML mapping (rest_api)
     verify: bool = False  # reconciled with its source by every scheduled run (``make scheduled``)
+    # read from the generated demo source (datamart/demo): `make run` generates it when missing, and
+    # `make external-models` runs the pipeline on a fresh demo to get its schema
+    demo: bool = False
 
     def table(self, name: str) -> TableDecl:
         """The declared table ``name``, or an error listing the declared ones."""
@@ -69,7 +72,7 @@ class PipelineDecl:
         )
 
 
-_TOP_KEYS = {"name", "description", "source", "dataset", "tables", "verify"}
+_TOP_KEYS = {"name", "description", "source", "dataset", "tables", "verify", "demo"}
 _TABLE_KEYS = {
     "write_disposition",
     "primary_key",
@@ -159,6 +162,10 @@ def load_declaration(path: Path) -> PipelineDecl:
     options = {k: v for k, v in source.items() if k != "kind"}
     if not isinstance(raw.get("verify", False), bool):
         raise _fail(path, "verify", "true or false: reconcile this pipeline with its source in every scheduled run")
+    if not isinstance(raw.get("demo", False), bool):
+        raise _fail(path, "demo", "true or false: the pipeline reads the generated demo source (datamart/demo)")
+    if raw.get("demo") and kind not in ("sql_database", "filesystem"):
+        raise _fail(path, "demo", f"the demo source feeds sql_database and filesystem pipelines, not {kind}")
     return PipelineDecl(
         name=name,
         kind=kind,
@@ -169,6 +176,7 @@ def load_declaration(path: Path) -> PipelineDecl:
         options=options,
         raw_tables=raw_tables,
         verify=raw.get("verify", False),
+        demo=raw.get("demo", False),
     )
 
 
@@ -278,13 +286,15 @@ def warehouse_name(identifier: str) -> str:
     return NamingConvention().normalize_identifier(identifier)
 
 
-def load_all(directory: Path = PIPELINES_DIR) -> list[PipelineDecl]:
-    """Every declaration under ``directory``, in name order."""
+def load_all(directory: Path | None = None) -> list[PipelineDecl]:
+    """Every declaration under ``directory`` (default :func:`declarations_dir`), in name order."""
+    directory = directory or declarations_dir()
     return [load_declaration(p) for p in sorted(directory.glob("*.yaml"))]
 
 
-def load_named(name: str, directory: Path = PIPELINES_DIR) -> PipelineDecl:
+def load_named(name: str, directory: Path | None = None) -> PipelineDecl:
     """The declaration of pipeline ``name``, or an error listing the known ones."""
+    directory = directory or declarations_dir()
     path = directory / f"{name}.yaml"
     if not path.exists():
         known = ", ".join(p.stem for p in sorted(directory.glob("*.yaml"))) or "none"

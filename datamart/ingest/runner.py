@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dlt
 from dlt.common import logger
@@ -17,7 +17,7 @@ from datamart.ingest.declarations import PipelineDecl, warehouse_name
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
 from datamart.ingest.sources import build_deletions, build_resources, check_secrets
-from datamart.settings import DATA_DIR, Warehouse
+from datamart.settings import Warehouse, pipelines_dir_for
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,9 @@ def default_pipelines_dir(warehouse: Warehouse) -> Path:
     """dlt's local working dirs (``DATAMART_PIPELINES_DIR`` or under data/), one per warehouse target.
 
     One folder per target (and per environment other than dev) so that switching target or ``DATAMART_ENV`` never
-    mixes two warehouses' incremental states.
+    mixes two warehouses' incremental states. dlt's own CLI finds the same folder (``datamart/dlt_plugin.py``).
     """
-    base = Path(os.environ.get("DATAMART_PIPELINES_DIR") or DATA_DIR / "dlt" / "pipelines")
-    return (
-        base / warehouse.target if warehouse.environment == "dev" else base / warehouse.environment / warehouse.target
-    )
+    return pipelines_dir_for(warehouse.target, warehouse.environment)
 
 
 def make_pipeline(decl: PipelineDecl, warehouse: Warehouse, pipelines_dir: Path | None = None) -> dlt.Pipeline:
@@ -148,8 +145,13 @@ def _run_pipeline(
     deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables, skip=first_load, sizes=after)
     profile["key-set deletes"] = time.monotonic() - detecting
     if deletion_resources:
-        pipeline.run(deletion_resources, loader_file_format=file_format).raise_on_failed_jobs()
-        _add_steps(profile, pipeline)
+        rows_trace = pipeline.last_trace
+        try:
+            deleted = pipeline.run(deletion_resources, loader_file_format=file_format)
+            _add_steps(profile, pipeline)
+        finally:
+            _save_whole_trace(pipeline, rows_trace)
+        deleted.raise_on_failed_jobs()
     columns_after = _columns(pipeline, names)
     # each key found gone was one row of the warehouse (a key is unique there, and we hold the pipeline's lock)
     totals = {n: after[n] - deletions.get(n, 0) for n in names}
@@ -186,6 +188,24 @@ def loader_file_format(decl: PipelineDecl, warehouse: Warehouse) -> str | None:
     except ImportError:
         return None
     return "parquet"
+
+
+def _save_whole_trace(pipeline: dlt.Pipeline, rows_trace: Any) -> None:
+    """Keep one trace for the whole run: the rows' extract/normalize/load, then the deletions' (two dlt runs).
+
+    dlt saves the trace of its last ``run`` only, so ``dlt pipeline <name> trace`` would show the deletion package
+    alone; the saved trace gets the steps of both, from the start of the first.
+    """
+    from dlt.pipeline.trace import save_trace
+
+    deletions_trace = pipeline.last_trace
+    if rows_trace is None or deletions_trace is None or deletions_trace is rows_trace:
+        return
+    whole = deletions_trace._replace(
+        started_at=rows_trace.started_at, steps=[*rows_trace.steps, *deletions_trace.steps]
+    )
+    pipeline._last_trace = whole
+    save_trace(pipeline.working_dir, whole)
 
 
 def _add_steps(profile: dict[str, float], pipeline: dlt.Pipeline) -> None:
