@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from datamart.ingest.declarations import DeclarationError, load_declaration, load_named
 from datamart.ingest.runner import format_loads, run_pipeline
-from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
+from datamart.settings import DEMO_PIPELINES_DIR, PROJECT_ROOT, SettingsError, Warehouse
 from datamart.testing.sources import Source
 
 KEY = "test-pseudonymisation-key"
@@ -226,17 +229,42 @@ def test_a_cursor_missing_from_the_source_stops_before_anything_is_loaded(
 def test_a_misspelt_personal_column_stops_before_anything_is_read(
     warehouse: Warehouse, app_source: Source, tmp_path: Path
 ) -> None:
-    """``emial: hash`` would leave ``email`` unclassified and load it in clear: refused, naming the closest column."""
-    path = tmp_path / "app_db.yaml"
-    text = (PROJECT_ROOT / "pipelines" / "app_db.yaml").read_text()
+    """``emial: hash`` would leave ``email`` unclassified and load it in clear: ``dlt pipeline app_db run`` refuses
+    (exit 2), naming the closest column, and nothing reaches the warehouse."""
+    declarations = tmp_path / "declarations"
+    declarations.mkdir()
+    text = (DEMO_PIPELINES_DIR / "app_db.yaml").read_text()
     assert "      email: hash" in text
-    path.write_text(text.replace("      email: hash", "      emial: hash"))
-    with pytest.raises(
-        DeclarationError,
-        match=r"app_db.yaml: tables.volunteers.personal.emial: the source table volunteers has no column 'emial' "
-        r"\(did you mean 'email'\?\); its columns: id, email, first_name",
-    ):
-        run_pipeline(load_declaration(path), warehouse, tables=["volunteers"], pipelines_dir=tmp_path / "p")
+    (declarations / "app_db.yaml").write_text(text.replace("      email: hash", "      emial: hash"))
+    env = dict(
+        os.environ,
+        DATAMART_DECLARATIONS_DIR=str(declarations),
+        DATAMART_PIPELINES_DIR=str(tmp_path / "dlt"),
+        SOURCES__APP_DB__CREDENTIALS=app_source.url,
+        DATAMART__PII_HMAC_KEY=KEY,
+    )
+    if warehouse.target == "duckdb":
+        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
+    else:
+        pg = warehouse.pg
+        env["DATAMART_TARGET"] = "postgres"
+        env["DESTINATION__POSTGRES__CREDENTIALS"] = (
+            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
+        )
+    dlt = Path(sys.executable).parent / "dlt"
+    result = subprocess.run(
+        [str(dlt), "pipeline", "app_db", "run", "--table", "volunteers"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        "app_db.yaml: tables.volunteers.personal.emial: the source table volunteers has no column 'emial' "
+        "(did you mean 'email'?); its columns: id, email, first_name"
+    ) in result.stderr, result.stderr
     assert not warehouse.table_exists("raw_app_db", "volunteers")
 
 
