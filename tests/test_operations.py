@@ -197,11 +197,19 @@ def test_freshness_says_when_the_marts_are_behind_a_load(demo: Demo) -> None:
 
 
 def test_promote_names_the_views_it_switched(demo: Demo) -> None:
-    """Prod runs another project's versions: promoting this checkout switches views back to versions built before;
-    the command says so instead of "Models built: 0 (prod already matches)"."""
-    before = _prod_fingerprints(demo)
+    """Switching prod back to versions that are still built swaps views without building anything: the command says
+    so instead of "Models built: 0 (prod already matches)"."""
+    # prod runs the changed project (first test); promoting the checkout builds its versions again if the scheduled
+    # run's janitor removed them (it drops what no environment uses)
+    _run(demo.env, "-m", "datamart", "promote")
+    checkout = _prod_fingerprints(demo)
+    sqlmesh_env = dict(demo.env, **demo.warehouse.sqlmesh_env())
+    _run(
+        sqlmesh_env, "sqlmesh", "-p", str(demo.tmp / "changed_project"), "plan", "prod", "--auto-apply", "--no-prompts"
+    )
+    assert _prod_fingerprints(demo) != checkout
     result = _run(demo.env, "-m", "datamart", "promote")
-    assert _prod_fingerprints(demo) != before
+    assert _prod_fingerprints(demo) == checkout
     assert re.search(
         r"^Models built: 0 \(none: the data they read had not changed\); views switched to a version built "
         r"earlier: .*staging\.stg_bucket__partners",
