@@ -156,8 +156,9 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     else:
         hint = (
             f"fix the cause (the source data, or the table's schema_contract in {decl.path.name}), then rerun "
-            f"`dlt pipeline {decl.name} run`: a failed load is never half-applied, and the next run discards it and "
-            "re-reads those rows from the source"
+            f"`dlt pipeline {decl.name} run`: each table of a load is applied whole or not at all, the next run "
+            "finishes or discards what this one left and re-reads those rows from the source, and a row read again "
+            "is never loaded twice (tables are matched on their primary key)"
         )
     return redact(f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}")
 

@@ -140,7 +140,10 @@ def _run_pipeline(
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
     counted = time.monotonic()
-    written_in = [n for n in merged if row_counts.get(warehouse_name(n))]
+    # append tables with a key skip the keys they already hold (sources.keep_loaded_rows): what they received is
+    # counted too, in the same scan as their total
+    keyed = merged + [n for n in names if decl.table(n).write_disposition == "append" and decl.table(n).primary_key]
+    written_in = [n for n in keyed if row_counts.get(warehouse_name(n))]
     after, written = count_rows(pipeline, names, list(info.loads_ids), written_in)
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
@@ -156,7 +159,7 @@ def _run_pipeline(
     loads = []
     for name in names:
         read = int(row_counts.get(warehouse_name(name), 0))
-        split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name, 0))
+        split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name))
         loads.append(
             TableLoad(
                 table=name,
@@ -197,7 +200,7 @@ def _add_steps(profile: dict[str, float], pipeline: dlt.Pipeline) -> None:
             profile[step.step] = profile.get(step.step, 0.0) + seconds
 
 
-def _split(disposition: str, read: int, before: int, after: int, written: int) -> dict[str, int]:
+def _split(disposition: str, read: int, before: int, after: int, written: int | None) -> dict[str, int]:
     """Inserted, updated and soft-deleted rows of one load, from counts taken in the warehouse.
 
     ``written`` rows carry this load's id. In a merge, untouched rows keep an older id, so the rows this load
@@ -205,7 +208,9 @@ def _split(disposition: str, read: int, before: int, after: int, written: int) -
     soft-delete marker (``read - written``: removed, or never inserted), counted as existing rows that were deleted.
     """
     if disposition != "merge":
-        return {"inserted": read, "updated": 0, "soft_deleted": 0}
+        # an append table with a key counted what it received: rows read again (an aborted load) are not inserted
+        return {"inserted": read if written is None else written, "updated": 0, "soft_deleted": 0}
+    written = written or 0
     soft_deleted = max(read - written, 0)
     # an empty table had nothing to soft-delete: those rows were never inserted
     inserted = after if before == 0 else max(after - before + soft_deleted, 0)
