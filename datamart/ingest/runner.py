@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dlt
 from dlt.common import logger
@@ -92,7 +93,8 @@ def run_pipeline(
 ) -> PipelineRun:
     """Extract, normalise and load one pipeline; raise if any load job failed.
 
-    ``full_refresh`` drops the selected tables and their incremental state first (dlt's ``drop_resources``).
+    ``full_refresh`` reads the selected tables whole again (their incremental state is reset) and replaces their
+    contents: see :func:`refresh_mode`.
     The run holds the pipeline's lock (:func:`datamart.ingest.lock.pipeline_lock`: a second run of the same pipeline
     waits up to ``wait`` seconds, then raises ``PipelineLocked``) and is recorded in ``ops.pipeline_runs`` /
     ``ops.pipeline_run_tables`` as running, then succeeded or failed with its error. ``record=False`` does neither
@@ -134,7 +136,8 @@ def _run_pipeline(
         before.update(count_rows(pipeline, merged)[0])
     profile: dict[str, float] = {}
     file_format = loader_file_format(decl, warehouse)
-    info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None, loader_file_format=file_format)
+    refresh = refresh_mode(pipeline, decl, resources, names) if full_refresh else None
+    info = pipeline.run(resources, refresh=refresh, loader_file_format=file_format)
     info.raise_on_failed_jobs()
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
@@ -177,6 +180,77 @@ def _run_pipeline(
     return PipelineRun(
         pipeline=decl.name, dataset=decl.dataset, elapsed=elapsed, tables=loads, profile=profile, notes=notes
     )
+
+
+def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any], names: list[str]) -> str | None:
+    """How a full refresh replaces the tables ``names``: dlt's refresh mode for ``pipeline.run``, or None when the
+    resources were turned into a replace through staging here.
+
+    dlt's ``drop_resources`` drops the tables and creates them again (with the source's types of today); PostgreSQL
+    refuses to drop a table that a view reads (``DependentObjectsStillExist``), and SQLMesh's staging views read
+    every raw table once the datamart is built. Those views must stay (the published views are built on them), so
+    when a view reads one of the tables, the refresh keeps the tables and replaces their contents instead: the
+    incremental state of the tables is reset (the source is read whole, as ``drop_data`` would), and the rows are
+    loaded with write disposition ``replace`` through the staging dataset — the destination is configured with
+    ``replace_strategy="insert-from-staging"`` (see :meth:`Warehouse.dlt_destination`), so the table is emptied
+    and refilled in one transaction, after every row is staged: a failed refresh leaves the table as it was, and
+    readers see the old rows or the new ones. The column types stay those of the table.
+    """
+    if not _read_by_views(pipeline, names):
+        return "drop_resources"
+    with pipeline.managed_state() as state:
+        # the state of a resource lives under its source (the pipeline's name); a file table's cursor lives on its
+        # file listing resource (see sources._file_resource)
+        kept = state.get("sources", {}).get(decl.name, {}).get("resources", {})
+        for name in names:
+            kept.pop(name, None)
+            kept.pop(f"filesystem_{name}", None)
+    for resource in resources:
+        table = decl.table(resource.name)
+        resource.apply_hints(write_disposition="replace")
+        soft = table.deletes.get("soft")
+        if soft:  # merge removes rows carrying the soft-delete marker; a replace must not load them
+            _soft_deleted_out(resource, soft)
+    return None
+
+
+def _soft_deleted_out(resource: Any, column: str) -> None:
+    """Leave out the rows whose soft-delete ``column`` is set (a timestamp) or true (a boolean): arrow tables are
+    filtered (and dropped when nothing is left: ADBC refuses an empty parquet file), row dicts are skipped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def live_rows(item: Any) -> Any:
+        if isinstance(item, pa.Table | pa.RecordBatch) and column in item.schema.names:
+            marker = item.column(column)
+            deleted = marker if pa.types.is_boolean(marker.type) else pc.is_valid(marker)
+            return item.filter(pc.invert(pc.fill_null(deleted, False)))
+        return item
+
+    def keep(item: Any) -> bool:
+        if isinstance(item, pa.Table | pa.RecordBatch):
+            return item.num_rows > 0
+        return not (isinstance(item, dict) and item.get(column))
+
+    resource.add_map(live_rows)
+    resource.add_filter(keep)
+
+
+def _read_by_views(pipeline: dlt.Pipeline, names: list[str]) -> bool:
+    """True when a view of the warehouse reads one of the tables ``names`` (PostgreSQL records it in pg_depend;
+    DuckDB binds views by name at query time and lets a table be dropped and created again under them)."""
+    if pipeline.destination.destination_name != "postgres":
+        return False
+    with pipeline.sql_client() as client:
+        qualified = [client.make_qualified_table_name(warehouse_name(n)) for n in names]
+        placeholders = ", ".join(["%s"] * len(qualified))
+        rows = client.execute_sql(
+            "SELECT count(*) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
+            f"WHERE d.refobjid IN (SELECT to_regclass(q) FROM unnest(ARRAY[{placeholders}]) q) "
+            "AND r.ev_class <> d.refobjid",
+            *qualified,
+        )
+    return bool(rows and rows[0][0])
 
 
 def loader_file_format(decl: PipelineDecl, warehouse: Warehouse) -> str | None:
@@ -282,8 +356,27 @@ def is_transient(exc: BaseException) -> bool:
     return in_chain(exc, transient) is not None
 
 
+#: SQLSTATE classes of a server that may answer differently later: connection exception, transaction rollback
+#: (deadlock, serialization), insufficient resources, operator intervention (shutdown, cancel), system error; and
+#: a lock timeout. Any other SQLSTATE is the server's answer about the statement or the data: rerunning gives it again.
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58", "55P03")
+
+
 def _refused(exc: BaseException) -> bool:
-    return _first_in_chain(exc, lambda e: any(k.__name__ in _REFUSED for k in type(e).__mro__)) is not None
+    """A refusal anywhere in the chain: a PEP 249 data/statement error by its class name, or a server error whose
+    SQLSTATE is not a transient one — e.g. ``DependentObjectsStillExist`` (2BP01), which psycopg2 files under
+    InternalError and dlt therefore as transient."""
+
+    def refused(e: BaseException) -> bool:
+        if any(k.__name__ in _REFUSED for k in type(e).__mro__):
+            return True
+        for candidate in (e, getattr(e, "dbapi_exception", None)):
+            code = getattr(candidate, "pgcode", None) or getattr(candidate, "sqlstate", None)
+            if isinstance(code, str) and len(code) == 5 and code != "00000":
+                return not code.startswith(_TRANSIENT_SQLSTATES)
+        return False
+
+    return _first_in_chain(exc, refused) is not None
 
 
 def in_chain(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
