@@ -12,6 +12,7 @@ from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_al
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import (
     PipelineRun,
+    TablesFailed,
     format_loads,
     in_chain,
     is_transient,
@@ -79,6 +80,8 @@ def run_command(
             return 2
         except Exception as exc:  # noqa: BLE001 - reported with what to do, then a non-zero exit
             print(failure_message(decl, exc), file=err)
+            if isinstance(exc, TablesFailed) and exc.run is not None:
+                runs.append(exc.run)  # what the other tables loaded
             if runs:
                 print(format_loads(runs), file=out)
             return 1
@@ -123,6 +126,12 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     from dlt.extract.incremental.exceptions import IncrementalCursorPathHasValueNone
     from sqlalchemy.exc import NoSuchTableError
 
+    if isinstance(exc, TablesFailed):  # one paragraph per table that failed; the others loaded
+        paragraphs = [failure_message(decl, error) for error in exc.errors.values()]
+        if exc.run is not None:
+            loaded = ", ".join(t.table for t in exc.run.tables)
+            paragraphs.append(f"the other tables of '{decl.name}' were loaded ({loaded}); the run exits 1")
+        return "\n".join(paragraphs)
     step = getattr(exc, "step", None)
     where = f" at step {step}" if step else ""
     contract = in_chain(exc, DataValidationError)
@@ -139,7 +148,7 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
         hint = (
             f"rows of {table} have no {cursor} value, and a cursor must be set on every row: fill it in the source, "
             f"or declare another cursor for tables.{table} in {decl.path.name} (a column that is never null); "
-            "nothing of this run was loaded"
+            "nothing of that table was loaded"
         )
     elif missing is not None:
         hint = (
@@ -151,7 +160,7 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
             f"the source changed the type or size of {table}.{getattr(contract, 'column_name', '')}, which the "
             f"warehouse table was created with: reload that table with `dlt pipeline {decl.name} run --table "
             f"{table} --full-refresh`, or declare schema_contract: {{data_type: evolve}} on it in {decl.path.name} "
-            "(a variant column); nothing of this run was loaded"
+            "(a variant column); nothing of that table was loaded"
         )
     else:
         hint = (

@@ -127,7 +127,9 @@ def _run_pipeline(
     notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
-    resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
+    failed: dict[str, BaseException] = {}  # tables that cannot be read this run: the others still load
+    resources = _build_each(decl, names, columns_before, held_back, failed)
+    names = [n for n in names if n not in failed]
     # Only merge tables need the counts before and the rows each load wrote (to tell inserts from updates): on an
     # append table of 10 million rows each of those counts is a full scan.
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]
@@ -136,8 +138,23 @@ def _run_pipeline(
         before.update(count_rows(pipeline, merged)[0])
     profile: dict[str, float] = {}
     file_format = loader_file_format(decl, warehouse)
-    refresh = refresh_mode(pipeline, decl, resources, names) if full_refresh else None
-    info = pipeline.run(resources, refresh=refresh, loader_file_format=file_format)
+    info = None
+    while names:
+        refresh = refresh_mode(pipeline, decl, resources, names) if full_refresh else None
+        try:
+            info = pipeline.run(resources, refresh=refresh, loader_file_format=file_format)
+            break
+        except Exception as exc:
+            table = failed_table(exc, decl, names)
+            if table is None:
+                raise
+            # One table could not be extracted (a type change, a key or cursor check): nothing of the run was
+            # committed (dlt commits an extract package only whole, with its state). Run again without it.
+            failed[table] = exc
+            names.remove(table)
+            resources = _build_each(decl, names, columns_before, held_back, failed)
+    if info is None:
+        raise TablesFailed(decl.name, failed, None)
     info.raise_on_failed_jobs()
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
@@ -151,7 +168,7 @@ def _run_pipeline(
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
     first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
-    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables, skip=first_load, sizes=after)
+    deletion_resources = build_deletions(decl, resources, warehouse, deletions, names, skip=first_load, sizes=after)
     profile["key-set deletes"] = time.monotonic() - detecting
     if deletion_resources:
         pipeline.run(deletion_resources, loader_file_format=file_format).raise_on_failed_jobs()
@@ -177,9 +194,65 @@ def _run_pipeline(
             )
         )
     elapsed = time.monotonic() - started
-    return PipelineRun(
+    run = PipelineRun(
         pipeline=decl.name, dataset=decl.dataset, elapsed=elapsed, tables=loads, profile=profile, notes=notes
     )
+    if failed:
+        raise TablesFailed(decl.name, failed, run)
+    return run
+
+
+class TablesFailed(Exception):
+    """Some tables of a pipeline could not be read; ``run`` is what the others loaded (None: no table loaded)."""
+
+    def __init__(self, pipeline: str, errors: dict[str, BaseException], run: PipelineRun | None) -> None:
+        self.errors = errors
+        self.run = run
+        loaded = f"; the other tables loaded ({', '.join(t.table for t in run.tables)})" if run else ""
+        super().__init__(f"pipeline '{pipeline}': table(s) {', '.join(errors)} not loaded{loaded}")
+
+
+def _build_each(
+    decl: PipelineDecl,
+    names: list[str],
+    known: dict[str, list[str]],
+    held_back: dict[str, list[str]],
+    failed: dict[str, BaseException],
+) -> list[Any]:
+    """The resources of ``names``, built table by table: a table the source does not have (renamed, dropped) is
+    put in ``failed`` and the others are built. Wrong declarations and unreachable sources stop the run."""
+    from datamart.ingest.declarations import DeclarationError
+    from datamart.settings import SettingsError
+
+    resources = []
+    for name in names:
+        try:
+            resources += build_resources(decl, [name], known_columns=known, held_back=held_back)
+        except (DeclarationError, SettingsError):
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            failed[name] = exc
+    return resources
+
+
+def failed_table(exc: BaseException, decl: PipelineDecl, names: list[str]) -> str | None:
+    """The declared table (among ``names``) whose extract failed for a reason of its own, or None: a failure of
+    another step, a transient one, or one that names no table stops the whole run."""
+    from dlt.common.schema.exceptions import DataValidationError
+    from dlt.extract.exceptions import PipeException
+    from dlt.pipeline.exceptions import PipelineStepFailed
+
+    step = in_chain(exc, PipelineStepFailed)
+    if step is None or getattr(step, "step", None) != "extract" or is_transient(exc):
+        return None
+    contract, pipe = in_chain(exc, DataValidationError), in_chain(exc, PipeException)
+    named = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None)
+    for name in names:
+        if named in (name, warehouse_name(name)):
+            return name
+    return None
 
 
 def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any], names: list[str]) -> str | None:
