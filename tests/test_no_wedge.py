@@ -201,3 +201,59 @@ def test_a_renamed_source_table_stops_only_that_table(env: dict[str, str], wareh
     run(env, "dlt", "pipeline", "app_db", "run")
     applications = source(env, "SELECT count(*) FROM applications")[0][0]
     assert warehouse.query("SELECT count(*) FROM raw_app_db.applications") == [(applications,)]
+
+
+def test_a_column_type_change_stops_only_that_table_with_a_repair_that_works_under_views(
+    env: dict[str, str], warehouse: Warehouse
+) -> None:
+    run(env, "dlt", "pipeline", "app_db", "run")
+    (create,) = source(env, "SELECT sql FROM sqlite_master WHERE name = 'missions'")[0]
+    assert "places INTEGER" in create
+    source(  # the application turns missions.places into text (SQLite rebuilds the table to change a type)
+        env,
+        "ALTER TABLE missions RENAME TO old_missions",
+        create.replace("places INTEGER", "places TEXT"),
+        "INSERT INTO missions SELECT * FROM old_missions",
+        "DROP TABLE old_missions",
+    )
+    bump(env, "missions", "places = 'N/A'", "id = 4")
+    add_events(env, 500)
+
+    result = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
+    assert "table missions" in result.stderr and "places" in result.stderr, result.stderr
+    assert "schema_contract: {data_type: evolve}" in result.stderr, result.stderr  # works with views in place
+    assert "could not be reached" not in result.stderr and "retry" not in result.stderr, result.stderr
+    events_in_step(env, warehouse)  # the other tables loaded
+    # nothing is left pending: the next run (the source still changed) fails the same way, and loads the rest
+    add_events(env, 100)
+    again = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
+    assert "left pending" not in again.stdout
+    events_in_step(env, warehouse)
+
+
+@pytest.mark.postgres
+def test_an_object_depending_on_a_table_is_not_a_lost_connection(pg_database: str) -> None:
+    """PostgreSQL's DependentObjectsStillExist is filed by psycopg2 under InternalError, hence by dlt as transient:
+    it is a refusal (SQLSTATE 2BP01), neither retried nor reported as a connection problem."""
+    import psycopg2
+    from dlt.destinations.exceptions import DatabaseTransientException
+
+    from datamart.ingest.runner import is_transient
+
+    conn = psycopg2.connect(pg_database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE raw (id int)")
+            cur.execute("CREATE VIEW reads_raw AS SELECT id FROM raw")
+            with pytest.raises(psycopg2.Error) as refused:
+                cur.execute("DROP TABLE raw")
+        conn.rollback()
+    finally:
+        conn.close()
+    assert refused.value.pgcode == "2BP01"
+    try:
+        raise DatabaseTransientException(refused.value) from refused.value
+    except DatabaseTransientException as wrapped:
+        assert not is_transient(wrapped)
+    lost = psycopg2.OperationalError("server closed the connection unexpectedly")
+    assert is_transient(DatabaseTransientException(lost))

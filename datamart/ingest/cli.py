@@ -156,11 +156,21 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
             "(names are matched exactly, as the source spells them), or set source.schema"
         )
     elif contract is not None and table:
+        column = getattr(contract, "column_name", "")
+        refresh = f"`dlt pipeline {decl.name} run --table {table} --full-refresh`"
+        if decl.kind == "sql_database":
+            evolve = (
+                f"declare schema_contract: {{data_type: evolve}} on tables.{table} in {decl.path.name}: the new "
+                f"values load into a variant column beside it ({column}__v_<type>), which works with SQLMesh's views "
+                "in place; or "
+            )
+        else:  # files are read as arrow tables: no variant column, the export must keep its types
+            evolve = "correct the export so that the column keeps its type; or "
         hint = (
-            f"the source changed the type or size of {table}.{getattr(contract, 'column_name', '')}, which the "
-            f"warehouse table was created with: reload that table with `dlt pipeline {decl.name} run --table "
-            f"{table} --full-refresh`, or declare schema_contract: {{data_type: evolve}} on it in {decl.path.name} "
-            "(a variant column); nothing of that table was loaded"
+            f"the source changed the type or size of {table}.{column}, which the warehouse table was created with: "
+            f"{evolve}recreate the table with the new type, {refresh}, where no view reads it yet (DuckDB, or "
+            "PostgreSQL before the first promotion: there SQLMesh's views keep the table, and its types, through a "
+            "refresh); nothing of that table was loaded"
         )
     else:
         hint = (
