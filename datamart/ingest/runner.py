@@ -219,11 +219,15 @@ def _build_each(
     held_back: dict[str, list[str]],
     failed: dict[str, BaseException],
 ) -> list[Any]:
-    """The resources of ``names``, built table by table: a table the source does not have (renamed, dropped) is
-    put in ``failed`` and the others are built. Wrong declarations and unreachable sources stop the run."""
+    """The resources of ``names``. SQL tables are reflected table by table: a table the source does not have
+    (renamed, dropped) is put in ``failed`` and the others are built. Wrong declarations and unreachable sources
+    stop the run. REST endpoints and file tables are built together (a child endpoint needs its parent's resource).
+    """
     from datamart.ingest.declarations import DeclarationError
     from datamart.settings import SettingsError
 
+    if decl.kind != "sql_database":
+        return build_resources(decl, names, known_columns=known, held_back=held_back) if names else []
     resources = []
     for name in names:
         try:
