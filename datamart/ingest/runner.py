@@ -154,7 +154,7 @@ def _run_pipeline(
             names.remove(table)
             resources = _build_each(decl, names, columns_before, held_back, failed)
     if info is None:
-        raise TablesFailed(decl.name, failed, None)
+        raise TablesFailed(decl.name, failed, None) from next(iter(failed.values()))
     info.raise_on_failed_jobs()
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
@@ -198,7 +198,7 @@ def _run_pipeline(
         pipeline=decl.name, dataset=decl.dataset, elapsed=elapsed, tables=loads, profile=profile, notes=notes
     )
     if failed:
-        raise TablesFailed(decl.name, failed, run)
+        raise TablesFailed(decl.name, failed, run) from next(iter(failed.values()))
     return run
 
 
@@ -209,7 +209,8 @@ class TablesFailed(Exception):
         self.errors = errors
         self.run = run
         loaded = f"; the other tables loaded ({', '.join(t.table for t in run.tables)})" if run else ""
-        super().__init__(f"pipeline '{pipeline}': table(s) {', '.join(errors)} not loaded{loaded}")
+        causes = "; ".join(f"{table}: {error}" for table, error in errors.items())
+        super().__init__(f"pipeline '{pipeline}': table(s) {', '.join(errors)} not loaded{loaded}. {causes}")
 
 
 def _build_each(
