@@ -199,7 +199,7 @@ def describe_plan(
             continue
         last = _last_value(state, table.name, table.cursor)
         if full_refresh:
-            read = "everything (full refresh: table and state dropped first)"
+            read = "everything (full refresh: state reset, the table's rows replaced)"
         elif table.cursor:
             what = "files with" if decl.kind == "filesystem" else "rows with"
             read = f"{what} {table.cursor} after {last}" if last is not None else "everything (first run)"

@@ -227,6 +227,8 @@ def _build_each(
     from datamart.ingest.declarations import DeclarationError
     from datamart.settings import SettingsError
 
+    for name in names:  # built again after a failed extract: the columns held back are listed again
+        held_back.pop(name, None)
     if decl.kind != "sql_database":
         return build_resources(decl, names, known_columns=known, held_back=held_back) if names else []
     resources = []
