@@ -114,9 +114,13 @@ class Warehouse:
         """A dlt destination bound to this warehouse."""
         import dlt
 
+        # A replace (a table declared so, or a full refresh under views: runner.refresh_mode) stages the rows, then
+        # empties and refills the table in one transaction: never an empty or half-filled table after a failure.
+        # dlt's default (truncate-and-insert) empties it before the load starts.
+        replace = "insert-from-staging"
         if self.target == "duckdb":
-            return dlt.destinations.duckdb(credentials=str(self.duckdb_path))
-        return dlt.destinations.postgres(credentials=self.pg)
+            return dlt.destinations.duckdb(credentials=str(self.duckdb_path), replace_strategy=replace)
+        return dlt.destinations.postgres(credentials=self.pg, replace_strategy=replace)
 
     def sqlmesh_env(self) -> dict[str, str]:
         """The environment variables ``config.yaml`` reads to reach the same warehouse."""

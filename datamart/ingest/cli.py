@@ -12,6 +12,7 @@ from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_al
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import (
     PipelineRun,
+    TablesFailed,
     format_loads,
     in_chain,
     is_transient,
@@ -79,6 +80,8 @@ def run_command(
             return 2
         except Exception as exc:  # noqa: BLE001 - reported with what to do, then a non-zero exit
             print(failure_message(decl, exc), file=err)
+            if isinstance(exc, TablesFailed) and exc.run is not None:
+                runs.append(exc.run)  # what the other tables loaded
             if runs:
                 print(format_loads(runs), file=out)
             return 1
@@ -123,6 +126,12 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     from dlt.extract.incremental.exceptions import IncrementalCursorPathHasValueNone
     from sqlalchemy.exc import NoSuchTableError
 
+    if isinstance(exc, TablesFailed):  # one paragraph per table that failed; the others loaded
+        paragraphs = [failure_message(decl, error) for error in exc.errors.values()]
+        if exc.run is not None:
+            loaded = ", ".join(t.table for t in exc.run.tables)
+            paragraphs.append(f"the other tables of '{decl.name}' were loaded ({loaded}); the run exits 1")
+        return "\n".join(paragraphs)
     step = getattr(exc, "step", None)
     where = f" at step {step}" if step else ""
     contract = in_chain(exc, DataValidationError)
@@ -139,7 +148,7 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
         hint = (
             f"rows of {table} have no {cursor} value, and a cursor must be set on every row: fill it in the source, "
             f"or declare another cursor for tables.{table} in {decl.path.name} (a column that is never null); "
-            "nothing of this run was loaded"
+            "nothing of that table was loaded"
         )
     elif missing is not None:
         hint = (
@@ -147,17 +156,28 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
             "(names are matched exactly, as the source spells them), or set source.schema"
         )
     elif contract is not None and table:
+        column = getattr(contract, "column_name", "")
+        refresh = f"`dlt pipeline {decl.name} run --table {table} --full-refresh`"
+        if decl.kind == "sql_database":
+            evolve = (
+                f"declare schema_contract: {{data_type: evolve}} on tables.{table} in {decl.path.name}: the new "
+                f"values load into a variant column beside it ({column}__v_<type>), which works with SQLMesh's views "
+                "in place; or "
+            )
+        else:  # files are read as arrow tables: no variant column, the export must keep its types
+            evolve = "correct the export so that the column keeps its type; or "
         hint = (
-            f"the source changed the type or size of {table}.{getattr(contract, 'column_name', '')}, which the "
-            f"warehouse table was created with: reload that table with `dlt pipeline {decl.name} run --table "
-            f"{table} --full-refresh`, or declare schema_contract: {{data_type: evolve}} on it in {decl.path.name} "
-            "(a variant column); nothing of this run was loaded"
+            f"the source changed the type or size of {table}.{column}, which the warehouse table was created with: "
+            f"{evolve}recreate the table with the new type, {refresh}, where no view reads it yet (DuckDB, or "
+            "PostgreSQL before the first promotion: there SQLMesh's views keep the table, and its types, through a "
+            "refresh); nothing of that table was loaded"
         )
     else:
         hint = (
             f"fix the cause (the source data, or the table's schema_contract in {decl.path.name}), then rerun "
-            f"`dlt pipeline {decl.name} run`: a failed load is never half-applied, and the next run discards it and "
-            "re-reads those rows from the source"
+            f"`dlt pipeline {decl.name} run`: each table of a load is applied whole or not at all, the next run "
+            "finishes or discards what this one left and re-reads those rows from the source, and a row read again "
+            "is never loaded twice (tables are matched on their primary key)"
         )
     return redact(f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}")
 
@@ -179,7 +199,7 @@ def describe_plan(
             continue
         last = _last_value(state, table.name, table.cursor)
         if full_refresh:
-            read = "everything (full refresh: table and state dropped first)"
+            read = "everything (full refresh: state reset, the table's rows replaced)"
         elif table.cursor:
             what = "files with" if decl.kind == "filesystem" else "rows with"
             read = f"{what} {table.cursor} after {last}" if last is not None else "everything (first run)"

@@ -89,7 +89,8 @@ def run_pipeline(
 ) -> PipelineRun:
     """Extract, normalise and load one pipeline; raise if any load job failed.
 
-    ``full_refresh`` drops the selected tables and their incremental state first (dlt's ``drop_resources``).
+    ``full_refresh`` reads the selected tables whole again (their incremental state is reset) and replaces their
+    contents: see :func:`refresh_mode`.
     The run holds the pipeline's lock (:func:`datamart.ingest.lock.pipeline_lock`: a second run of the same pipeline
     waits up to ``wait`` seconds, then raises ``PipelineLocked``) and is recorded in ``ops.pipeline_runs`` /
     ``ops.pipeline_run_tables`` as running, then succeeded or failed with its error. ``record=False`` does neither
@@ -122,7 +123,9 @@ def _run_pipeline(
     notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
-    resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back, notes=notes)
+    failed: dict[str, BaseException] = {}  # tables that cannot be read this run: the others still load
+    resources = _build_each(decl, names, columns_before, held_back, failed, notes)
+    names = [n for n in names if n not in failed]
     # Only merge tables need the counts before and the rows each load wrote (to tell inserts from updates): on an
     # append table of 10 million rows each of those counts is a full scan.
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]
@@ -131,18 +134,37 @@ def _run_pipeline(
         before.update(count_rows(pipeline, merged)[0])
     profile: dict[str, float] = {}
     file_format = loader_file_format(decl, warehouse)
-    info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None, loader_file_format=file_format)
+    info = None
+    while names:
+        refresh = refresh_mode(pipeline, decl, resources, names) if full_refresh else None
+        try:
+            info = pipeline.run(resources, refresh=refresh, loader_file_format=file_format)
+            break
+        except Exception as exc:
+            table = failed_table(exc, decl, names)
+            if table is None:
+                raise
+            # One table could not be extracted (a type change, a key or cursor check): nothing of the run was
+            # committed (dlt commits an extract package only whole, with its state). Run again without it.
+            failed[table] = exc
+            names.remove(table)
+            resources = _build_each(decl, names, columns_before, held_back, failed, [])  # notes taken once
+    if info is None:
+        raise TablesFailed(decl.name, failed, None) from next(iter(failed.values()))
     info.raise_on_failed_jobs()
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
     counted = time.monotonic()
-    written_in = [n for n in merged if row_counts.get(warehouse_name(n))]
+    # append tables with a key skip the keys they already hold (sources.keep_loaded_rows): what they received is
+    # counted too, in the same scan as their total
+    keyed = merged + [n for n in names if decl.table(n).write_disposition == "append" and decl.table(n).primary_key]
+    written_in = [n for n in keyed if row_counts.get(warehouse_name(n))]
     after, written = count_rows(pipeline, names, list(info.loads_ids), written_in)
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
     first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
-    deletion_resources = build_deletions(decl, resources, warehouse, deletions, tables, skip=first_load, sizes=after)
+    deletion_resources = build_deletions(decl, resources, warehouse, deletions, names, skip=first_load, sizes=after)
     profile["key-set deletes"] = time.monotonic() - detecting
     if deletion_resources:
         rows_trace = pipeline.last_trace
@@ -158,7 +180,7 @@ def _run_pipeline(
     loads = []
     for name in names:
         read = int(row_counts.get(warehouse_name(name), 0))
-        split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name, 0))
+        split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name))
         loads.append(
             TableLoad(
                 table=name,
@@ -173,9 +195,144 @@ def _run_pipeline(
             )
         )
     elapsed = time.monotonic() - started
-    return PipelineRun(
+    run = PipelineRun(
         pipeline=decl.name, dataset=decl.dataset, elapsed=elapsed, tables=loads, profile=profile, notes=notes
     )
+    if failed:
+        raise TablesFailed(decl.name, failed, run) from next(iter(failed.values()))
+    return run
+
+
+class TablesFailed(Exception):
+    """Some tables of a pipeline could not be read; ``run`` is what the others loaded (None: no table loaded)."""
+
+    def __init__(self, pipeline: str, errors: dict[str, BaseException], run: PipelineRun | None) -> None:
+        self.errors = errors
+        self.run = run
+        loaded = f"; the other tables loaded ({', '.join(t.table for t in run.tables)})" if run else ""
+        causes = "; ".join(f"{table}: {error}" for table, error in errors.items())
+        super().__init__(f"pipeline '{pipeline}': table(s) {', '.join(errors)} not loaded{loaded}. {causes}")
+
+
+def _build_each(
+    decl: PipelineDecl,
+    names: list[str],
+    known: dict[str, list[str]],
+    held_back: dict[str, list[str]],
+    failed: dict[str, BaseException],
+    notes: list[str] | None = None,
+) -> list[Any]:
+    """The resources of ``names``. SQL tables are reflected table by table: a table the source does not have
+    (renamed, dropped) is put in ``failed`` and the others are built. Wrong declarations and unreachable sources
+    stop the run. REST endpoints and file tables are built together (a child endpoint needs its parent's resource).
+    """
+    from datamart.ingest.declarations import DeclarationError
+    from datamart.settings import SettingsError
+
+    for name in names:  # built again after a failed extract: the columns held back are listed again
+        held_back.pop(name, None)
+    if decl.kind != "sql_database":
+        return build_resources(decl, names, known_columns=known, held_back=held_back, notes=notes) if names else []
+    resources = []
+    for name in names:
+        try:
+            resources += build_resources(decl, [name], known_columns=known, held_back=held_back, notes=notes)
+        except (DeclarationError, SettingsError):
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            failed[name] = exc
+    return resources
+
+
+def failed_table(exc: BaseException, decl: PipelineDecl, names: list[str]) -> str | None:
+    """The declared table (among ``names``) whose extract failed for a reason of its own, or None: a failure of
+    another step, a transient one, or one that names no table stops the whole run."""
+    from dlt.common.schema.exceptions import DataValidationError
+    from dlt.extract.exceptions import PipeException
+    from dlt.pipeline.exceptions import PipelineStepFailed
+
+    step = in_chain(exc, PipelineStepFailed)
+    if step is None or getattr(step, "step", None) != "extract" or is_transient(exc):
+        return None
+    contract, pipe = in_chain(exc, DataValidationError), in_chain(exc, PipeException)
+    named = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None)
+    for name in names:
+        if named in (name, warehouse_name(name)):
+            return name
+    return None
+
+
+def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any], names: list[str]) -> str | None:
+    """How a full refresh replaces the tables ``names``: dlt's refresh mode for ``pipeline.run``, or None when the
+    resources were turned into a replace through staging here.
+
+    dlt's ``drop_resources`` drops the tables and creates them again (with the source's types of today); PostgreSQL
+    refuses to drop a table that a view reads (``DependentObjectsStillExist``), and SQLMesh's staging views read
+    every raw table once the datamart is built. Those views must stay (the published views are built on them), so
+    when a view reads one of the tables, the refresh keeps the tables and replaces their contents instead: the
+    incremental state of the tables is reset (the source is read whole, as ``drop_data`` would), and the rows are
+    loaded with write disposition ``replace`` through the staging dataset — the destination is configured with
+    ``replace_strategy="insert-from-staging"`` (see :meth:`Warehouse.dlt_destination`), so the table is emptied
+    and refilled in one transaction, after every row is staged: a failed refresh leaves the table as it was, and
+    readers see the old rows or the new ones. The column types stay those of the table.
+    """
+    if not _read_by_views(pipeline, names):
+        return "drop_resources"
+    with pipeline.managed_state() as state:
+        # the state of a resource lives under its source (the pipeline's name); a file table's cursor lives on its
+        # file listing resource (see sources._file_resource)
+        kept = state.get("sources", {}).get(decl.name, {}).get("resources", {})
+        for name in names:
+            kept.pop(name, None)
+            kept.pop(f"filesystem_{name}", None)
+    for resource in resources:
+        table = decl.table(resource.name)
+        resource.apply_hints(write_disposition="replace")
+        soft = table.deletes.get("soft")
+        if soft:  # merge removes rows carrying the soft-delete marker; a replace must not load them
+            _soft_deleted_out(resource, soft)
+    return None
+
+
+def _soft_deleted_out(resource: Any, column: str) -> None:
+    """Leave out the rows whose soft-delete ``column`` is set (a timestamp) or true (a boolean): arrow tables are
+    filtered (and dropped when nothing is left: ADBC refuses an empty parquet file), row dicts are skipped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def live_rows(item: Any) -> Any:
+        if isinstance(item, pa.Table | pa.RecordBatch) and column in item.schema.names:
+            marker = item.column(column)
+            deleted = marker if pa.types.is_boolean(marker.type) else pc.is_valid(marker)
+            return item.filter(pc.invert(pc.fill_null(deleted, False)))
+        return item
+
+    def keep(item: Any) -> bool:
+        if isinstance(item, pa.Table | pa.RecordBatch):
+            return item.num_rows > 0
+        return not (isinstance(item, dict) and item.get(column))
+
+    resource.add_map(live_rows)
+    resource.add_filter(keep)
+
+
+def _read_by_views(pipeline: dlt.Pipeline, names: list[str]) -> bool:
+    """True when a view of the warehouse reads one of the tables ``names`` (PostgreSQL records it in pg_depend;
+    DuckDB binds views by name at query time and lets a table be dropped and created again under them)."""
+    if pipeline.destination.destination_name != "postgres":
+        return False
+    with pipeline.sql_client() as client:
+        qualified = [client.make_qualified_table_name(warehouse_name(n)) for n in names]
+        placeholders = ", ".join(["%s"] * len(qualified))
+        rows = client.execute_sql(
+            "SELECT count(*) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid "
+            f"WHERE d.refobjid IN (SELECT to_regclass(q) FROM unnest(ARRAY[{placeholders}]) q) "
+            "AND r.ev_class <> d.refobjid",
+            *qualified,
+        )
+    return bool(rows and rows[0][0])
 
 
 def loader_file_format(decl: PipelineDecl, warehouse: Warehouse) -> str | None:
@@ -217,7 +374,7 @@ def _add_steps(profile: dict[str, float], pipeline: dlt.Pipeline) -> None:
             profile[step.step] = profile.get(step.step, 0.0) + seconds
 
 
-def _split(disposition: str, read: int, before: int, after: int, written: int) -> dict[str, int]:
+def _split(disposition: str, read: int, before: int, after: int, written: int | None) -> dict[str, int]:
     """Inserted, updated and soft-deleted rows of one load, from counts taken in the warehouse.
 
     ``written`` rows carry this load's id. In a merge, untouched rows keep an older id, so the rows this load
@@ -225,7 +382,9 @@ def _split(disposition: str, read: int, before: int, after: int, written: int) -
     soft-delete marker (``read - written``: removed, or never inserted), counted as existing rows that were deleted.
     """
     if disposition != "merge":
-        return {"inserted": read, "updated": 0, "soft_deleted": 0}
+        # an append table with a key counted what it received: rows read again (an aborted load) are not inserted
+        return {"inserted": read if written is None else written, "updated": 0, "soft_deleted": 0}
+    written = written or 0
     soft_deleted = max(read - written, 0)
     # an empty table had nothing to soft-delete: those rows were never inserted
     inserted = after if before == 0 else max(after - before + soft_deleted, 0)
@@ -297,8 +456,27 @@ def is_transient(exc: BaseException) -> bool:
     return in_chain(exc, transient) is not None
 
 
+#: SQLSTATE classes of a server that may answer differently later: connection exception, transaction rollback
+#: (deadlock, serialization), insufficient resources, operator intervention (shutdown, cancel), system error; and
+#: a lock timeout. Any other SQLSTATE is the server's answer about the statement or the data: rerunning gives it again.
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58", "55P03")
+
+
 def _refused(exc: BaseException) -> bool:
-    return _first_in_chain(exc, lambda e: any(k.__name__ in _REFUSED for k in type(e).__mro__)) is not None
+    """A refusal anywhere in the chain: a PEP 249 data/statement error by its class name, or a server error whose
+    SQLSTATE is not a transient one — e.g. ``DependentObjectsStillExist`` (2BP01), which psycopg2 files under
+    InternalError and dlt therefore as transient."""
+
+    def refused(e: BaseException) -> bool:
+        if any(k.__name__ in _REFUSED for k in type(e).__mro__):
+            return True
+        for candidate in (e, getattr(e, "dbapi_exception", None)):
+            code = getattr(candidate, "pgcode", None) or getattr(candidate, "sqlstate", None)
+            if isinstance(code, str) and len(code) == 5 and code != "00000":
+                return not code.startswith(_TRANSIENT_SQLSTATES)
+        return False
+
+    return _first_in_chain(exc, refused) is not None
 
 
 def in_chain(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:

@@ -110,6 +110,8 @@ def build_resources(
                 )
     resources = []
     for table, resource in zip(selected, built, strict=True):
+        if table.write_disposition == "append" and table.primary_key:
+            keep_loaded_rows(resource)
         if table.personal:
             resource.add_map(personal_data_map(pipeline.name, table.name, table.personal))
             _rewrite_column_hints(resource, table.personal)
@@ -129,6 +131,20 @@ def build_resources(
             resource.apply_hints(schema_contract=contract)
         resources.append(resource)
     return resources
+
+
+def keep_loaded_rows(resource: DltResource) -> None:
+    """Load an append table with dlt's ``insert-only`` merge: a row whose key the table already holds is skipped.
+
+    A plain append copies each file of a load straight into the table, committed job by job: when another job of
+    the same package fails (a row a constraint refuses), or the run is killed, or the working directory holding
+    the pending package is lost (a fresh worker), the next run re-reads those rows from the state of the last
+    completed load and would append them a second time. ``insert-only`` stages the rows and inserts, in one
+    transaction (one MERGE), only the keys the table does not hold yet: a table is applied whole or not at all,
+    and re-reading rows is harmless whatever happened to the working directory. Rows are never updated, as an
+    append table promises.
+    """
+    resource.apply_hints(write_disposition={"disposition": "merge", "strategy": "insert-only"})
 
 
 def _unique_in_source(pipeline: PipelineDecl, tables: list[TableDecl]) -> set[str]:

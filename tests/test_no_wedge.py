@@ -1,0 +1,259 @@
+"""No duplicate and no wedge after a failure (issue 14, items 3 and 4), through the real commands.
+
+Each test runs `dlt pipeline app_db run …` (or `python -m datamart run`) as a subprocess on a real DuckDB file and
+a real PostgreSQL database, with the demo source in SQLite:
+
+- a load that fails on one table (a row the warehouse refuses) while the append table's events were read: after
+  "fix the data and rerun", every event is there once — also when dlt's working directory was lost meanwhile;
+- `--full-refresh --table <t>`, the repair `verify` and the README propose, works with SQLMesh's views reading the
+  raw table, and a failure never leaves a pending package that blocks later runs;
+- a source table gone (renamed) stops that table only: the others load, the run exits 1 naming it and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datamart import demo
+from datamart.settings import PROJECT_ROOT, Warehouse
+
+pytestmark = pytest.mark.slow
+
+DLT = str(Path(sys.executable).parent / "dlt")
+
+
+@pytest.fixture
+def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
+    """A generated demo source and bucket, and the warehouse, given to the commands the dlt way."""
+    source = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    demo.generate(source_url=source, bucket=tmp_path / "bucket", scale=0.2)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
+    environment.update(
+        SOURCES__APP_DB__CREDENTIALS=source,
+        SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"),
+        DATAMART__PII_HMAC_KEY="wedge-test-key",
+        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
+    )
+    if warehouse.target == "duckdb":
+        environment["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
+    else:
+        pg = warehouse.pg
+        environment["DATAMART_TARGET"] = "postgres"
+        environment["DESTINATION__POSTGRES__CREDENTIALS"] = (
+            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
+        )
+    return environment
+
+
+def run(env: dict[str, str], *args: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
+    """Run ``dlt …`` or ``python -m datamart …`` from the project root; check its exit code unless None."""
+    command = [DLT, *args[1:]] if args[0] == "dlt" else [sys.executable, "-m", *args]
+    result = subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    if expect is not None:
+        assert result.returncode == expect, (
+            f"{' '.join(args)}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def source(env: dict[str, str], *statements: str) -> list[tuple[object, ...]]:
+    """Run statements on the SQLite source (committed); the rows of the last one."""
+    with sqlite3.connect(env["SOURCES__APP_DB__CREDENTIALS"][len("sqlite:///") :]) as conn:
+        rows: list[tuple[object, ...]] = []
+        for statement in statements:
+            rows = conn.execute(statement).fetchall()
+        return rows
+
+
+def add_events(env: dict[str, str], count: int) -> None:
+    """``count`` new stats events, copies of existing ones under new ids."""
+    (last_id, base), *_ = source(env, "SELECT max(id), count(*) FROM stats_events")
+    source(
+        env,
+        f"INSERT INTO stats_events WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < {count}) "
+        f"SELECT {last_id} + n, e.event_type, e.partner_id, e.mission_id, e.occurred_at "
+        f"FROM g JOIN stats_events e ON e.id = 1 + n % {base}",
+    )
+
+
+def bump(env: dict[str, str], table: str, assignment: str, where: str) -> None:
+    """Change rows of the source and move their cursor past every other row's."""
+    source(
+        env,
+        f"UPDATE {table} SET {assignment}, updated_at = datetime((SELECT max(updated_at) FROM {table}), '+1 hour') "
+        f"WHERE {where}",
+    )
+
+
+def events_in_step(env: dict[str, str], warehouse: Warehouse) -> None:
+    """The warehouse's events are the source's: same count, each id once, same sums."""
+    figures = "count(*), count(DISTINCT id), sum(id), sum(mission_id)"
+    assert tuple(warehouse.query(f"SELECT {figures} FROM raw_app_db.stats_events")[0]) == tuple(
+        source(env, f"SELECT {figures} FROM stats_events")[0]
+    )
+
+
+def refuse_large_places(warehouse: Warehouse) -> None:
+    """A rule of the warehouse on a merge table: on PostgreSQL a CHECK constraint; DuckDB has no ADD CONSTRAINT, so
+    a narrower column type (a value out of its range is refused the same way)."""
+    if warehouse.target == "postgres":
+        warehouse.query("ALTER TABLE raw_app_db.missions ADD CONSTRAINT few_places CHECK (places < 10000)")
+    else:
+        warehouse.query("ALTER TABLE raw_app_db.missions ALTER COLUMN places TYPE SMALLINT")
+
+
+REFUSED = "places = 100000"  # a row the warehouse refuses
+FIXED = "places = 12"
+
+
+# --- item 3: no duplicate after a failed load, whatever happened to the working directory ----------------------------
+
+
+@pytest.mark.parametrize("working_dir", ["kept", "lost"])
+def test_failed_load_then_fix_and_rerun_loads_each_event_once(
+    env: dict[str, str], warehouse: Warehouse, tmp_path: Path, working_dir: str
+) -> None:
+    run(env, "dlt", "pipeline", "app_db", "run")
+    refuse_large_places(warehouse)
+    add_events(env, 30_000)
+    bump(env, "missions", REFUSED, "id = 3")  # one row the warehouse refuses
+
+    failed = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
+    assert "could not be reached" not in failed.stderr and "retry" not in failed.stderr, failed.stderr
+    assert "missions" in failed.stderr, failed.stderr
+    if working_dir == "lost":  # a fresh worker: the CronJob keeps no volume for dlt's working directory
+        shutil.rmtree(tmp_path / "pipelines")
+
+    bump(env, "missions", FIXED, "id = 3")  # "fix the data and rerun", as the message says
+    rerun = run(env, "dlt", "pipeline", "app_db", "run")
+    events_in_step(env, warehouse)
+    assert warehouse.query("SELECT places FROM raw_app_db.missions WHERE id = 3") == [(12,)]
+    again = run(env, "dlt", "pipeline", "app_db", "run")  # and nothing more is loaded
+    assert "raw_app_db.stats_events" in again.stdout
+    events_in_step(env, warehouse)
+    assert rerun.returncode == 0
+
+
+# --- item 4: the repair the messages propose works with SQLMesh's views in place; no pending package wedges ---------
+
+
+def test_full_refresh_of_one_table_under_sqlmesh_views(env: dict[str, str], warehouse: Warehouse) -> None:
+    run(env, "datamart", "run")  # loads, builds and promotes: SQLMesh's staging views read the raw tables
+    published = warehouse.query("SELECT count(*) FROM marts.missions_v1")
+    warehouse.query("DELETE FROM raw_app_db.missions WHERE id <= 10")  # the warehouse drifted (verify says so)
+
+    refreshed = run(env, "dlt", "pipeline", "app_db", "run", "--table", "missions", "--full-refresh", expect=None)
+    assert refreshed.returncode == 0, refreshed.stderr
+    live = source(env, "SELECT count(*) FROM missions WHERE deleted_at IS NULL")[0][0]
+    assert warehouse.query("SELECT count(*) FROM raw_app_db.missions") == [(live,)]
+    assert warehouse.query("SELECT count(*) FROM staging.stg_app_db__missions") == [(live,)]  # the view still reads it
+    assert warehouse.query("SELECT count(*) FROM marts.missions_v1") == published
+    # nothing is left pending: the next runs load, the datamart is rebuilt on the repaired table
+    bump(env, "missions", "places = places + 1", "id = 20")
+    after = run(env, "dlt", "pipeline", "app_db", "run")
+    assert "left pending" not in after.stdout, after.stdout
+    run(env, "datamart", "run")
+    assert warehouse.query("SELECT count(*) FROM marts.missions_v1") == [(live,)]
+    # a refresh reads everything again, incrementally after that: the next run reads nothing more
+    quiet = run(env, "dlt", "pipeline", "app_db", "run", "--table", "missions")
+    row = next(line.split() for line in quiet.stdout.splitlines() if line.startswith("raw_app_db.missions"))
+    assert row[1] == "0", quiet.stdout
+
+
+def test_a_failure_leaves_nothing_pending_that_blocks_later_runs(env: dict[str, str], warehouse: Warehouse) -> None:
+    """A load the warehouse refuses for a reason no retry fixes (an object depends on what it would drop) is not
+    reported as a lost connection, not retried, and does not block the next runs."""
+    run(env, "dlt", "pipeline", "app_db", "run")
+    refuse_large_places(warehouse)
+    bump(env, "missions", REFUSED, "id = 3")
+    failed = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
+    assert "retry" not in failed.stderr and "could not be reached" not in failed.stderr, failed.stderr
+    # the source is fixed: the next run loads it, whatever was left of the failed load
+    bump(env, "missions", FIXED, "id = 3")
+    run(env, "dlt", "pipeline", "app_db", "run")
+    assert warehouse.query("SELECT places FROM raw_app_db.missions WHERE id = 3") == [(12,)]
+
+
+# --- item 4: a source table gone stops that table only -------------------------------------------------------------
+
+
+def test_a_renamed_source_table_stops_only_that_table(env: dict[str, str], warehouse: Warehouse) -> None:
+    run(env, "dlt", "pipeline", "app_db", "run")
+    source(env, "ALTER TABLE applications RENAME TO candidatures")
+    add_events(env, 500)
+    bump(env, "missions", "places = places + 1", "id = 5")
+
+    result = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
+    assert "applications" in result.stderr and "correct the table's name" in result.stderr, result.stderr
+    events_in_step(env, warehouse)  # the other tables loaded
+    places = source(env, "SELECT places FROM missions WHERE id = 5")[0][0]
+    assert warehouse.query("SELECT places FROM raw_app_db.missions WHERE id = 5") == [(places,)]
+    assert "raw_app_db.stats_events" in result.stdout, result.stdout  # the summary of what did load
+
+    source(env, "ALTER TABLE candidatures RENAME TO applications")  # reverted (or the declaration corrected)
+    run(env, "dlt", "pipeline", "app_db", "run")
+    applications = source(env, "SELECT count(*) FROM applications")[0][0]
+    assert warehouse.query("SELECT count(*) FROM raw_app_db.applications") == [(applications,)]
+
+
+def test_a_column_type_change_stops_only_that_table_with_a_repair_that_works_under_views(
+    env: dict[str, str], warehouse: Warehouse
+) -> None:
+    run(env, "dlt", "pipeline", "app_db", "run")
+    (create,) = source(env, "SELECT sql FROM sqlite_master WHERE name = 'missions'")[0]
+    assert "places INTEGER" in create
+    source(  # the application turns missions.places into text (SQLite rebuilds the table to change a type)
+        env,
+        "ALTER TABLE missions RENAME TO old_missions",
+        create.replace("places INTEGER", "places TEXT"),
+        "INSERT INTO missions SELECT * FROM old_missions",
+        "DROP TABLE old_missions",
+    )
+    bump(env, "missions", "places = 'N/A'", "id = 4")
+    add_events(env, 500)
+
+    result = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
+    assert "table missions" in result.stderr and "places" in result.stderr, result.stderr
+    assert "schema_contract: {data_type: evolve}" in result.stderr, result.stderr  # works with views in place
+    assert "could not be reached" not in result.stderr and "retry" not in result.stderr, result.stderr
+    events_in_step(env, warehouse)  # the other tables loaded
+    # nothing is left pending: the next run (the source still changed) fails the same way, and loads the rest
+    add_events(env, 100)
+    again = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
+    assert "left pending" not in again.stdout
+    events_in_step(env, warehouse)
+
+
+@pytest.mark.postgres
+def test_an_object_depending_on_a_table_is_not_a_lost_connection(pg_database: str) -> None:
+    """PostgreSQL's DependentObjectsStillExist is filed by psycopg2 under InternalError, hence by dlt as transient:
+    it is a refusal (SQLSTATE 2BP01), neither retried nor reported as a connection problem."""
+    import psycopg2
+    from dlt.destinations.exceptions import DatabaseTransientException
+
+    from datamart.ingest.runner import is_transient
+
+    conn = psycopg2.connect(pg_database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE raw (id int)")
+            cur.execute("CREATE VIEW reads_raw AS SELECT id FROM raw")
+            with pytest.raises(psycopg2.Error) as refused:
+                cur.execute("DROP TABLE raw")
+        conn.rollback()
+    finally:
+        conn.close()
+    assert refused.value.pgcode == "2BP01"
+    try:
+        raise DatabaseTransientException(refused.value) from refused.value
+    except DatabaseTransientException as wrapped:
+        assert not is_transient(wrapped)
+    lost = psycopg2.OperationalError("server closed the connection unexpectedly")
+    assert is_transient(DatabaseTransientException(lost))
