@@ -100,7 +100,7 @@ def stack(
         "DATAMART__PII_HMAC_KEY": "metabase-role-test-key",
         "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
         "DATAMART__METABASE_PASSWORD": PASSWORD,
-        **warehouse.sqlmesh_env(),  # set through monkeypatch so that SQLMesh's exports are undone after the test
+        **warehouse.environment_variables(),  # how a child process (sqlmesh, dlt) reaches the warehouse
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -183,17 +183,14 @@ def _plan_changed_model(stack: Stack, tmp_path: Path) -> None:
     text = model.read_text()
     assert text.rstrip().endswith("FROM missions_with_applications")
     model.write_text(text.rstrip() + "\nWHERE\n  NOT mission_id IS NULL\n")
-    stack.warehouse.export_for_sqlmesh()
-    from sqlmesh import Context
-
-    context = Context(paths=[str(project)])
+    context = sqlmesh_context(stack.warehouse, project)
     context.plan("prod", auto_apply=True, no_prompts=True)
 
 
 def _project_ignore(folder: str, names: list[str]) -> set[str]:
     """Copy only what SQLMesh reads: config, models, audits, macros, external models, unit tests."""
     if Path(folder) == PROJECT_ROOT:
-        keep = {"config.yaml", "external_models.yaml", "models", "audits", "macros", "tests"}
+        keep = {"config.py", "linter", "external_models.yaml", "models", "audits", "macros", "tests"}
         return {name for name in names if name not in keep}
     if Path(folder) == PROJECT_ROOT / "tests":
         return {name for name in names if not name.endswith(".yaml")}

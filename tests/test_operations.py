@@ -123,7 +123,7 @@ def _changed_project(tmp: Path) -> Path:
     copy = tmp / "changed_project"
     for name in ("models", "audits", "macros"):
         shutil.copytree(PROJECT_ROOT / name, copy / name)
-    for name in ("config.yaml", "external_models.yaml"):
+    for name in ("config.py", "external_models.yaml"):
         shutil.copy(PROJECT_ROOT / name, copy / name)
     model = copy / "models" / "staging" / "bucket" / "stg_bucket__partners.sql"
     text = model.read_text()
@@ -155,7 +155,7 @@ def test_scheduled_run_refreshes_the_marts_and_never_promotes(demo: Demo) -> Non
     # prod is built from a project that differs from the checkout (a model changed elsewhere): the scheduled run
     # must refresh prod's own versions and say so, not promote the checkout's
     changed = _changed_project(demo.tmp)
-    sqlmesh_env = dict(demo.env, **demo.warehouse.sqlmesh_env())
+    sqlmesh_env = dict(demo.env, **demo.warehouse.environment_variables())
     _run(sqlmesh_env, "sqlmesh", "-p", str(changed), "plan", "prod", "--auto-apply", "--no-prompts")
     prod_versions = _prod_fingerprints(demo)
     _run(demo.env, "-m", "datamart.demo", "--advance-day", "--bucket", str(demo.tmp / "bucket"))
