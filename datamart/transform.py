@@ -70,12 +70,16 @@ def apply_prod(warehouse: Warehouse, project: Path | None = None, command: str =
     ensure_ops_tables(warehouse)  # marts.data_freshness_v1 reads them, even before any pipeline ran
     context = sqlmesh_context(warehouse, project)
     enforce(context, project, warehouse)
+    # The role and the published schema's default privileges exist before the plan creates its first view.
+    setup = apply_metabase_grants(warehouse)
     with audits_named_on_failure(), recorded_refresh(warehouse, command) as record:
         before = _prod_fingerprints(context)
         plan = context.plan("prod", auto_apply=True, no_prompts=True)
         built = {s.name: s for s in plan.new_snapshots}
         built.update(_restate_changed(context, warehouse, record.started_at, before is not None))
         result = _transform_run(context, warehouse, built, before, started)
+        if setup is not None and result.grants is not None:
+            result.grants.created = result.grants.created or setup.created
         record.models = result.models_built
     return result
 
@@ -187,7 +191,9 @@ def _transform_run(
         if (before or {}).get(name) != fingerprint and name not in externals
     )
     result.published_views = published_views(context)
-    result.grants = apply_metabase_grants(warehouse)  # after every promotion: a view swap drops the views' grants
+    # Not needed for Metabase to read the new views (the schema's default privileges grant each one as it is created,
+    # see datamart/grants.py): the report of what the role may read, and revokes of what new schemas may give.
+    result.grants = apply_metabase_grants(warehouse)
     result.elapsed = time.monotonic() - started
     return result
 
