@@ -70,7 +70,13 @@ def sqlmesh_config(warehouse: Warehouse | None = None) -> Any:
     """SQLMesh's ``Config`` for ``warehouse`` (default: the one dlt's configuration selects)."""
     from sqlmesh.core.config import Config
 
-    warehouse = warehouse or resolve_warehouse()
+    if warehouse is None:
+        # What the user's settings select (config.py): the warehouse must belong to DATAMART_ENV, as for every
+        # other command (datamart/environments.py): prod credentials in a dev shell stop here, before any plan.
+        from datamart.environments import check_environment
+
+        warehouse = resolve_warehouse()
+        check_environment(warehouse)
     name, settings = gateway(warehouse)
     return Config.parse_obj(
         {
