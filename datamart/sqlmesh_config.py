@@ -1,8 +1,8 @@
 """SQLMesh's configuration, built from the warehouse dlt resolves: one source of truth for both tools.
 
 The project root's ``config.py`` is ``config = sqlmesh_config()``: SQLMesh loads it for every command typed from the
-project root (``sqlmesh info``, ``sqlmesh plan``, ``sqlmesh ui``…), so plain ``sqlmesh`` reaches the warehouse that
-``dlt pipeline <name> run`` writes to, from the same settings (``DATAMART_TARGET``, ``DATAMART_ENV``,
+project root (``sqlmesh info``, ``sqlmesh plan``, ``sqlmesh table_diff``), so plain ``sqlmesh`` reaches the warehouse
+that ``dlt pipeline <name> run`` writes to, from the same settings (``DATAMART_TARGET``, ``DATAMART_ENV``,
 ``.dlt/secrets.toml`` / ``.dlt/config.toml`` / ``DESTINATION__<TARGET>__CREDENTIALS``), with no wrapper and no
 variable of its own. :func:`datamart.transform.sqlmesh_context` passes the same object for an explicit warehouse.
 
