@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from datamart.privacy import lineage
 from datamart.review import contract
@@ -101,7 +102,8 @@ def lint_message(violation: Violation) -> str:
 
 
 # One gate run per lint pass: SQLMesh calls the rule once per model, the checks look at the whole project.
-_lint_cache: dict[int, tuple[tuple[Any, ...], dict[str, list[Violation]]]] = {}
+# Weak keys: a context that is closed and dropped takes its entry with it.
+_lint_cache: WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[str, list[Violation]]]] = WeakKeyDictionary()
 
 
 def violations_by_model(context: Any) -> dict[str, list[Violation]]:
@@ -109,7 +111,7 @@ def violations_by_model(context: Any) -> dict[str, list[Violation]]:
     them on: the model concerned, or (a published view removed from the project, a raw table) the first model."""
     prod = context.state_reader.get_environment("prod")
     key = (tuple(sorted((fqn, id(m)) for fqn, m in context.models.items())), prod.plan_id if prod else None)
-    cached = _lint_cache.get(id(context))
+    cached = _lint_cache.get(context)
     if cached is not None and cached[0] == key:
         return cached[1]
     found: dict[str, list[Violation]] = {}
@@ -118,5 +120,5 @@ def violations_by_model(context: Any) -> dict[str, list[Violation]]:
     violations = [v for checks in run_checks(gate_input(context, Path(context.path))).values() for v in checks]
     for violation in violations:
         found.setdefault(models.get(violation.model, fallback), []).append(violation)
-    _lint_cache[id(context)] = (key, found)
+    _lint_cache[context] = (key, found)
     return found
