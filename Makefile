@@ -45,7 +45,7 @@ review: $(STAMP) ## Pull-request review against prod: build in pr_<branch>, repo
 promote: $(STAMP) ## Contract check, then the models to prod (tests, audits, views swapped) and Metabase's grants
 	$(BIN)/python -m datamart promote
 
-sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse, e.g. make sqlmesh ARGS="plan dev"
+sqlmesh: $(STAMP) ## Run sqlmesh on the selected warehouse (same as .venv/bin/sqlmesh), e.g. make sqlmesh ARGS="plan dev"
 	$(BIN)/python -m datamart sqlmesh $(ARGS)
 
 external-models: $(STAMP) ## Regenerate external_models.yaml from the dlt pipelines' schemas (after a source changes)
@@ -60,15 +60,15 @@ privacy-register: $(STAMP) ## Regenerate docs/personal-data.md, the personal-dat
 bench: $(STAMP) ## Benchmark against COPY and dump/restore (throwaway PostgreSQL): make bench SCALE=500
 	$(BIN)/python bench/run.py --scale $(or $(SCALE),500)
 
-lint: $(STAMP) ## ruff on Python, SQLMesh's linter and format check on models
-	$(BIN)/ruff check datamart tests dags
-	$(BIN)/ruff format --check datamart tests dags
-	$(BIN)/python -m datamart sqlmesh lint
-	$(BIN)/python -m datamart sqlmesh format --check
+lint: $(STAMP) ## ruff on Python, SQLMesh's linter (with the review gate) and format check on models
+	$(BIN)/ruff check datamart tests dags linter config.py
+	$(BIN)/ruff format --check datamart tests dags linter config.py
+	$(BIN)/sqlmesh lint
+	$(BIN)/sqlmesh format --check
 
 format: $(STAMP) ## Format Python (ruff) and SQL models (sqlmesh format)
-	$(BIN)/ruff format datamart tests dags
-	$(BIN)/python -m datamart sqlmesh format
+	$(BIN)/ruff format datamart tests dags linter config.py
+	$(BIN)/sqlmesh format
 
 # The URL reaches the command through the environment: make never echoes its password.
 metabase-backup metabase-restore: export METABASE_DB_URL := $(METABASE_DB_URL)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     review.add_argument("--forward-only", action="store_true", help="plan the change as forward-only, as prod would")
     query = commands.add_parser("query", help="run one SQL query on the selected warehouse and print the rows")
     query.add_argument("sql")
-    commands.add_parser("env", help="print the DATAMART_* variables SQLMesh's config.yaml reads (no password)")
+    commands.add_parser("env", help="print the selected warehouse and how dlt and SQLMesh reach it (no password)")
     from datamart.privacy.cli import add_privacy_parser
 
     add_privacy_parser(commands)
@@ -97,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return privacy_command(args, warehouse)
         elif args.command == "env":
-            for key, value in warehouse.sqlmesh_env().items():
-                print(f"{key}={'***' if 'PASSWORD' in key else value}")
+            print(f"DATAMART_TARGET={warehouse.target}")
+            print(f"DATAMART_ENV={warehouse.environment}")
+            print(f"warehouse: {warehouse.describe()}")
+            print("dlt and plain `sqlmesh` (config.py) both resolve it from dlt's configuration and secrets")
         else:
-            warehouse.export_for_sqlmesh()
+            # plain `sqlmesh` from the project root does the same: config.py resolves this warehouse
+            os.environ.update(warehouse.environment_variables())
             os.chdir(PROJECT_ROOT)
             from sqlmesh.cli.main import cli
 

@@ -1,18 +1,28 @@
 """Metabase's read-only PostgreSQL role: it connects, sees the published schema, selects from its views, nothing else.
 
-Why this runs after EVERY prod promotion: SQLMesh swaps a prod view by ``DROP VIEW … CASCADE`` + ``CREATE VIEW``
-(PostgreSQL cannot ``CREATE OR REPLACE`` a view whose columns change), and a dropped view takes its grants with it.
-``ALTER DEFAULT PRIVILEGES`` is not enough: it only adds privileges to objects that one given role creates later,
-never revokes anything and says nothing of what already exists. So the grants are re-applied, idempotently and in one
-transaction, each time the views may have been recreated.
+SQLMesh swaps a prod view by ``DROP VIEW … CASCADE`` + ``CREATE VIEW`` (PostgreSQL cannot ``CREATE OR REPLACE`` a
+view whose columns change), and a dropped view takes its grants with it. So the grant must come WITH the view, not
+after the run: ``ALTER DEFAULT PRIVILEGES FOR ROLE <the warehouse user> IN SCHEMA marts GRANT SELECT ON TABLES TO
+<role>`` makes PostgreSQL grant SELECT on every view that user creates in ``marts``, inside the very transaction that
+creates it (SQLMesh swaps each view in one transaction). A view is therefore readable by Metabase from the instant it
+exists, whichever command promoted it (``make promote``, ``make run``, the scheduled run, a plain ``sqlmesh plan``),
+and whatever happens next (a failed audit, a killed process, a server restart): nothing is left to re-apply.
 
-What the role gets, on the warehouse database only: CONNECT on the database, USAGE on ``marts``, SELECT on every table
-and view in ``marts``. Everything else is revoked from the role and, where PUBLIC would give it, from PUBLIC: every
+Why not SQLMesh's own model ``grants`` property (which 0.236 has, applied in the same transaction too): the grantee
+would be written in every published model, so renaming the role (``datamart.metabase_role``) would change every
+published model's fingerprint; a role not created yet would fail every plan, dev environments included (SQLMesh
+grants on each environment's views); and it cannot create the role, give CONNECT/USAGE or revoke the rest.
+
+What this module keeps, because neither can do it: create (or check) the role and its password, and give it, on the
+warehouse database only: CONNECT on the database, USAGE on ``marts``, SELECT on what ``marts`` already holds, the
+default privileges above. Everything else is revoked from the role and, where PUBLIC would give it, from PUBLIC: every
 other schema (raw datasets, staging, intermediate, SQLMesh's physical ``sqlmesh__*`` schemas and its state schema,
 other environments' ``<schema>__<env>``), CREATE on ``marts``, CREATE on schema ``public`` (PostgreSQL 15 no longer
 gives it to PUBLIC, older servers still do: any role could create tables there) and CREATE on the database (never a
 default, revoked in case someone granted it). PUBLIC keeps USAGE on schema ``public`` (extensions' functions live there)
-and CONNECT/TEMP on the database, PostgreSQL's defaults; the datamart database is a dedicated one.
+and CONNECT/TEMP on the database, PostgreSQL's defaults; the datamart database is a dedicated one. Running it again is
+harmless (every statement is idempotent, in one transaction): ``make promote`` and ``make run`` do, to revoke what new
+schemas may give.
 
 The role name is the dlt config value ``datamart.metabase_role`` (default ``metabase``); its password is the secret
 ``datamart.metabase_password`` (``DATAMART__METABASE_PASSWORD``). The password is hashed on the client (SCRAM or MD5,
@@ -139,7 +149,7 @@ def _apply(cur: Any, conn: Any, role: str, password: str | None, database: str) 
             cur.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(who))
         cur.execute(
             sql.SQL("COMMENT ON ROLE {} IS %s").format(who),
-            ("Metabase: reads the published datamart views only (datamart/grants.py re-applies its grants)",),
+            ("Metabase: reads the published datamart views only (datamart/grants.py: default privileges)",),
         )
         report.created = True
         report.can_login = password is not None
@@ -188,28 +198,36 @@ def _apply(cur: Any, conn: Any, role: str, password: str | None, database: str) 
         cur.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM PUBLIC, {}").format(name, who))
         cur.execute(sql.SQL("REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {} FROM {}").format(name, who))
 
-    # The published schema: USAGE, SELECT on what is there now, nothing more.
+    # The published schema: created now if the first prod plan has not run yet (SQLMesh creates it IF NOT EXISTS), so
+    # that the default privileges hold from its very first view.
     cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (PUBLISHED_SCHEMA,))
     if cur.fetchone() is None:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(published))
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(published, who))
+    cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA {} FROM PUBLIC, {}").format(published, who))
+    # Every view the warehouse user creates there is readable from its creation, in the creating transaction.
+    cur.execute("SELECT current_user")
+    creator = sql.Identifier(cur.fetchone()[0])  # the user dlt and SQLMesh connect as: the views' creator
+    cur.execute(
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
+            creator, published, who
+        )
+    )
+    # What exists already: SELECT, nothing more (the revoke and the grant commit together: no reader sees a gap).
+    cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(published, who))
+    cur.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(published, who))
+    cur.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(published, who))
+    cur.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY c.relname",
+        (PUBLISHED_SCHEMA,),
+    )
+    report.views = [f"{PUBLISHED_SCHEMA}.{relation}" for (relation,) in cur.fetchall()]
+    if not report.views:
         report.warnings.append(
-            f"schema {PUBLISHED_SCHEMA} does not exist yet: run the prod plan (python -m datamart run), "
-            "then grant again."
+            f"schema {PUBLISHED_SCHEMA} holds no view yet: Metabase will see each view from the prod plan that creates "
+            "it (sqlmesh plan, make promote)."
         )
-    else:
-        cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(published, who))
-        cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA {} FROM PUBLIC, {}").format(published, who))
-        cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(published, who))
-        cur.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(published, who))
-        cur.execute(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY c.relname",
-            (PUBLISHED_SCHEMA,),
-        )
-        for (relation,) in cur.fetchall():
-            cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(PUBLISHED_SCHEMA, relation), who))
-            report.views.append(f"{PUBLISHED_SCHEMA}.{relation}")
-        if not report.views:
-            report.warnings.append(f"schema {PUBLISHED_SCHEMA} holds no view yet: Metabase will see nothing.")
 
     _verify(cur, role, database, report)
     return report

@@ -1,9 +1,9 @@
 """Where things are and which warehouse is used: the one switch shared by dlt and SQLMesh.
 
 The warehouse is chosen by ``DATAMART_TARGET`` (``duckdb``, the default, or ``postgres``). Its credentials are read
-the dlt way only (``.dlt/secrets.toml``, ``.dlt/config.toml`` or ``DESTINATION__<TARGET>__CREDENTIALS``) and handed to
-SQLMesh as ``DATAMART_*`` environment variables that ``config.yaml`` reads, so both tools always point at the same
-database.
+the dlt way only (``.dlt/secrets.toml``, ``.dlt/config.toml`` or ``DESTINATION__<TARGET>__CREDENTIALS``), by dlt and
+by SQLMesh alike: the project's ``config.py`` builds SQLMesh's configuration from :func:`resolve_warehouse`
+(``datamart/sqlmesh_config.py``), so both tools always point at the same database, whichever command is typed.
 
 ``DATAMART_ENV`` (``dev``, the default, ``preprod`` or ``prod``) selects the environment: its warehouse credentials
 are looked up under the ``<env>`` section first (``[prod.destination.postgres]`` in ``.dlt/secrets.toml``, or
@@ -103,7 +103,7 @@ def selected_environment() -> str:
 
 @dataclass(frozen=True)
 class Warehouse:
-    """The resolved warehouse connection, for dlt (as a destination) and SQLMesh (as environment variables)."""
+    """The resolved warehouse connection, for dlt (as a destination) and SQLMesh (as its gateway)."""
 
     target: str
     duckdb_path: Path | None = None
@@ -122,24 +122,19 @@ class Warehouse:
             return dlt.destinations.duckdb(credentials=str(self.duckdb_path), replace_strategy=replace)
         return dlt.destinations.postgres(credentials=self.pg, replace_strategy=replace)
 
-    def sqlmesh_env(self) -> dict[str, str]:
-        """The environment variables ``config.yaml`` reads to reach the same warehouse."""
-        env = {"DATAMART_TARGET": self.target}
-        if self.target == "duckdb":
-            env["DATAMART_DUCKDB_PATH"] = str(self.duckdb_path)
-        else:
-            env.update(
-                DATAMART_PG_HOST=str(self.pg.host),
-                DATAMART_PG_PORT=str(self.pg.port or 5432),
-                DATAMART_PG_USER=str(self.pg.username),
-                DATAMART_PG_PASSWORD=str(self.pg.password or ""),
-                DATAMART_PG_DATABASE=str(self.pg.database),
-            )
-        return env
+    def environment_variables(self) -> dict[str, str]:
+        """The settings by which another process (``sqlmesh``, ``dlt``) reaches this warehouse, the dlt way.
 
-    def export_for_sqlmesh(self) -> None:
-        """Export :meth:`sqlmesh_env` into this process's environment."""
-        os.environ.update(self.sqlmesh_env())
+        ``DATAMART_TARGET`` and ``DESTINATION__<TARGET>__CREDENTIALS``: what a user sets, read by
+        :func:`resolve_warehouse` in that process (for SQLMesh, through the project's ``config.py``).
+        """
+        if self.target == "duckdb":
+            return {"DATAMART_TARGET": "duckdb", "DESTINATION__DUCKDB__CREDENTIALS": str(self.duckdb_path)}
+        return {"DATAMART_TARGET": "postgres", "DESTINATION__POSTGRES__CREDENTIALS": self.url()}
+
+    def url(self) -> str:
+        """The PostgreSQL warehouse as a libpq URL, password included (never print it: see :meth:`describe`)."""
+        return str(self.pg.to_native_representation())
 
     def query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run one SQL statement on the warehouse in its own short connection and return the rows."""

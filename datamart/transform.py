@@ -45,10 +45,15 @@ class TransformRun:
 
 
 def sqlmesh_context(warehouse: Warehouse, project: Path | None = None, **kwargs: Any) -> Any:
-    """A SQLMesh Context on this project (or a copy of it at ``project``), connected to ``warehouse``."""
-    warehouse.export_for_sqlmesh()
+    """A SQLMesh Context on this project (or a copy of it at ``project``), connected to ``warehouse``.
+
+    The configuration is the one the project's ``config.py`` builds, for this warehouse rather than the selected one.
+    """
     from sqlmesh import Context
 
+    from datamart.sqlmesh_config import sqlmesh_config
+
+    kwargs.setdefault("config", sqlmesh_config(warehouse))
     return Context(paths=[str(project or PROJECT_ROOT)], **kwargs)
 
 
@@ -65,12 +70,16 @@ def apply_prod(warehouse: Warehouse, project: Path | None = None, command: str =
     ensure_ops_tables(warehouse)  # marts.data_freshness_v1 reads them, even before any pipeline ran
     context = sqlmesh_context(warehouse, project)
     enforce(context, project, warehouse)
+    # The role and the published schema's default privileges exist before the plan creates its first view.
+    setup = apply_metabase_grants(warehouse)
     with audits_named_on_failure(), recorded_refresh(warehouse, command) as record:
         before = _prod_fingerprints(context)
         plan = context.plan("prod", auto_apply=True, no_prompts=True)
         built = {s.name: s for s in plan.new_snapshots}
         built.update(_restate_changed(context, warehouse, record.started_at, before is not None))
         result = _transform_run(context, warehouse, built, before, started)
+        if setup is not None and result.grants is not None:
+            result.grants.created = result.grants.created or setup.created
         record.models = result.models_built
     return result
 
@@ -161,7 +170,9 @@ def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: dateti
     if not restate:
         return {}
     start = restatement_start(context, warehouse, restate, since_ms)
-    plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate, start=start)
+    # skip_linter: a restatement rebuilds prod's own versions from SQLMesh's state, never the checkout's models, so
+    # the review gate (a linter rule comparing the checkout with prod) has nothing to say about it
+    plan = context.plan("prod", auto_apply=True, no_prompts=True, restate_models=restate, start=start, skip_linter=True)
     return {plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements}
 
 
@@ -180,7 +191,9 @@ def _transform_run(
         if (before or {}).get(name) != fingerprint and name not in externals
     )
     result.published_views = published_views(context)
-    result.grants = apply_metabase_grants(warehouse)  # after every promotion: a view swap drops the views' grants
+    # Not needed for Metabase to read the new views (the schema's default privileges grant each one as it is created,
+    # see datamart/grants.py): the report of what the role may read, and revokes of what new schemas may give.
+    result.grants = apply_metabase_grants(warehouse)
     result.elapsed = time.monotonic() - started
     return result
 

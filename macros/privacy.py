@@ -1,6 +1,7 @@
 """Small-cell suppression: a published aggregate never shows a group computed from fewer people than the threshold.
 
-The threshold is the SQLMesh variable ``small_cell_threshold`` (config.yaml ``variables``; default 5). A model that
+The threshold is the SQLMesh variable ``small_cell_threshold`` (``variables`` in datamart/sqlmesh_config.py;
+default 5). A model that
 counts people (volunteers, applicants) per group of their attributes (department, birth decade…) computes its groups,
 then sends every group under the threshold to one "other" group with ``@merge_small_cell``, re-aggregates, and drops
 the "other" group itself if it is still under the threshold (``HAVING SUM(<people>) >= @small_cell_threshold()``).

@@ -3,14 +3,22 @@
 The whole flow runs on PostgreSQL (source in one fresh database, warehouse in another), grants are applied, then a
 psycopg2 connection as the role lists schemas and tables, selects from a published view, and fails on everything else.
 A second promotion (the next demo day, restated marts) and a forced view swap (a changed published model, planned to
-prod from a copy of the project) show when SQLMesh drops the views' grants and that re-applying restores access.
+prod from a copy of the project) show that a view SQLMesh recreates is readable at once (the published schema's
+default privileges). A reader connected as the role then queries every published view in a loop while plain
+`sqlmesh plan` promotes a changed mart, stops on a failing audit, and is killed (SIGKILL) mid-promotion: no error.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +34,7 @@ from datamart.flow import run_flow
 from datamart.flow import summary as flow_summary
 from datamart.grants import GrantError, apply_metabase_grants
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.testing.project import copy_project, edit
 from datamart.transform import PUBLISHED_SCHEMA, published_views, sqlmesh_context
 
 pytestmark = pytest.mark.postgres
@@ -100,7 +109,7 @@ def stack(
         "DATAMART__PII_HMAC_KEY": "metabase-role-test-key",
         "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
         "DATAMART__METABASE_PASSWORD": PASSWORD,
-        **warehouse.sqlmesh_env(),  # set through monkeypatch so that SQLMesh's exports are undone after the test
+        **warehouse.environment_variables(),  # how a child process (sqlmesh, dlt) reaches the warehouse
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -183,17 +192,14 @@ def _plan_changed_model(stack: Stack, tmp_path: Path) -> None:
     text = model.read_text()
     assert text.rstrip().endswith("FROM missions_with_applications")
     model.write_text(text.rstrip() + "\nWHERE\n  NOT mission_id IS NULL\n")
-    stack.warehouse.export_for_sqlmesh()
-    from sqlmesh import Context
-
-    context = Context(paths=[str(project)])
+    context = sqlmesh_context(stack.warehouse, project)
     context.plan("prod", auto_apply=True, no_prompts=True)
 
 
 def _project_ignore(folder: str, names: list[str]) -> set[str]:
     """Copy only what SQLMesh reads: config, models, audits, macros, external models, unit tests."""
     if Path(folder) == PROJECT_ROOT:
-        keep = {"config.yaml", "external_models.yaml", "models", "audits", "macros", "tests"}
+        keep = {"config.py", "linter", "external_models.yaml", "models", "audits", "macros", "tests"}
         return {name for name in names if name not in keep}
     if Path(folder) == PROJECT_ROOT / "tests":
         return {name for name in names if not name.endswith(".yaml")}
@@ -260,11 +266,13 @@ def test_metabase_reads_published_views_only_after_every_promotion(stack: Stack,
     assert second.transform.grants is not None and second.transform.grants.views == published
     _assert_reads_published_views_only(stack, published)
 
-    # 6b. A changed published model promoted to prod: SQLMesh drops and recreates its view, and its grants with it.
+    # 6b. A changed published model promoted to prod: SQLMesh drops and recreates its view; the schema's default
+    # privileges granted the new view in the transaction that created it, nothing is re-applied.
     oids = _view_oids(stack.warehouse)
     _plan_changed_model(stack, tmp_path)
     assert _view_oids(stack.warehouse)["marts.missions_v1"] != oids["marts.missions_v1"], "the view was swapped"
-    assert not _can_read_missions(stack), "without re-applying the grants, the swapped view is no longer readable"
+    assert _can_read_missions(stack), "the swapped view is readable without re-applying any grant"
+    _assert_reads_published_views_only(stack, published)
     report = apply_metabase_grants(stack.warehouse)
     assert report is not None and report.views == published
     _assert_reads_published_views_only(stack, published)
@@ -274,7 +282,7 @@ def test_role_without_password_is_created_nologin_with_a_warning(role: str, pg_d
     report = apply_metabase_grants(postgres_warehouse(pg_database))
     assert report is not None and report.created and not report.can_login
     assert any("DATAMART__METABASE_PASSWORD" in warning for warning in report.warnings)
-    assert any("schema marts does not exist yet" in warning for warning in report.warnings)
+    assert any("schema marts holds no view yet" in warning for warning in report.warnings)
     rows = postgres_warehouse(pg_database).query(
         "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = %s", (role,)
     )
@@ -299,3 +307,112 @@ def test_role_with_superuser_rights_is_refused(
 
 def test_duckdb_has_no_roles(tmp_path: Path) -> None:
     assert apply_metabase_grants(Warehouse(target="duckdb", duckdb_path=tmp_path / "w.duckdb")) is None
+
+
+class _Reader(threading.Thread):
+    """Metabase, as the role: every published view queried in a loop until stopped; every error kept."""
+
+    def __init__(self, stack: Stack, views: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.views = stack, views
+        self.queries, self.errors = 0, []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        conn = _connect_as(self.stack.warehouse, self.stack.role)
+        try:
+            while not self._halt.is_set():
+                for view in self.views:
+                    try:
+                        _rows(conn, f"SELECT count(*) FROM {view}")
+                    except psycopg2.Error as exc:
+                        self.errors.append(f"{view}: {type(exc).__name__}: {str(exc).strip()}")
+                    self.queries += 1
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=60)
+
+
+def _plain_sqlmesh(project: Path, *args: str) -> subprocess.Popen[str]:
+    """The `sqlmesh` executable on ``project``, reaching the warehouse the dlt way (the stack's environment)."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "sqlmesh"), "-p", str(project), *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "COLUMNS": "2000"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _physical_tables(warehouse: Warehouse) -> int:
+    return int(warehouse.query("SELECT count(*) FROM pg_tables WHERE schemaname = 'sqlmesh__marts'")[0][0])
+
+
+def _filter_missions(project: Path, condition: str) -> None:
+    """A new version of marts.missions_v1 (same columns, fewer rows): a real build and view swap in prod."""
+    model = project / "models" / "marts" / "missions_v1.sql"
+    model.write_text(model.read_text().rstrip() + f"\nWHERE\n  {condition}\n")
+
+
+def _kill_when(process: subprocess.Popen[str], moment: Callable[[], bool], timeout: float = 600) -> bool:
+    """SIGKILL ``process`` as soon as ``moment()`` holds (polled 20 times a second); False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if moment():
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+            return True
+        time.sleep(0.05)
+    process.wait(timeout=60)
+    return False
+
+
+def test_metabase_reads_every_published_view_through_promotions_failures_and_kills(
+    stack: Stack, tmp_path: Path
+) -> None:
+    run_flow(stack.warehouse, pipelines_dir=stack.pipelines_dir, out=io.StringIO())  # prod built, role set up
+    published = published_views(sqlmesh_context(stack.warehouse))
+    model = "models/marts/missions_v1.sql"
+    reader = _Reader(stack, published)
+    reader.start()
+    try:
+        # (a) a changed mart promoted by plain `sqlmesh plan`: its view is dropped and recreated
+        oids = _view_oids(stack.warehouse)
+        changed = copy_project(tmp_path / "changed")
+        _filter_missions(changed, "places >= 0")
+        out, _ = _plain_sqlmesh(changed, "plan", "--auto-apply", "--no-prompts").communicate(timeout=900)
+        assert _view_oids(stack.warehouse)["marts.missions_v1"] != oids["marts.missions_v1"], out
+        promoted = reader.queries
+
+        # (b) a promotion stopped by a failing audit (half the missions lose their key: not_null fails)
+        oids = _view_oids(stack.warehouse)
+        failing = copy_project(tmp_path / "failing")
+        nulls = "SELECT\n  CASE WHEN mission_id % 2 = 0 THEN NULL ELSE mission_id END AS mission_id,\n"
+        edit(failing, model, "SELECT\n  mission_id,\n", nulls)
+        process = _plain_sqlmesh(failing, "plan", "--auto-apply", "--no-prompts")
+        out, _ = process.communicate(timeout=900)
+        assert process.returncode != 0 and "not_null" in out, out
+        assert _view_oids(stack.warehouse) == oids, "a failed audit leaves every view as it was"
+
+        # (c) promotions killed: while building the new table, and right after the first view was swapped
+        tables = _physical_tables(stack.warehouse)
+        killed = copy_project(tmp_path / "killed_building")
+        _filter_missions(killed, "places >= -1")
+        process = _plain_sqlmesh(killed, "plan", "--auto-apply", "--no-prompts")
+        assert _kill_when(process, lambda: _physical_tables(stack.warehouse) > tables), "killed while building"
+
+        oids = _view_oids(stack.warehouse)
+        swapped = copy_project(tmp_path / "killed_swapping")
+        _filter_missions(swapped, "places >= -2")
+        process = _plain_sqlmesh(swapped, "plan", "--auto-apply", "--no-prompts")
+        assert _kill_when(process, lambda: _view_oids(stack.warehouse) != oids), "killed after a swap"
+        time.sleep(2)  # and after: the views left by the killed promotions stay readable
+    finally:
+        reader.stop()
+    assert reader.errors == [], reader.errors[:5]
+    assert promoted > 50 and reader.queries > promoted, "the reader queried throughout"
+    _assert_reads_published_views_only(stack, published)

@@ -121,9 +121,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
 def _changed_project(tmp: Path) -> Path:
     """A copy of the SQLMesh project with one model's description changed (a new version of that model)."""
     copy = tmp / "changed_project"
-    for name in ("models", "audits", "macros"):
+    for name in ("models", "audits", "macros", "linter"):
         shutil.copytree(PROJECT_ROOT / name, copy / name)
-    for name in ("config.yaml", "external_models.yaml"):
+    for name in ("config.py", "external_models.yaml"):
         shutil.copy(PROJECT_ROOT / name, copy / name)
     model = copy / "models" / "staging" / "bucket" / "stg_bucket__partners.sql"
     text = model.read_text()
@@ -155,7 +155,7 @@ def test_scheduled_run_refreshes_the_marts_and_never_promotes(demo: Demo) -> Non
     # prod is built from a project that differs from the checkout (a model changed elsewhere): the scheduled run
     # must refresh prod's own versions and say so, not promote the checkout's
     changed = _changed_project(demo.tmp)
-    sqlmesh_env = dict(demo.env, **demo.warehouse.sqlmesh_env())
+    sqlmesh_env = dict(demo.env, **demo.warehouse.environment_variables())
     _run(sqlmesh_env, "sqlmesh", "-p", str(changed), "plan", "prod", "--auto-apply", "--no-prompts")
     prod_versions = _prod_fingerprints(demo)
     _run(demo.env, "-m", "datamart.demo", "--advance-day", "--bucket", str(demo.tmp / "bucket"))
@@ -424,6 +424,9 @@ def test_commands_refuse_prod_with_dev_credentials_and_the_reverse(
         assert result.returncode == 2, result.stdout + result.stderr
         assert "refused: DATAMART_ENV=dev but the warehouse" in result.stderr
         assert "is the prod warehouse (ops.warehouse_environment = 'prod')" in result.stderr
+    plain = _run(mixed, "sqlmesh", "info", check=False)  # plain sqlmesh: config.py checks the marker too
+    said = " ".join((plain.stdout + plain.stderr).split())
+    assert plain.returncode != 0 and "refused: DATAMART_ENV=dev but the warehouse" in said, said
     # and dev credentials with DATAMART_ENV=prod
     reverse = dict(env, DATAMART_ENV="prod")
     reverse[f"PROD__DESTINATION__{target.upper()}__CREDENTIALS"] = dev_creds

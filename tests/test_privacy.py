@@ -212,7 +212,7 @@ def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             "SOURCES__BUCKET__BUCKET_URL": str(tmp / "bucket"),
             "DATAMART__PII_HMAC_KEY": KEY,
             "DATAMART_PIPELINES_DIR": str(tmp / "pipelines"),
-            **warehouse.sqlmesh_env(),
+            **warehouse.environment_variables(),
         }.items():
             mp.setenv(key, value)
         state = Flow(warehouse, source, tmp / "pipelines" / warehouse.target, tmp)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmesh import Context
 from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
 
 from datamart import demo
@@ -33,7 +32,7 @@ Snapshot = dict[str, tuple[int, str]]
 def _project_ignore(folder: str, names: list[str]) -> set[str]:
     """Copy only what SQLMesh reads: config, models, audits, macros, external models, unit tests."""
     if Path(folder) == PROJECT_ROOT:
-        keep = {"config.yaml", "external_models.yaml", "models", "audits", "macros", "tests"}
+        keep = {"config.py", "linter", "external_models.yaml", "models", "audits", "macros", "tests"}
         return {name for name in names if name not in keep}
     if Path(folder) == PROJECT_ROOT / "tests":
         return {name for name in names if not name.endswith(".yaml")}
@@ -77,7 +76,7 @@ def prod(warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         "SOURCES__BUCKET__BUCKET_URL": str(bucket),
         "DATAMART__PII_HMAC_KEY": "promotion-test-key",
         "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
-        **warehouse.sqlmesh_env(),  # through monkeypatch: SQLMesh's exports are undone after the test
+        **warehouse.environment_variables(),  # through monkeypatch: SQLMesh's exports are undone after the test
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -95,8 +94,7 @@ def test_dev_environment_leaves_prod_identical(
 ) -> None:
     views, before = prod
     project = _changed_project(tmp_path, append="\nWHERE\n  mission_status <> 'closed'")
-    warehouse.export_for_sqlmesh()
-    context = Context(paths=[str(project)])
+    context = sqlmesh_context(warehouse, project)
     prod_before = _prod_snapshots(context)
     # The change contradicts the model's unit test on purpose; this test is about environments, not logic.
     plan = context.plan("dev", auto_apply=True, no_prompts=True, skip_tests=True)
@@ -136,8 +134,7 @@ def test_failing_audit_blocks_promotion_and_prod_stays(
     # Half the missions lose their key: the not_null audit on mission_id fails.
     nulls = "SELECT\n  CASE WHEN mission_id % 2 = 0 THEN NULL ELSE mission_id END AS mission_id,\n  mission_title,"
     project = _changed_project(tmp_path, change=(FINAL_SELECT, nulls))
-    warehouse.export_for_sqlmesh()
-    context = Context(paths=[str(project)])
+    context = sqlmesh_context(warehouse, project)
     prod_before = _prod_snapshots(context)
     assert prod_before == _prod_snapshots(sqlmesh_context(warehouse))
 

@@ -29,7 +29,7 @@ def test_new_events_restate_only_their_days_and_leave_other_marts_alone(
         "SOURCES__APP_DB__CREDENTIALS": source_url,
         "SOURCES__BUCKET__BUCKET_URL": str(tmp_path / "bucket"),
         "DATAMART__PII_HMAC_KEY": "restatement-test-key",
-        **warehouse.sqlmesh_env(),
+        **warehouse.environment_variables(),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -77,7 +77,7 @@ def test_a_run_that_only_deletes_rows_rebuilds_the_marts_reading_them(
         "SOURCES__APP_DB__CREDENTIALS": source_url,
         "SOURCES__BUCKET__BUCKET_URL": str(tmp_path / "bucket"),
         "DATAMART__PII_HMAC_KEY": "restatement-test-key",
-        **warehouse.sqlmesh_env(),
+        **warehouse.environment_variables(),
     }.items():
         monkeypatch.setenv(key, value)
     pipelines = tmp_path / "pipelines"

@@ -89,7 +89,7 @@ def prod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         "DATAMART_PIPELINES_DIR": str(root / "pipelines"),
         "DATAMART_TARGET": request.param,
         **credentials,
-        **warehouse.sqlmesh_env(),
+        **warehouse.environment_variables(),
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():

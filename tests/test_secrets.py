@@ -108,7 +108,7 @@ def test_secrets_never_appear_in_outputs_records_or_logs(
             "DATAMART__METABASE_ROLE": metabase,
             "DATAMART__METABASE_PASSWORD": METABASE_PASSWORD,
             "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
-            "DATAMART_SQLMESH_STATE_SCHEMA": "sqlmesh_secrets_test",
+            "DATAMART__SQLMESH_STATE_SCHEMA": "sqlmesh_secrets_test",
         }
         unreachable_source = f"postgresql://{src_role}:{SOURCE_PASSWORD}@127.0.0.1:{closed_port}/app"
         refused_warehouse = warehouse_url.replace(

@@ -104,8 +104,9 @@ def render_register(context: Any, metabase_role: str = "metabase") -> str:
         "## Small cells",
         "",
         "Published aggregates counting people never show a group of fewer than the SQLMesh variable "
-        '`small_cell_threshold` (config.yaml) people: such groups are merged into an "other" row, itself left out '
-        "while still too small (macro `@merge_small_cell`, audit `assert_no_small_cells`). Audited models:",
+        '`small_cell_threshold` (datamart/sqlmesh_config.py) people: such groups are merged into an "other" row, '
+        "itself left out while still too small (macro `@merge_small_cell`, audit `assert_no_small_cells`). "
+        "Audited models:",
         "",
     ]
     for model in models:

@@ -6,6 +6,10 @@ Adding a check is one line in :data:`CHECKS`: ``Check("Personal data", my_check)
 ``my_check(gate: GateInput) -> list[Violation]``; the report then has a "## Personal data" section listing its
 violations (and ``details(gate) -> str`` Markdown if given), and promotion refuses what it refuses. A check module
 imports :class:`GateInput` and :class:`Violation` from :mod:`datamart.review.base`.
+
+The same checks run inside SQLMesh: the project's linter rule ``reviewgate`` (``linter/gate.py``, an error-level rule
+of ``datamart/sqlmesh_config.py``) reports :func:`violations_by_model`, and SQLMesh lints before every plan, so a
+plain ``sqlmesh plan`` (prod or any environment) refuses what ``make review`` refuses, with the same messages.
 """
 
 from __future__ import annotations
@@ -13,13 +17,26 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from datamart.privacy import lineage
 from datamart.review import contract
 from datamart.review.base import Check, GateInput, Violation
+from datamart.review.contract import short_name
 from datamart.settings import PROJECT_ROOT, Warehouse
 
-__all__ = ["CHECKS", "Check", "GateError", "GateInput", "Violation", "enforce", "gate_input", "run_checks"]
+__all__ = [
+    "CHECKS",
+    "Check",
+    "GateError",
+    "GateInput",
+    "Violation",
+    "enforce",
+    "gate_input",
+    "lint_message",
+    "run_checks",
+    "violations_by_model",
+]
 
 
 CHECKS: list[Check] = [
@@ -77,3 +94,31 @@ def enforce(context: Any, project: Path | None = None, warehouse: Warehouse | No
     violations = [v for found in run_checks(gate_input(context, project, warehouse=warehouse)).values() for v in found]
     if violations:
         raise GateError(violations)
+
+
+def lint_message(violation: Violation) -> str:
+    """A violation as ``make review`` and ``make promote`` word it, for SQLMesh's linter output."""
+    return f"[{violation.check}] {violation.message} (refused by the review gate: `make review` has the full report)"
+
+
+# One gate run per lint pass: SQLMesh calls the rule once per model, the checks look at the whole project.
+# Weak keys: a context that is closed and dropped takes its entry with it.
+_lint_cache: WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[str, list[Violation]]]] = WeakKeyDictionary()
+
+
+def violations_by_model(context: Any) -> dict[str, list[Violation]]:
+    """The gate's violations for the project ``context`` holds against its prod, by the fqn of the model to report
+    them on: the model concerned, or (a published view removed from the project, a raw table) the first model."""
+    prod = context.state_reader.get_environment("prod")
+    key = (tuple(sorted((fqn, id(m)) for fqn, m in context.models.items())), prod.plan_id if prod else None)
+    cached = _lint_cache.get(context)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found: dict[str, list[Violation]] = {}
+    models = {short_name(fqn): fqn for fqn, m in context.models.items() if not m.kind.is_external}
+    fallback = min(models.values()) if models else ""
+    violations = [v for checks in run_checks(gate_input(context, Path(context.path))).values() for v in checks]
+    for violation in violations:
+        found.setdefault(models.get(violation.model, fallback), []).append(violation)
+    _lint_cache[context] = (key, found)
+    return found

@@ -152,8 +152,9 @@ def run_review(
     context.config = context.config.model_copy(update={"plan": plan_config})
     # include_unmodified: every published view is in the environment (unchanged ones point at prod's tables), and a
     # branch identical to prod still gets its environment instead of an error
+    # skip_linter: the linter's review gate would stop the build; the review reports the gate's checks instead
     plan = context.plan_builder(
-        environment, skip_tests=True, forward_only=forward_only or None, include_unmodified=True
+        environment, skip_tests=True, forward_only=forward_only or None, include_unmodified=True, skip_linter=True
     ).build()
     result.environment = plan.environment.name
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from datamart.settings import PROJECT_ROOT
 
-SQLMESH_FILES = {"config.yaml", "external_models.yaml", "retired_views.yaml", "models", "audits", "macros"}
+SQLMESH_FILES = {"config.py", "linter", "external_models.yaml", "retired_views.yaml", "models", "audits", "macros"}
 
 
 def copy_project(destination: Path, unit_tests: bool = False) -> Path:
