@@ -243,14 +243,7 @@ def test_a_misspelt_personal_column_stops_before_anything_is_read(
         SOURCES__APP_DB__CREDENTIALS=app_source.url,
         DATAMART__PII_HMAC_KEY=KEY,
     )
-    if warehouse.target == "duckdb":
-        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        pg = warehouse.pg
-        env["DATAMART_TARGET"] = "postgres"
-        env["DESTINATION__POSTGRES__CREDENTIALS"] = (
-            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
-        )
+    env.update(warehouse.environment_variables())
     dlt = Path(sys.executable).parent / "dlt"
     result = subprocess.run(
         [str(dlt), "pipeline", "app_db", "run", "--table", "volunteers"],

@@ -203,7 +203,7 @@ def test_promote_names_the_views_it_switched(demo: Demo) -> None:
     # run's janitor removed them (it drops what no environment uses)
     _run(demo.env, "-m", "datamart", "promote")
     checkout = _prod_fingerprints(demo)
-    sqlmesh_env = dict(demo.env, **demo.warehouse.sqlmesh_env())
+    sqlmesh_env = dict(demo.env, **demo.warehouse.environment_variables())
     _run(
         sqlmesh_env, "sqlmesh", "-p", str(demo.tmp / "changed_project"), "plan", "prod", "--auto-apply", "--no-prompts"
     )
@@ -261,7 +261,7 @@ def test_scheduled_run_refreshes_the_marts_on_postgres(pg_database_factory, tmp_
     """The same refresh on a PostgreSQL warehouse: a new day, `make scheduled`'s command, marts equal to a build
     from scratch, and the freshness view says the dashboards reflect every load."""
     warehouse = postgres_warehouse(pg_database_factory("warehouse"))
-    env = dict(_base_env(tmp_path), DATAMART_TARGET="postgres", DESTINATION__POSTGRES__CREDENTIALS=_url(warehouse))
+    env = dict(_base_env(tmp_path), DATAMART_TARGET="postgres", DESTINATION__POSTGRES__CREDENTIALS=warehouse.url())
     demo = Demo(env, tmp_path, warehouse)
     _run(env, "-m", "datamart", "run", "--demo")
     _run(env, "-m", "datamart.demo", "--advance-day", "--bucket", str(tmp_path / "bucket"))
@@ -272,11 +272,6 @@ def test_scheduled_run_refreshes_the_marts_on_postgres(pg_database_factory, tmp_
     assert live != stale and demo.mart("SELECT count(*) FROM marts.missions_v1") == live
     _assert_marts_equal_a_build_from_scratch(demo)
     assert set(_freshness(demo).values()) == {True}
-
-
-def _url(warehouse: Warehouse) -> str:
-    pg = warehouse.pg
-    return f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
 
 
 def test_scheduled_reconciliation_fails_on_drift(demo: Demo) -> None:
