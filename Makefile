@@ -6,24 +6,27 @@ STAMP := $(VENV)/.installed
 ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install run scheduled verify test demo-advance plan review promote sqlmesh external-models \
+.PHONY: help install lock run scheduled verify test demo-advance plan review promote sqlmesh external-models \
 	privacy-check privacy-register lint format clean airflow-venv metabase-backup metabase-restore bench
 
 help: ## List every target with one line
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project with its test tools
+install: $(STAMP) ## Create .venv and install the project with its test tools (versions from constraints.txt)
+
+lock: ## Regenerate constraints.txt from pyproject.toml in a fresh venv (then make install, and commit it)
+	PYTHON=$(PYTHON) scripts/lock.sh
 
 run: $(STAMP) ## Whole job on the default warehouse: demo data if missing (demo: true pipelines), every pipeline, SQLMesh prod plan
 	$(BIN)/python -m datamart run --demo
 
-scheduled: $(STAMP) ## The scheduled job (cron, CronJob, Airflow): every pipeline, SQLMesh run of prod, review environments cleaned, alert on failure
+scheduled: $(STAMP) ## The scheduled job (cron, CronJob, Airflow): every pipeline, refresh of the marts (no promotion), review environments cleaned, alert on failure
 	$(BIN)/python -m datamart scheduled
 
 verify: $(STAMP) ## Compare every pipeline's tables with their source (counts, keys, checksums); exit 1 on drift
