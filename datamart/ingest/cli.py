@@ -16,6 +16,7 @@ from datamart.ingest.runner import (
     in_chain,
     is_transient,
     make_pipeline,
+    refused_credentials,
     root_cause,
     run_pipeline,
 )
@@ -81,7 +82,7 @@ def run_command(
             print(failure_message(decl, exc), file=err)
             if runs:
                 print(format_loads(runs), file=out)
-            return 1
+            return 2 if is_config_error(exc) else 1
     print(format_loads(runs), file=out)
     return 0
 
@@ -132,7 +133,10 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     table = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None) or missing
     if table:
         where += f", table {table}"
-    if is_transient(exc):
+    config = config_hint(decl, exc)
+    if config is not None:
+        hint = config
+    elif is_transient(exc):
         hint = "the source or the warehouse could not be reached: check the connection, then rerun the same command"
     elif in_chain(exc, IncrementalCursorPathHasValueNone) is not None and table:
         cursor = decl.table(table).cursor if table in {t.name for t in decl.tables} else "cursor"
@@ -160,6 +164,52 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
             "re-reads those rows from the source"
         )
     return redact(f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}")
+
+
+def config_hint(decl: PipelineDecl, exc: BaseException) -> str | None:
+    """What to set when the failure is a setting, not an outage (credentials a server refused, a secret dlt could not
+    find): such a run is never retried. None for anything else."""
+    from dlt.common.configuration.exceptions import ConfigFieldMissingException
+
+    from datamart.settings import selected_environment, selected_target
+
+    refused = refused_credentials(exc)
+    if refused is not None:
+        side, reason = refused
+        if side == "source":
+            key = f"sources.{decl.name}.credentials"
+            where = (
+                f"{key.upper().replace('.', '__')}=<SQLAlchemy URL> (or [sources.{decl.name}] credentials in "
+                ".dlt/secrets.toml)"
+            )
+        else:
+            environment, target = selected_environment(), selected_target()
+            prefix = "" if environment == "dev" else f"{environment}."
+            key = f"{prefix}destination.{target}.credentials"
+            where = f"{key.upper().replace('.', '__')} (or [{prefix}destination.{target}] in .dlt/secrets.toml)"
+        return (
+            f"the {side} refused the connection ({reason}): set {where} to a user, password and database that "
+            "exist there, then rerun the same command; a refused login is not retried"
+        )
+    missing = in_chain(exc, ConfigFieldMissingException)
+    if missing is not None:
+        fields = ", ".join(getattr(missing, "fields", []) or [])
+        return (
+            f"a setting is missing ({fields}): {missing}".splitlines()[0]
+            + "; set it (environment variable or .dlt/secrets.toml), then rerun the same command"
+        )
+    return None
+
+
+def is_config_error(exc: BaseException) -> bool:
+    """A failure that only a setting or a declaration fixes: exit 2, like any other wrong input."""
+    from dlt.common.configuration.exceptions import ConfigFieldMissingException
+    from sqlalchemy.exc import NoSuchTableError
+
+    return (
+        refused_credentials(exc) is not None
+        or in_chain(exc, (ConfigFieldMissingException, NoSuchTableError)) is not None
+    )
 
 
 def describe_plan(

@@ -39,6 +39,7 @@ class TableDecl:
     lag: float | None = None  # re-read window below the last cursor value (seconds for timestamps)
     files: str | None = None  # filesystem sources: glob relative to the bucket
     format: str | None = None  # filesystem sources: csv, parquet, jsonl
+    delimiter: str | None = None  # csv files: the field separator when it is not a comma (e.g. ";")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ _TABLE_KEYS = {
     "lag",
     "files",
     "format",
+    "delimiter",
 }
 CONTRACT_ENTITIES = ("tables", "columns", "data_type")
 CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
@@ -149,7 +151,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     if kind == "rest_api":
         from datamart.ingest.rest import REST_TABLE_KEYS  # here: rest.py imports this module
 
-        allowed = (_TABLE_KEYS - {"files", "format"}) | REST_TABLE_KEYS
+        allowed = (_TABLE_KEYS - {"files", "format", "delimiter"}) | REST_TABLE_KEYS
     unknown = set(decl) - allowed
     if unknown:
         raise _fail(path, f"{where}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
@@ -198,6 +200,11 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
             raise _fail(path, f"{where}.files", "a file table needs a glob, e.g. exports/*.parquet")
         if decl.get("format") not in FILE_FORMATS:
             raise _fail(path, f"{where}.format", f"{decl.get('format')!r} is not one of {FILE_FORMATS}")
+    delimiter = decl.get("delimiter")
+    if delimiter is not None and (kind != "filesystem" or decl.get("format") != "csv"):
+        raise _fail(path, f"{where}.delimiter", "a delimiter applies to csv files only (format: csv)")
+    if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in '"\r\n'):
+        raise _fail(path, f"{where}.delimiter", f"{delimiter!r} is not one character, e.g. ';' or '\\t'")
     return TableDecl(
         name=name,
         write_disposition=disposition,
@@ -209,6 +216,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         lag=float(lag) if lag is not None else None,
         files=decl.get("files"),
         format=decl.get("format"),
+        delimiter=delimiter,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -272,9 +273,44 @@ def is_transient(exc: BaseException) -> bool:
         sqlalchemy.exc.OperationalError,
         DestinationTransientException,
     )
-    if _refused(exc):
+    if _refused(exc) or refused_credentials(exc) is not None or _local_file_error(exc):
         return False
     return in_chain(exc, transient) is not None
+
+
+#: What a server answers to a connection whose settings are wrong: rerunning does not fix them.
+_CREDENTIALS_REFUSED = re.compile(
+    r"password authentication failed|no password supplied|no pg_hba\.conf entry|"
+    r"(role|database) \"[^\"]*\" does not exist|authentication failed",
+    re.IGNORECASE,
+)
+
+
+def refused_credentials(exc: BaseException) -> tuple[str, str] | None:
+    """``(side, reason)`` when a server refused the connection's credentials (a wrong password or user, a database
+    that does not exist): ``side`` is ``source`` (read through SQLAlchemy or connectorx, during extract) or
+    ``warehouse``; None for anything else."""
+    from dlt.pipeline.exceptions import PipelineStepFailed
+
+    refused = _first_in_chain(exc, lambda e: bool(_CREDENTIALS_REFUSED.search(str(e))))
+    if refused is None:
+        return None
+    text = " ".join(str(refused).split())
+    match = _CREDENTIALS_REFUSED.search(text)
+    assert match is not None
+    reason = text[match.start() :].split(" [SQL", 1)[0].split("(Background on this error", 1)[0].strip()
+    step = in_chain(exc, PipelineStepFailed)
+    from_source = _first_in_chain(exc, lambda e: type(e).__module__.startswith(("sqlalchemy", "connectorx")))
+    side = "source" if from_source is not None or getattr(step, "step", None) == "extract" else "warehouse"
+    return side, reason
+
+
+def _local_file_error(exc: BaseException) -> bool:
+    """A SQLite source that cannot be opened (a missing folder, a locked or corrupt file): a local file does not come
+    back by waiting."""
+    import sqlite3
+
+    return in_chain(exc, sqlite3.Error) is not None
 
 
 def _refused(exc: BaseException) -> bool:

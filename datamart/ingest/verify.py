@@ -392,6 +392,7 @@ def _file_records(decl: PipelineDecl, table: TableDecl) -> Iterator[dict[str, An
     import dlt
     from dlt.sources.filesystem import filesystem, read_csv, read_jsonl, read_parquet
 
+    from datamart.ingest.checks import reader_options
     from datamart.ingest.sources import _fs_credentials, bucket_url
 
     url = bucket_url(decl)
@@ -402,7 +403,7 @@ def _file_records(decl: PipelineDecl, table: TableDecl) -> Iterator[dict[str, An
     if not files:
         return
     reader = {"csv": read_csv, "parquet": read_parquet, "jsonl": read_jsonl}[str(table.format)]
-    for item in dlt.resource([files], name=f"verify_{table.name}") | reader():
+    for item in dlt.resource([files], name=f"verify_{table.name}") | reader(**reader_options(table)):
         for record in item.to_pylist() if hasattr(item, "to_pylist") else [item]:
             yield {_normalize(k): v for k, v in record.items()}
 

@@ -1,0 +1,185 @@
+"""Issue 14, items 5-7: what a run and `verify` say is what happened. Each case runs the real commands
+(`dlt pipeline <name> run`, `dlt pipeline <name> verify`) as subprocesses, on a DuckDB file and on PostgreSQL.
+
+- A setting that is wrong (a missing source secret, a password the server refuses, a table the source lacks) is
+  never retried as a lost connection, and the message says what to set; exit 2 like any other wrong input.
+- A CSV file delimited by ';' is reported as such, with the declaration that reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from datamart import demo
+from datamart.settings import PROJECT_ROOT, Warehouse
+
+DLT = str(Path(sys.executable).parent / "dlt")
+
+
+def command_env(warehouse: Warehouse, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment a user's shell would have: the warehouse given the dlt way, dlt's dirs in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
+    env.update(DATAMART__PII_HMAC_KEY="honest-test-key", DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"))
+    if warehouse.target == "duckdb":
+        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
+    else:
+        env["DATAMART_TARGET"] = "postgres"
+        env["DESTINATION__POSTGRES__CREDENTIALS"] = pg_url(warehouse)
+    env.update(extra)
+    return env
+
+
+def pg_url(warehouse: Warehouse, user: str | None = None, password: str | None = None) -> str:
+    pg = warehouse.pg
+    return f"postgresql://{user or pg.username}:{password or pg.password}@{pg.host}:{pg.port}/{pg.database}"
+
+
+def dlt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the dlt CLI from the project root, as a user does."""
+    return subprocess.run([DLT, *args], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def demo_source(tmp_path: Path) -> str:
+    """The demo application database (SQLite, small) and bucket in tmp_path; the source's URL."""
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    demo.generate(source_url=url, bucket=tmp_path / "bucket", scale=0.05)
+    return url
+
+
+# --- settings: never retried, the message says what to set --------------------------------------------------------
+
+
+def test_a_missing_source_secret_does_not_fall_back_to_the_demo_file(tmp_path: Path) -> None:
+    # the committed config.toml's demo default, pointing at a demo database that was never generated
+    project = tmp_path / "project"
+    (project / ".dlt").mkdir(parents=True)
+    missing = f"data/demo-{uuid.uuid4().hex[:8]}/app.sqlite"
+    (project / ".dlt" / "config.toml").write_text(f'[sources.app_db]\ncredentials = "sqlite:///{missing}"\n')
+    warehouse = Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
+    env = command_env(warehouse, tmp_path, DLT_PROJECT_DIR=str(project))
+    result = dlt(env, "pipeline", "app_db", "run", "--retries", "3")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "transient" not in result.stderr and "retry" not in result.stderr
+    assert "could not be reached" not in result.stderr
+    assert "no connection for its source" in result.stderr
+    assert "Set SOURCES__APP_DB__CREDENTIALS=<SQLAlchemy URL>" in result.stderr
+    assert "does not exist" in result.stderr  # the demo default it refused, and why
+    assert not (PROJECT_ROOT / missing).parent.exists()  # nothing created in its place
+
+    # nor in another environment: a production worker without the secret never reads the demo's file
+    made = PROJECT_ROOT / missing
+    made.parent.mkdir(parents=True)
+    try:
+        sqlite3.connect(made).close()
+        prod = dlt({**env, "DATAMART_ENV": "prod"}, "pipeline", "app_db", "run")
+        assert prod.returncode == 2, prod.stdout + prod.stderr
+        assert "is not used with DATAMART_ENV=prod" in prod.stderr
+        assert "Set SOURCES__APP_DB__CREDENTIALS=" in prod.stderr
+    finally:
+        made.unlink(missing_ok=True)
+        made.parent.rmdir()
+
+
+def test_a_table_the_source_lacks_is_not_retried(warehouse: Warehouse, demo_source: str, tmp_path: Path) -> None:
+    with sqlite3.connect(demo_source[len("sqlite:///") :]) as conn:
+        conn.execute("DROP TABLE stats_events")
+    env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
+    result = dlt(env, "pipeline", "app_db", "run", "--table", "stats_events", "--retries", "3")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "retry" not in result.stderr and "could not be reached" not in result.stderr
+    assert "the source has no table 'stats_events'" in result.stderr
+    assert "correct the table's name under tables: in app_db.yaml" in result.stderr
+
+
+@pytest.fixture
+def password_role(pg_admin_url: str) -> tuple[str, str]:
+    """A login role whose connections over TCP must give its password (the test server trusts everyone else)."""
+    if os.environ.get("DATAMART_TEST_PG_URL"):
+        pytest.skip("needs the throwaway server's pg_hba.conf (DATAMART_TEST_PG_URL is an outside server)")
+    role, password = f"pw_{uuid.uuid4().hex[:8]}", "the-right-password"
+    conn = psycopg2.connect(pg_admin_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD %s").format(sql.Identifier(role)), (password,))
+        cur.execute("SHOW hba_file")
+        hba = Path(cur.fetchone()[0])
+        rules = hba.read_text()
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n{rules}")
+        cur.execute("SELECT pg_reload_conf()")
+    try:
+        yield role, password
+    finally:
+        hba.write_text(rules)
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_reload_conf()")
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
+                (role,),
+            )
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.close()
+
+
+@pytest.mark.postgres
+def test_a_wrong_source_password_is_not_retried_and_says_what_to_set(
+    warehouse: Warehouse, password_role: tuple[str, str], pg_database_factory: object, tmp_path: Path
+) -> None:
+    role, _ = password_role
+    source_db = pg_database_factory("source")  # type: ignore[operator]
+    wrong = source_db.replace("postgresql://", "").split("@", 1)[1]
+    env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=f"postgresql://{role}:wrong-pw@{wrong}")
+    result = dlt(env, "pipeline", "app_db", "run", "--table", "missions", "--retries", "3")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "retry" not in result.stderr and "could not be reached" not in result.stderr
+    assert f'the source refused the connection (password authentication failed for user "{role}")' in result.stderr
+    assert "set SOURCES__APP_DB__CREDENTIALS=<SQLAlchemy URL>" in result.stderr
+    assert "wrong-pw" not in result.stderr
+    status, error = warehouse.query("SELECT status, error FROM ops.pipeline_runs")[0]
+    assert status == "failed" and "password authentication failed" in error
+
+
+@pytest.mark.postgres
+def test_a_wrong_warehouse_password_is_not_retried_and_says_what_to_set(
+    pg_database_factory: object, password_role: tuple[str, str], demo_source: str, tmp_path: Path
+) -> None:
+    from datamart.settings import postgres_warehouse
+
+    role, _ = password_role
+    warehouse = postgres_warehouse(pg_database_factory("warehouse"))  # type: ignore[operator]
+    env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
+    env["DESTINATION__POSTGRES__CREDENTIALS"] = pg_url(warehouse, user=role, password="wrong-pw")
+    result = dlt(env, "pipeline", "app_db", "run", "--retries", "3")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "retry" not in result.stderr and "could not be reached" not in result.stderr
+    assert f'the warehouse refused the connection (password authentication failed for user "{role}")' in (result.stderr)
+    assert "set DESTINATION__POSTGRES__CREDENTIALS" in result.stderr
+    assert "wrong-pw" not in result.stderr
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_semicolon_csv_is_named_as_such_and_the_declared_delimiter_reads_it(
+    warehouse: Warehouse, demo_source: str, tmp_path: Path
+) -> None:
+    partners = tmp_path / "bucket" / "referentials" / "partners.csv"
+    original = partners.read_text(encoding="utf-8")
+    partners.write_text(original.replace(",", ";"), encoding="utf-8")  # the demo's names hold no comma
+    env = command_env(warehouse, tmp_path, SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"))
+    result = dlt(env, "pipeline", "bucket", "run")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "null primary key" not in result.stderr
+    assert "file partners.csv: the header reads as 1 column" in result.stderr
+    assert "the file is delimited by ';'" in result.stderr
+    assert "Declare `delimiter: ';'` under tables.partners in bucket.yaml" in result.stderr
+    assert not warehouse.table_exists("raw_bucket", "partners")
