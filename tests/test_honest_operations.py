@@ -20,6 +20,8 @@ import pytest
 from psycopg2 import sql
 
 from datamart import demo
+from datamart.ingest.declarations import load_declaration
+from datamart.ingest.runner import run_pipeline
 from datamart.settings import PROJECT_ROOT, Warehouse
 
 DLT = str(Path(sys.executable).parent / "dlt")
@@ -183,3 +185,21 @@ def test_a_semicolon_csv_is_named_as_such_and_the_declared_delimiter_reads_it(
     assert "the file is delimited by ';'" in result.stderr
     assert "Declare `delimiter: ';'` under tables.partners in bucket.yaml" in result.stderr
     assert not warehouse.table_exists("raw_bucket", "partners")
+
+    # the declaration it names reads the file (same table, declared with its delimiter)
+    declared = tmp_path / "declarations" / "bucket.yaml"
+    declared.parent.mkdir()
+    declared.write_text(
+        (PROJECT_ROOT / "pipelines" / "bucket.yaml")
+        .read_text()
+        .replace("    format: csv\n", "    format: csv\n    delimiter: ';'\n")
+    )
+    os.environ["SOURCES__BUCKET__BUCKET_URL"] = str(tmp_path / "bucket")
+    try:
+        run = run_pipeline(load_declaration(declared), warehouse, tables=["partners"], pipelines_dir=tmp_path / "p")
+    finally:
+        del os.environ["SOURCES__BUCKET__BUCKET_URL"]
+    lines = original.strip().splitlines()
+    assert run.tables[0].rows_loaded == len(lines) - 1
+    names = [row[0] for row in warehouse.query("SELECT name FROM raw_bucket.partners ORDER BY partner_id")]
+    assert names == [line.split(",")[lines[0].split(",").index("name")] for line in lines[1:]]
