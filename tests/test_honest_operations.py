@@ -20,8 +20,9 @@ import pytest
 from psycopg2 import sql
 
 from datamart import demo
-from datamart.ingest.declarations import load_declaration
-from datamart.ingest.runner import run_pipeline
+from datamart.ingest.declarations import load_declaration, load_named
+from datamart.ingest.runner import make_pipeline, run_pipeline
+from datamart.ingest.sources import build_resources
 from datamart.settings import PROJECT_ROOT, Warehouse
 
 DLT = str(Path(sys.executable).parent / "dlt")
@@ -203,3 +204,79 @@ def test_a_semicolon_csv_is_named_as_such_and_the_declared_delimiter_reads_it(
     assert run.tables[0].rows_loaded == len(lines) - 1
     names = [row[0] for row in warehouse.query("SELECT name FROM raw_bucket.partners ORDER BY partner_id")]
     assert names == [line.split(",")[lines[0].split(",").index("name")] for line in lines[1:]]
+
+
+# --- verify compares with dlt's own state --------------------------------------------------------------------------
+
+
+def test_rows_lost_below_dlts_cursor_are_drift_not_pending(
+    warehouse: Warehouse, demo_source: str, tmp_path: Path
+) -> None:
+    env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
+    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
+    # A restore (or a failover) takes the warehouse's missions back before the last load; dlt's state, which
+    # says those rows were loaded, stays: the newest missions are gone and no run will read them again.
+    newest = warehouse.query("SELECT max(updated_at) FROM raw_app_db.missions")[0][0]
+    lost = sorted(r[0] for r in warehouse.query(f"SELECT id FROM raw_app_db.missions WHERE updated_at = '{newest}'"))
+    warehouse.query(f"DELETE FROM raw_app_db.missions WHERE updated_at = '{newest}'")
+    # and one change the next run will load: pending, not drift
+    with sqlite3.connect(demo_source[len("sqlite:///") :]) as conn:
+        conn.execute("UPDATE applications SET status = 'refused', updated_at = '2099-01-01 00:00:00' WHERE id = 3")
+
+    report = dlt(env, "pipeline", "app_db", "verify")
+    assert report.returncode == 1, report.stdout + report.stderr
+    rows = {line.split()[0]: line.split() for line in report.stdout.splitlines()[2:] if line.split()}
+    assert rows["missions"][-1] == "DRIFT" and rows["missions"][4] == "0"  # pending 0
+    assert rows["missions"][5] == str(len(lost))  # missing
+    assert rows["applications"][4] == "1" and rows["applications"][-1] == "ok"
+    assert f"raw_app_db.missions: {len(lost)} key(s) missing from the warehouse, e.g. {lost[0]}" in report.stdout
+    assert "dlt's state says rows up to updated_at = " in report.stdout and "never read again" in report.stdout
+    assert "fix with `dlt pipeline app_db run --table missions --full-refresh`" in report.stdout
+
+    # a run indeed does not bring them back; the repair verify names does
+    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
+    assert dlt(env, "pipeline", "app_db", "verify", "--table", "missions").returncode == 1
+    assert dlt(env, "pipeline", "app_db", "run", "--table", "missions", "--full-refresh").returncode == 0
+    again = dlt(env, "pipeline", "app_db", "verify")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+# --- the counts are those of what was loaded -----------------------------------------------------------------------
+
+
+def test_rows_of_a_load_finished_by_a_later_attempt_are_counted(
+    warehouse: Warehouse, demo_source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
+    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
+    demo.advance_day(source_url=demo_source, bucket=tmp_path / "bucket")
+    # An attempt extracts and normalises the day's changes, then loses the warehouse before its load: the package
+    # waits in dlt's working directory (as after `warehouse goes away mid-load`, or a kill during the load).
+    for key in ("SOURCES__APP_DB__CREDENTIALS", "DATAMART__PII_HMAC_KEY", "DATAMART_PIPELINES_DIR"):
+        monkeypatch.setenv(key, env[key])
+    decl = load_named("app_db")
+    pipeline = make_pipeline(decl, warehouse)
+    pipeline.sync_destination()
+    pipeline.extract(build_resources(decl, ["stats_events", "missions"]))
+    pipeline.normalize()
+    waiting = pipeline.last_trace.last_normalize_info.row_counts
+    assert pipeline.has_pending_data and waiting["stats_events"] > 0
+
+    result = dlt(env, "pipeline", "app_db", "run")  # the next attempt finishes it, then reads what changed since
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "completed a load left pending" in result.stdout
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("raw_app_db.stats_events"))
+    events = f"{waiting['stats_events']:,}"
+    assert row[1:3] == [events, events], result.stdout  # read, inserted
+    total = warehouse.query("SELECT count(*) FROM raw_app_db.stats_events")[0][0]
+    assert row[-1] == f"{total:,}"
+    missions = next(line.split() for line in result.stdout.splitlines() if line.startswith("raw_app_db.missions"))
+    assert int(missions[1].replace(",", "")) > 0 and missions[2:4] != ["0", "0"], result.stdout
+    recorded = dict(
+        warehouse.query(
+            "SELECT t.table_name, t.rows_read FROM ops.pipeline_run_tables t JOIN ops.pipeline_runs r "
+            "ON r.run_id = t.run_id WHERE r.status = 'succeeded' AND t.table_name = 'stats_events' "
+            "ORDER BY r.started_at DESC LIMIT 1"
+        )
+    )
+    assert recorded == {"stats_events": waiting["stats_events"]}

@@ -123,16 +123,22 @@ def _run_pipeline(
     check_secrets(decl, tables)
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
     pipeline.sync_destination()  # a fresh worker continues from the state kept in the warehouse
-    notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
-    columns_before = _columns(pipeline, names)
-    resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
     # Only merge tables need the counts before and the rows each load wrote (to tell inserts from updates): on an
     # append table of 10 million rows each of those counts is a full scan.
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]
     before = {n: 0 for n in names}
-    if not full_refresh:
+    if not full_refresh:  # counted before a pending load is finished: its rows are this run's
         before.update(count_rows(pipeline, merged)[0])
+    notes: list[str] = []
+    pending_ids: list[str] = []  # loads left by an earlier attempt or run, finished by this one
+    if pipeline.has_pending_data:
+        waiting = [*pipeline.list_extracted_load_packages(), *pipeline.list_normalized_load_packages()]
+        note, completed = finish_or_abort_pending(pipeline)
+        notes.append(note)
+        pending_ids = waiting if completed else []
+    columns_before = _columns(pipeline, names)
+    resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
     profile: dict[str, float] = {}
     file_format = loader_file_format(decl, warehouse)
     info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None, loader_file_format=file_format)
@@ -141,8 +147,11 @@ def _run_pipeline(
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
     counted = time.monotonic()
-    written_in = [n for n in merged if row_counts.get(warehouse_name(n))]
-    after, written = count_rows(pipeline, names, list(info.loads_ids), written_in)
+    # The rows a finished pending load wrote are counted in the warehouse (its normalize step may have run in a
+    # process that is gone): those still carrying its load id. A retried run reports what it loaded, all of it.
+    from_pending = count_rows(pipeline, names, pending_ids, names)[1] if pending_ids else {}
+    written_in = [n for n in merged if row_counts.get(warehouse_name(n)) or from_pending.get(n)]
+    after, written = count_rows(pipeline, names, [*pending_ids, *info.loads_ids], written_in)
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
     first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
@@ -156,7 +165,7 @@ def _run_pipeline(
     totals = {n: after[n] - deletions.get(n, 0) for n in names}
     loads = []
     for name in names:
-        read = int(row_counts.get(warehouse_name(name), 0))
+        read = int(row_counts.get(warehouse_name(name), 0)) + from_pending.get(name, 0)
         split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name, 0))
         loads.append(
             TableLoad(
@@ -213,7 +222,7 @@ def _split(disposition: str, read: int, before: int, after: int, written: int) -
     return {"inserted": inserted, "updated": max(written - inserted, 0), "soft_deleted": soft_deleted}
 
 
-def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
+def finish_or_abort_pending(pipeline: dlt.Pipeline) -> tuple[str, bool]:
     """Load what a previous run left pending; if it fails for good, abort it so this run re-reads the source.
 
     A run killed after its extract (during normalize or load) leaves its package in the working directory, with
@@ -223,6 +232,7 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
     dlt would otherwise retry the same broken package at every run and skip every new extract (a type change, a
     value the warehouse refuses…). Aborting restores the incremental state of before that package, so the rows
     are read again from the source, this time through the fixed declaration or data: nothing is lost.
+    The boolean says whether the pending load was completed (False: aborted).
     """
     try:
         pipeline.run().raise_on_failed_jobs()
@@ -235,8 +245,9 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
             root_cause(exc),
         )
         pipeline.abort_packages()
-        return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again"
-    return "completed a load left pending by an earlier run (interrupted or killed) before reading the source"
+        return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again", False
+    note = "completed a load left pending by an earlier run or attempt (interrupted or killed) before reading the "
+    return note + "source; its rows are counted in this run's", True
 
 
 def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
