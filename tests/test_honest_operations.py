@@ -280,3 +280,68 @@ def test_rows_of_a_load_finished_by_a_later_attempt_are_counted(
         )
     )
     assert recorded == {"stats_events": waiting["stats_events"]}
+
+
+# --- a dropped source column ---------------------------------------------------------------------------------------
+
+
+def test_a_dropped_sql_column_stops_its_table_and_says_so(
+    warehouse: Warehouse, demo_source: str, tmp_path: Path
+) -> None:
+    env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
+    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
+    titles = dict(warehouse.query("SELECT id, title FROM raw_app_db.missions"))
+    with sqlite3.connect(demo_source[len("sqlite:///") :]) as conn:  # the application drops a column ...
+        conn.execute("ALTER TABLE missions DROP COLUMN title")
+        # ... and its rows keep changing, like the other tables'
+        conn.execute("UPDATE missions SET places = places + 1, updated_at = '2099-01-01 00:00:00' WHERE id <= 5")
+        conn.execute("UPDATE organizations SET name = 'Renamed', updated_at = '2099-01-01 00:00:00' WHERE id = 1")
+
+    result = dlt(env, "pipeline", "app_db", "run", "--retries", "3")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "retry" not in result.stderr
+    assert "table missions: column(s) title no longer in the source table missions" in result.stderr
+    assert "dlt pipeline app_db run --table missions --full-refresh" in result.stderr
+    assert "raw_app_db.missions: NOT LOADED: column(s) title" in result.stdout
+    loaded = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("raw_app_db.")]
+    assert "raw_app_db.organizations" in loaded and "raw_app_db.missions" not in loaded
+    # the other tables were loaded; the missions keep their titles, none nulled
+    assert warehouse.query("SELECT name FROM raw_app_db.organizations WHERE id = 1") == [("Renamed",)]
+    assert dict(warehouse.query("SELECT id, title FROM raw_app_db.missions")) == titles
+    status, error = warehouse.query("SELECT status, error FROM ops.pipeline_runs ORDER BY started_at DESC LIMIT 1")[0]
+    assert status == "failed" and "table missions: column(s) title no longer in the source" in error
+    recorded = warehouse.query(
+        "SELECT table_name FROM ops.pipeline_run_tables t JOIN ops.pipeline_runs r ON r.run_id = t.run_id "
+        "WHERE r.status = 'failed'"
+    )
+    assert ("organizations",) in recorded and ("missions",) not in recorded
+
+    # the way out it names: the table reloaded as the source now is
+    accepted = dlt(env, "pipeline", "app_db", "run", "--table", "missions", "--full-refresh")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "title" not in warehouse.columns("raw_app_db", "missions")
+    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
+
+
+def test_a_file_reexported_without_a_column_stops_its_table_and_says_so(
+    warehouse: Warehouse, demo_source: str, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    env = command_env(warehouse, tmp_path, SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"))
+    assert dlt(env, "pipeline", "bucket", "run").returncode == 0
+    before = warehouse.query("SELECT report_date, partner_id, clicks FROM raw_bucket.partner_reports ORDER BY 1, 2")
+    # the partner re-exports the last day without its clicks column (a new modification date: the next run reads it)
+    latest = sorted((tmp_path / "bucket" / "exports" / "partner_reports").glob("*.parquet"))[-1]
+    pq.write_table(pq.read_table(latest).drop_columns(["clicks"]), latest)
+    os.utime(latest, (latest.stat().st_atime, latest.stat().st_mtime + 60))
+
+    result = dlt(env, "pipeline", "bucket", "run")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"table partner_reports: column(s) clicks missing from file {latest.name}" in result.stderr
+    assert "raw_bucket.partner_reports: NOT LOADED: column(s) clicks" in result.stdout
+    after = warehouse.query("SELECT report_date, partner_id, clicks FROM raw_bucket.partner_reports ORDER BY 1, 2")
+    assert after == before  # no clicks nulled
+    assert warehouse.query("SELECT status FROM ops.pipeline_runs ORDER BY started_at DESC LIMIT 1") == [("failed",)]
+    # stopped again until the file is fixed: the file is still to be read (its state did not move)
+    assert dlt(env, "pipeline", "bucket", "run").returncode == 1

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from datamart.environments import check_environment
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
+from datamart.ingest.dropped import TablesStopped
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import (
     PipelineRun,
@@ -63,6 +64,7 @@ def run_command(
         return 0
 
     runs: list[PipelineRun] = []
+    stopped = False
     for decl in declarations:
         try:
             runs.append(
@@ -70,6 +72,10 @@ def run_command(
                     decl, warehouse, tables, full_refresh, attempts, pipelines_dir, out=out, err=err, wait=wait
                 )
             )
+        except TablesStopped as exc:  # the other tables were loaded: they are in the summary; exit 1 at the end
+            print(failure_message(decl, exc), file=err)
+            runs.append(exc.run)
+            stopped = True
         except PipelineLocked as exc:
             print(f"error: {exc}", file=err)
             if runs:
@@ -84,7 +90,7 @@ def run_command(
                 print(format_loads(runs), file=out)
             return 2 if is_config_error(exc) else 1
     print(format_loads(runs), file=out)
-    return 0
+    return 1 if stopped else 0
 
 
 def run_with_retries(
@@ -134,6 +140,9 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     if table:
         where += f", table {table}"
     config = config_hint(decl, exc)
+    stopped = in_chain(exc, TablesStopped)
+    if isinstance(stopped, TablesStopped):
+        return redact(f"error: {stopped}\nwhat to do: {stopped.hint}")
     if config is not None:
         hint = config
     elif is_transient(exc):

@@ -15,6 +15,7 @@ from dlt.common import logger
 
 from datamart.environments import check_environment
 from datamart.ingest.declarations import PipelineDecl, warehouse_name
+from datamart.ingest.dropped import TablesStopped, dropped_columns
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
 from datamart.ingest.sources import build_deletions, build_resources, check_secrets
@@ -45,6 +46,8 @@ class PipelineRun:
     elapsed: float
     tables: list[TableLoad] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. a load left pending by a killed run, finished first
+    # tables not loaded because their source dropped a column: table -> which column, where (see dropped.py)
+    stopped: dict[str, str] = field(default_factory=dict)
     # seconds per part of the run: dlt's extract, normalize and load steps (from its trace), key-set delete
     # detection and the row counts taken in the warehouse
     profile: dict[str, float] = field(default_factory=dict)
@@ -106,7 +109,9 @@ def run_pipeline(
         check_environment(warehouse)  # inside the lock: on DuckDB the holder of the file may be the other run
         with recorded_run(warehouse, decl.name, decl.dataset, tables, full_refresh) as record_:
             run = _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
-            record_.succeeded(run)
+            record_.succeeded(run)  # the tables loaded; a stopped table gets no row (it was not loaded)
+            if run.stopped:
+                raise TablesStopped(run, run.stopped, decl)  # the run is recorded failed, with the reason
             return run
 
 
@@ -137,6 +142,15 @@ def _run_pipeline(
         note, completed = finish_or_abort_pending(pipeline)
         notes.append(note)
         pending_ids = waiting if completed else []
+    # a table whose source dropped a column is not loaded (it would be NULL on every changed row): see dropped.py
+    stopped = {} if full_refresh else dropped_columns(decl, warehouse, names, pipeline.state)
+    if stopped:
+        names = [n for n in names if n not in stopped]
+        merged = [n for n in merged if n not in stopped]
+        tables = names
+        if not names:
+            elapsed = time.monotonic() - started
+            return PipelineRun(decl.name, decl.dataset, elapsed, notes=notes, stopped=stopped)
     columns_before = _columns(pipeline, names)
     resources = build_resources(decl, tables, known_columns=columns_before, held_back=held_back)
     profile: dict[str, float] = {}
@@ -182,7 +196,13 @@ def _run_pipeline(
         )
     elapsed = time.monotonic() - started
     return PipelineRun(
-        pipeline=decl.name, dataset=decl.dataset, elapsed=elapsed, tables=loads, profile=profile, notes=notes
+        pipeline=decl.name,
+        dataset=decl.dataset,
+        elapsed=elapsed,
+        tables=loads,
+        profile=profile,
+        notes=notes,
+        stopped=stopped,
     )
 
 
@@ -401,6 +421,11 @@ def format_loads(runs: list[PipelineRun]) -> str:
         for run in runs
         for table in run.tables
         if table.held_back
+    ]
+    changes += [
+        f"  {run.dataset}.{table}: NOT LOADED: {why} (it would be NULL on every changed row; see the error)"
+        for run in runs
+        for table, why in run.stopped.items()
     ]
     if changes:
         lines += ["schema changes:", *changes]
