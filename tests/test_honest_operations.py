@@ -345,3 +345,66 @@ def test_a_file_reexported_without_a_column_stops_its_table_and_says_so(
     assert warehouse.query("SELECT status FROM ops.pipeline_runs ORDER BY started_at DESC LIMIT 1") == [("failed",)]
     # stopped again until the file is fixed: the file is still to be read (its state did not move)
     assert dlt(env, "pipeline", "bucket", "run").returncode == 1
+
+
+@pytest.mark.postgres
+def test_a_run_retried_after_losing_the_warehouse_mid_load_reports_what_it_loaded(
+    pg_database_factory: object, demo_source: str, tmp_path: Path
+) -> None:
+    import time
+
+    from datamart.settings import postgres_warehouse
+
+    warehouse = postgres_warehouse(pg_database_factory("warehouse"))  # type: ignore[operator]
+    url = pg_url(warehouse)
+    env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
+    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
+    new_events = 30_000
+    with sqlite3.connect(demo_source[len("sqlite:///") :]) as conn:
+        last = conn.execute("SELECT max(id) FROM stats_events").fetchone()[0]
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) INSERT INTO stats_events "
+            "SELECT ? + i, 'view', 1, 1, '2099-01-01 00:00:00' FROM n",
+            (new_events, last),
+        )
+    # The first attempt's COPY into stats_events waits behind a lock; its connection is then cut (a failover, a
+    # network cut): a transient error, retried; the second attempt finishes the load the first one left.
+    brake = psycopg2.connect(url)
+    brake.cursor().execute("LOCK TABLE raw_app_db.stats_events IN SHARE MODE")
+    log = (tmp_path / "run.log").open("w")
+    run = subprocess.Popen(
+        [DLT, "pipeline", "app_db", "run", "--table", "stats_events", "--retries", "2"],
+        env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        copy: list[tuple[int]] = []
+        while not copy and time.monotonic() < deadline and run.poll() is None:
+            with psycopg2.connect(url) as conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = "
+                    "'Lock' AND query LIKE 'COPY %stats_events%'"
+                )
+                copy = cur.fetchall()
+            conn.close()
+            time.sleep(0.05)
+        assert copy, (tmp_path / "run.log").read_text()
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid NOT IN (pg_backend_pid(), %s)",
+                (brake.get_backend_pid(),),
+            )
+        conn.close()
+    finally:
+        brake.close()
+    assert run.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
+    output = (tmp_path / "run.log").read_text()
+    assert "retry 2/2" in output and "completed a load left pending" in output
+    row = next(line.split() for line in output.splitlines() if line.startswith("raw_app_db.stats_events"))
+    assert row[1:3] == [f"{new_events:,}", f"{new_events:,}"], output  # read, inserted: not 0
+    recorded = warehouse.query(
+        "SELECT t.rows_read, t.rows_inserted FROM ops.pipeline_run_tables t JOIN ops.pipeline_runs r "
+        "ON r.run_id = t.run_id WHERE t.table_name = 'stats_events' ORDER BY r.started_at DESC LIMIT 1"
+    )
+    assert recorded == [(new_events, new_events)]

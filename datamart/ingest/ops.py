@@ -4,9 +4,10 @@
 ``tables`` (the selected tables, comma-separated; empty for all), ``full_refresh``, ``started_at``, ``ended_at``
 (UTC, timestamptz), ``status`` (``running``, ``succeeded``, ``failed``), ``error`` (the root cause with secrets
 redacted), ``host``, ``pid``.
-``ops.pipeline_run_tables``: one row per table of a succeeded run — ``run_id``, ``pipeline``, ``dataset``,
-``table_name``, ``rows_read``, ``rows_inserted``, ``rows_updated``, ``rows_deleted`` (soft and hard),
-``rows_in_warehouse``, ``ended_at``.
+``ops.pipeline_run_tables``: one row per table a run loaded (every table of a succeeded run; the loaded ones of a
+run that stopped a table whose source dropped a column, recorded failed with the reason) — ``run_id``,
+``pipeline``, ``dataset``, ``table_name``, ``rows_read``, ``rows_inserted``, ``rows_updated``, ``rows_deleted`` (soft
+and hard), ``rows_in_warehouse``, ``ended_at``.
 
 A run is written as ``running`` once the pipeline's lock is taken, then updated to ``succeeded`` or ``failed``. A
 process killed meanwhile leaves ``running``: the next run of that pipeline, which holds the lock and therefore
