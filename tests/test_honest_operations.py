@@ -347,64 +347,96 @@ def test_a_file_reexported_without_a_column_stops_its_table_and_says_so(
     assert dlt(env, "pipeline", "bucket", "run").returncode == 1
 
 
-@pytest.mark.postgres
-def test_a_run_retried_after_losing_the_warehouse_mid_load_reports_what_it_loaded(
-    pg_database_factory: object, demo_source: str, tmp_path: Path
-) -> None:
+def add_events(source_url: str, count: int) -> None:
+    """``count`` new stats_events rows in the demo source."""
+    with sqlite3.connect(source_url[len("sqlite:///") :]) as conn:
+        last = conn.execute("SELECT max(id) FROM stats_events").fetchone()[0]
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) INSERT INTO stats_events "
+            "SELECT ? + i, 'view', 1, 1, '2099-01-01 00:00:00' FROM n",
+            (count, last),
+        )
+
+
+def run_cut_while_waiting(env: dict[str, str], url: str, table: str, statement: str, log: Path) -> str:
+    """Run `dlt pipeline app_db run --table stats_events --retries 2` while ``table`` is locked; once a statement
+    like ``statement`` waits for it, cut every other connection to the warehouse (a failover, a network cut), then
+    let the run go on. Its output, after checking it exited 0."""
     import time
 
+    brake = psycopg2.connect(url)
+    brake.cursor().execute(f"LOCK TABLE {table} IN SHARE MODE")
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [DLT, "pipeline", "app_db", "run", "--table", "stats_events", "--retries", "2"],
+            env=env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            deadline, waiting = time.monotonic() + 300, []
+            while not waiting and time.monotonic() < deadline and run.poll() is None:
+                conn = psycopg2.connect(url)
+                with conn, conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE %s",
+                        (statement,),
+                    )
+                    waiting = cur.fetchall()
+                conn.close()
+                time.sleep(0.05)
+            assert waiting, log.read_text()
+            conn = psycopg2.connect(url)
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid NOT IN (pg_backend_pid(), %s)",
+                    (brake.get_backend_pid(),),
+                )
+            conn.close()
+        finally:
+            brake.close()
+        assert run.wait(timeout=300) == 0, log.read_text()
+    return log.read_text()
+
+
+def reported(output: str, warehouse: Warehouse) -> tuple[list[str], list[tuple[int, int]]]:
+    """The summary's stats_events row (read, inserted) and the latest succeeded run record's (read, inserted)."""
+    row = next(line.split() for line in output.splitlines() if line.startswith("raw_app_db.stats_events"))
+    recorded = warehouse.query(
+        "SELECT t.rows_read, t.rows_inserted FROM ops.pipeline_run_tables t JOIN ops.pipeline_runs r "
+        "ON r.run_id = t.run_id WHERE t.table_name = 'stats_events' AND r.status = 'succeeded' "
+        "ORDER BY r.started_at DESC LIMIT 1"
+    )
+    return row[1:3], recorded
+
+
+@pytest.mark.postgres
+def test_a_run_that_loses_the_warehouse_connections_reports_what_it_loaded(
+    pg_database_factory: object, demo_source: str, tmp_path: Path
+) -> None:
     from datamart.settings import postgres_warehouse
 
     warehouse = postgres_warehouse(pg_database_factory("warehouse"))  # type: ignore[operator]
     url = pg_url(warehouse)
     env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
     assert dlt(env, "pipeline", "app_db", "run").returncode == 0
-    new_events = 30_000
-    with sqlite3.connect(demo_source[len("sqlite:///") :]) as conn:
-        last = conn.execute("SELECT max(id) FROM stats_events").fetchone()[0]
-        conn.execute(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) INSERT INTO stats_events "
-            "SELECT ? + i, 'view', 1, 1, '2099-01-01 00:00:00' FROM n",
-            (new_events, last),
-        )
-    # The first attempt's COPY into stats_events waits behind a lock; its connection is then cut (a failover, a
-    # network cut): a transient error, retried; the second attempt finishes the load the first one left.
-    brake = psycopg2.connect(url)
-    brake.cursor().execute("LOCK TABLE raw_app_db.stats_events IN SHARE MODE")
-    log = (tmp_path / "run.log").open("w")
-    run = subprocess.Popen(
-        [DLT, "pipeline", "app_db", "run", "--table", "stats_events", "--retries", "2"],
-        env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        copy: list[tuple[int]] = []
-        while not copy and time.monotonic() < deadline and run.poll() is None:
-            with psycopg2.connect(url) as conn, conn.cursor() as cur:
-                cur.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = "
-                    "'Lock' AND query LIKE 'COPY %stats_events%'"
-                )
-                copy = cur.fetchall()
-            conn.close()
-            time.sleep(0.05)
-        assert copy, (tmp_path / "run.log").read_text()
-        with psycopg2.connect(url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid NOT IN (pg_backend_pid(), %s)",
-                (brake.get_backend_pid(),),
-            )
-        conn.close()
-    finally:
-        brake.close()
-    assert run.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
-    output = (tmp_path / "run.log").read_text()
-    assert "retry 2/2" in output and "completed a load left pending" in output
-    row = next(line.split() for line in output.splitlines() if line.startswith("raw_app_db.stats_events"))
-    assert row[1:3] == [f"{new_events:,}", f"{new_events:,}"], output  # read, inserted: not 0
-    recorded = warehouse.query(
-        "SELECT t.rows_read, t.rows_inserted FROM ops.pipeline_run_tables t JOIN ops.pipeline_runs r "
-        "ON r.run_id = t.run_id WHERE t.table_name = 'stats_events' ORDER BY r.started_at DESC LIMIT 1"
+    count = 30_000
+    expected = [f"{count:,}", f"{count:,}"]
+
+    # cut during the COPY: dlt retries the job and the load completes; the connection holding the pipeline's lock
+    # was cut too (the server released the lock with it), which must not turn the loaded run into a retried one
+    add_events(demo_source, count)
+    output = run_cut_while_waiting(env, url, "raw_app_db.stats_events", "COPY %stats_events%", tmp_path / "a.log")
+    assert reported(output, warehouse) == (expected, [(count, count)]), output
+    assert "the connection holding the pipeline's lock was lost" in output
+
+    # cut while the run record is written, after the load: that attempt fails (transient) and the retry reads
+    # nothing new, yet the command loaded the rows: the summary and the record of the run say so
+    add_events(demo_source, count)
+    output = run_cut_while_waiting(
+        env, url, "ops.pipeline_run_tables", "INSERT INTO ops.pipeline_run_tables%", tmp_path / "b.log"
     )
-    assert recorded == [(new_events, new_events)]
+    assert "retry 2/2" in output
+    assert reported(output, warehouse) == (expected, [(count, count)]), output
+    total = warehouse.query("SELECT count(*) FROM raw_app_db.stats_events")[0][0]
+    assert total == warehouse.query("SELECT count(DISTINCT id) FROM raw_app_db.stats_events")[0][0]

@@ -12,6 +12,7 @@ from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_al
 from datamart.ingest.dropped import TablesStopped
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import (
+    Carried,
     PipelineRun,
     format_loads,
     in_chain,
@@ -105,11 +106,17 @@ def run_with_retries(
     err: TextIO = sys.stderr,
     wait: float = 0.0,
 ) -> PipelineRun:
-    """Run a pipeline, retrying with exponential backoff when the failure is transient (connection, timeout)."""
+    """Run a pipeline, retrying with exponential backoff when the failure is transient (connection, timeout).
+
+    The run returned counts what every attempt loaded (an attempt may fail after its load: the next one reads
+    nothing new, yet those rows were loaded by this command)."""
+    carried = Carried()
     for attempt in range(1, attempts + 1):
         print(f"{decl.name}: extracting and loading {', '.join(tables or [t.name for t in decl.tables])}", file=out)
         try:
-            return run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh=full_refresh, wait=wait)
+            return run_pipeline(
+                decl, warehouse, tables, pipelines_dir, full_refresh=full_refresh, wait=wait, carried=carried
+            )
         except Exception as exc:
             if attempt == attempts or not is_transient(exc):
                 raise

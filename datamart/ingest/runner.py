@@ -58,6 +58,16 @@ class PipelineRun:
         return sum(t.rows_loaded + t.rows_deleted for t in self.tables)
 
 
+@dataclass
+class Carried:
+    """What the failed attempts of one command already did, so that the attempt that succeeds reports the whole run:
+    the loads they completed (a failure after the load — a lost connection while counting, recording or deleting —
+    leaves rows the next attempt does not read again) and the row counts before the first attempt."""
+
+    loads: list[str] = field(default_factory=list)
+    before: dict[str, int] | None = None
+
+
 PROGRESS_SECONDS = 15.0
 
 
@@ -93,6 +103,7 @@ def run_pipeline(
     full_refresh: bool = False,
     wait: float = 0.0,
     record: bool = True,
+    carried: Carried | None = None,
 ) -> PipelineRun:
     """Extract, normalise and load one pipeline; raise if any load job failed.
 
@@ -100,19 +111,31 @@ def run_pipeline(
     The run holds the pipeline's lock (:func:`datamart.ingest.lock.pipeline_lock`: a second run of the same pipeline
     waits up to ``wait`` seconds, then raises ``PipelineLocked``) and is recorded in ``ops.pipeline_runs`` /
     ``ops.pipeline_run_tables`` as running, then succeeded or failed with its error. ``record=False`` does neither
-    (a caller that already holds the lock, e.g. the scratch load of ``verify --full-compare``).
+    (a caller that already holds the lock, e.g. the scratch load of ``verify --full-compare``). ``carried``: what
+    earlier attempts of the same command loaded (:func:`datamart.ingest.cli.run_with_retries`), counted in this run.
     """
     if not record:
         return _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
     check_secrets(decl, tables)  # a missing secret stops before anything, even the run record, is written
-    with pipeline_lock(warehouse, decl.name, wait=wait):
-        check_environment(warehouse)  # inside the lock: on DuckDB the holder of the file may be the other run
-        with recorded_run(warehouse, decl.name, decl.dataset, tables, full_refresh) as record_:
-            run = _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
-            record_.succeeded(run)  # the tables loaded; a stopped table gets no row (it was not loaded)
-            if run.stopped:
-                raise TablesStopped(run, run.stopped, decl)  # the run is recorded failed, with the reason
-            return run
+    done: PipelineRun | None = None
+    try:
+        with pipeline_lock(warehouse, decl.name, wait=wait):
+            check_environment(warehouse)  # inside the lock: on DuckDB the holder of the file may be the other run
+            with recorded_run(warehouse, decl.name, decl.dataset, tables, full_refresh) as record_:
+                run = _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh, carried)
+                record_.succeeded(run)  # the tables loaded; a stopped table gets no row (it was not loaded)
+                if run.stopped:
+                    raise TablesStopped(run, run.stopped, decl)  # the run is recorded failed, with the reason
+                done = run
+    except Exception as exc:
+        if done is None:
+            raise
+        # Loaded and recorded; only releasing the lock failed: its connection was cut (a failover, a restart),
+        # and the server released the lock with the session. Retrying would report a run that reads nothing.
+        logger.warning("%s: the lock's connection was lost at the end of the run (%s)", decl.name, root_cause(exc))
+        done.notes.append(f"the connection holding the pipeline's lock was lost ({root_cause(exc)}); the run completed")
+    assert done is not None
+    return done
 
 
 def _run_pipeline(
@@ -121,6 +144,7 @@ def _run_pipeline(
     tables: list[str] | None,
     pipelines_dir: Path | None,
     full_refresh: bool,
+    carried: Carried | None = None,
 ) -> PipelineRun:
     started = time.monotonic()
     deletions: dict[str, int] = {}
@@ -135,13 +159,20 @@ def _run_pipeline(
     before = {n: 0 for n in names}
     if not full_refresh:  # counted before a pending load is finished: its rows are this run's
         before.update(count_rows(pipeline, merged)[0])
+    if carried is not None:  # an earlier attempt of this command counted them before it loaded anything
+        carried.before = {**before, **(carried.before or {})}
+        before = {n: carried.before[n] for n in names}
     notes: list[str] = []
-    pending_ids: list[str] = []  # loads left by an earlier attempt or run, finished by this one
+    # loads this run reports besides its own: completed by earlier attempts, or left pending and finished here
+    pending_ids: list[str] = list(carried.loads) if carried is not None else []
     if pipeline.has_pending_data:
         waiting = [*pipeline.list_extracted_load_packages(), *pipeline.list_normalized_load_packages()]
         note, completed = finish_or_abort_pending(pipeline)
         notes.append(note)
-        pending_ids = waiting if completed else []
+        if completed:
+            pending_ids += waiting
+            if carried is not None:
+                carried.loads += waiting
     # a table whose source dropped a column is not loaded (it would be NULL on every changed row): see dropped.py
     stopped = {} if full_refresh else dropped_columns(decl, warehouse, names, pipeline.state)
     if stopped:
@@ -157,6 +188,8 @@ def _run_pipeline(
     file_format = loader_file_format(decl, warehouse)
     info = pipeline.run(resources, refresh="drop_resources" if full_refresh else None, loader_file_format=file_format)
     info.raise_on_failed_jobs()
+    if carried is not None:  # if this attempt fails from here on, the next one reports these rows
+        carried.loads += list(info.loads_ids)
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
