@@ -337,17 +337,21 @@ class _Plan:
     cursor: str | None
     high_water: Any
     soft: str | None
+    window_from: Any = None  # a declared lag: rows with a cursor above it (and up to high_water) are read again
 
 
-SourceRow = tuple[Key, str, bytes]  # key, "live" | "pending" | "gone", digest
+SourceRow = tuple[Key, str, bytes]  # key, "live" | "pending" | "window" | "gone", digest
 
 
 def _classify(plan: _Plan, key_values: list[Any], values: list[Any], cursor: Any, soft: Any) -> SourceRow:
     key = tuple(coerce(v, value_kind(plan.types[k])) for v, k in zip(key_values, plan.keys, strict=True))
     status = "live"
     if plan.cursor and plan.high_water is not None and cursor is not None:
-        if coerce(cursor, value_kind(plan.types[plan.cursor])) > plan.high_water:
+        value = coerce(cursor, value_kind(plan.types[plan.cursor]))
+        if value > plan.high_water:
             status = "pending"
+        elif plan.window_from is not None and value > plan.window_from:
+            status = "window"  # the next run reads it again (lag): compared, but a difference is pending
     if status == "live" and plan.soft and coerce(soft, value_kind(plan.types[plan.soft])) not in (None, False):
         status = "gone"
     digest = row_digest(coerce(v, value_kind(plan.types[c])) for v, c in zip(values, plan.columns, strict=True))
@@ -504,6 +508,9 @@ def _compare_chunk(
     twice: list[Key] | None = None,
 ) -> None:
     source = {key: (status, digest) for key, status, digest in chunk}
+    for key, (status, digest) in list(source.items()):
+        if status == "window":  # in the lag window: equal is compared as live, different is for the next run
+            source[key] = ("live", digest) if wh_rows.get(key) == digest else ("pending", digest)
     missing: list[Key] = []
     changed: list[Key] = []
     kept: list[Key] = []
@@ -667,12 +674,13 @@ def verify_table(
         recorded = state_cursor(stored_state(warehouse, decl), decl, table)
         kind = value_kind(types[cursor])
         if recorded is not None:
-            high_water = _reread_from(coerce(recorded, kind), kind, table.lag)
+            high_water = coerce(recorded, kind)
         else:
             high_water = _high_water(warehouse, decl.dataset, name, cursor, types)
     if soft and soft not in types:
         types = {**types, soft: "timestamp"}
-    plan = _Plan(keys, columns, types, source_names, cursor, high_water, soft)
+    window_from = _reread_from(high_water, value_kind(types[cursor]), table.lag) if cursor and table.lag else None
+    plan = _Plan(keys, columns, types, source_names, cursor, high_water, soft, window_from)
     if not keys:
         return _counts_only(decl, warehouse, table, plan, refresh)
     check = TableCheck(table=table.name, method="keys+checksums", columns=tuple(columns), fix=refresh)
