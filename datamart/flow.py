@@ -13,6 +13,7 @@ from typing import TextIO
 
 from datamart.ingest.cli import failure_message, run_with_retries
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
+from datamart.ingest.dropped import TablesStopped
 from datamart.ingest.runner import PipelineRun, format_loads
 from datamart.ingest.sources import bucket_url, source_credentials
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, resolve_warehouse
@@ -147,6 +148,8 @@ def run_pipelines(
                 decl, warehouse, attempts=attempts, pipelines_dir=pipelines_dir, backoff=backoff, out=out, err=err
             )
         except Exception as exc:  # noqa: BLE001 - kept with its pipeline, reported by the caller
+            if isinstance(exc, TablesStopped):
+                runs.append(exc.run)  # its other tables were loaded: in the summary too
             failures.append(PipelineFailure(decl, exc))
             if report_failures:
                 print(failures[-1].message(), file=err)
