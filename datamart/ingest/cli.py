@@ -92,7 +92,9 @@ def run_command(
                 runs.append(exc.run)  # what the other tables loaded
             if runs:
                 print(format_loads(runs), file=out)
-            return 2 if is_config_error(exc) else 1
+            partly_loaded = isinstance(exc, TablesFailed) and exc.run is not None
+            # a setting error is exit 2 (nothing ran); once other tables loaded, the run itself failed: exit 1
+            return 2 if is_config_error(exc) and not partly_loaded else 1
     print(format_loads(runs), file=out)
     return 1 if stopped else 0
 

@@ -310,8 +310,8 @@ def _build_each(
         except (DeclarationError, SettingsError):
             raise
         except Exception as exc:
-            if is_transient(exc):
-                raise
+            if is_transient(exc) or refused_credentials(exc) is not None:
+                raise  # the source as a whole: every table would fail the same way
             failed[name] = exc
     return resources
 
