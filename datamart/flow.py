@@ -81,7 +81,7 @@ def ensure_demo_data(out: TextIO, declarations: list[PipelineDecl] | None = None
         return
     # the half of the demo no pipeline reads is generated aside and thrown away, never into another pipeline's source
     with tempfile.TemporaryDirectory(prefix="datamart-demo-unused-") as unused:
-        url = source_credentials(app) if app else f"sqlite:///{Path(unused) / 'app.sqlite'}"
+        url = source_credentials(app, generating_demo=True) if app else f"sqlite:///{Path(unused) / 'app.sqlite'}"
         bucket = Path(bucket_url(files)) if files else Path(unused) / "bucket"
         exists = demo.source_exists(url) if app else bucket.is_dir() and any(bucket.iterdir())
         if exists:

@@ -18,8 +18,12 @@ from datamart.ingest.rest import build_rest_resources
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
 
 
-def source_credentials(pipeline: PipelineDecl) -> str:
-    """The SQLAlchemy URL of a sql_database pipeline, from ``sources.<name>.credentials``."""
+def source_credentials(pipeline: PipelineDecl, generating_demo: bool = False) -> str:
+    """The SQLAlchemy URL of a sql_database pipeline, from ``sources.<name>.credentials``.
+
+    ``generating_demo``: the URL the demo generator writes to (``make run``), so the demo's SQLite default may not
+    exist yet.
+    """
     key = f"sources.{pipeline.name}.credentials"
     setting = key.upper().replace(".", "__")
     what_to_set = f"Set {setting}=<SQLAlchemy URL> or [sources.{pipeline.name}] credentials in .dlt/secrets.toml."
@@ -27,13 +31,13 @@ def source_credentials(pipeline: PipelineDecl) -> str:
     if not url:
         url = dlt.config.get(key)  # config.toml holds the demo's non-secret SQLite path
         if url:
-            _check_demo_default(pipeline, str(url), what_to_set)
+            _check_demo_default(pipeline, str(url), what_to_set, must_exist=not generating_demo)
     if not url:
         raise SettingsError(f"pipeline '{pipeline.name}': no connection for its source. {what_to_set}")
     return normalise_sqlalchemy_url(str(url))
 
 
-def _check_demo_default(pipeline: PipelineDecl, url: str, what_to_set: str) -> None:
+def _check_demo_default(pipeline: PipelineDecl, url: str, what_to_set: str, must_exist: bool = True) -> None:
     """The SQLite path of ``.dlt/config.toml`` is the demo's: it stands in for a missing secret only in development
     and once the demo database exists. Elsewhere a missing secret would read (or fail to open, and be retried as
     a lost connection) a file that has nothing to do with the source."""
@@ -45,7 +49,7 @@ def _check_demo_default(pipeline: PipelineDecl, url: str, what_to_set: str) -> N
     path = sqlite_path(normalise_sqlalchemy_url(url))
     if environment != "dev":
         reason = f"the demo's SQLite default in .dlt/config.toml ({url}) is not used with DATAMART_ENV={environment}"
-    elif path is not None and not path.exists():
+    elif must_exist and path is not None and not path.exists():
         reason = (
             f"the demo's SQLite default in .dlt/config.toml ({url}) does not exist: generate the demo with "
             "`python -m datamart.demo` (or `make run`) to use it"
