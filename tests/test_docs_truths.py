@@ -26,9 +26,60 @@ _NOT_COMMITTED = {
 }
 
 
+# the README is the front door; the manual lives in these
+MANUAL = (
+    "docs/pipelines.md",
+    "docs/review-and-promotion.md",
+    "docs/privacy.md",
+    "docs/operations.md",
+    "docs/known-limits.md",
+    "docs/demo-source.md",
+    "models/README.md",
+    "bench/README.md",
+)
+DOCS = ("README.md", *MANUAL)
+
+
+def _docs_text() -> str:
+    """Every document, whitespace collapsed (a sentence may be wrapped anywhere)."""
+    return " ".join(" ".join((PROJECT_ROOT / d).read_text(encoding="utf-8").split()) for d in DOCS)
+
+
+def test_the_readme_is_a_front_door_that_links_to_the_whole_manual() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) < 200
+    assert [d for d in MANUAL if f"]({d})" not in readme] == []
+
+
+def test_every_link_and_make_target_the_docs_give_exists() -> None:
+    """Relative markdown links point at files that exist (anchors at headings that exist), and every `make <target>`
+    shown is a target of the Makefile."""
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (PROJECT_ROOT / "Makefile").read_text(encoding="utf-8"), re.M))
+    broken = []
+    for doc in DOCS:
+        path = PROJECT_ROOT / doc
+        text = path.read_text(encoding="utf-8")
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if link.startswith(("http://", "https://", "mailto:")):
+                continue
+            file, _, anchor = link.partition("#")
+            target = (path.parent / file).resolve() if file else path
+            if not target.exists():
+                broken.append(f"{doc}: link {link}")
+            elif anchor and target.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", target.read_text(encoding="utf-8"), re.M)
+                slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+                if anchor not in slugs:
+                    broken.append(f"{doc}: anchor {link}")
+        for target in re.findall(r"`make ([a-z][a-z-]*)", text):
+            if target not in targets:
+                broken.append(f"{doc}: make {target}")
+    assert broken == []
+
+
 def test_every_file_the_docs_name_exists() -> None:
     missing = []
-    for doc in ("README.md", "dags/requirements-airflow.txt", "Makefile", "pyproject.toml"):
+    for doc in (*DOCS, "dags/requirements-airflow.txt", "Makefile", "pyproject.toml"):
         for path in sorted(set(_PATH.findall((PROJECT_ROOT / doc).read_text(encoding="utf-8")))):
             if path not in _NOT_COMMITTED and not (PROJECT_ROOT / path).exists():
                 missing.append(f"{doc} names {path}")
@@ -42,7 +93,7 @@ def test_the_declared_license_has_its_text() -> None:
 
 
 def test_the_bucket_size_the_readme_gives_is_the_code_s() -> None:
-    readme = " ".join((PROJECT_ROOT / "README.md").read_text(encoding="utf-8").split())
+    readme = _docs_text()
     assert "buckets of 4,096 values" not in readme
     assert f"{MIN_BUCKET_WIDTH} values per bucket" in readme
     assert f"at most {MAX_BUCKETS:,} buckets" in readme
@@ -59,7 +110,7 @@ def test_make_review_exit_codes_are_the_ones_the_readme_gives() -> None:
         ["make", "--no-print-directory", "review"], env=env, cwd=PROJECT_ROOT, capture_output=True, timeout=300
     )
     assert (command.returncode, make.returncode) == (1, 2)
-    readme = " ".join((PROJECT_ROOT / "README.md").read_text(encoding="utf-8").split())
+    readme = _docs_text()
     assert "`python -m datamart review` exits 1 when the change is refused" in readme
     assert "`make review` then exits 2" in readme
     assert "`make review` refuses it, exit code 1" not in readme

@@ -56,7 +56,7 @@ def render_register(context: Any, metabase_role: str = "metabase") -> str:
         "Every personal column declared in `pipelines/*.yaml`, what is done to it before it leaves the source, where "
         "its derivatives go (SQLMesh column lineage) and who can read them. It is the record a team needs for its "
         "RGPD processing register (the purpose and legal basis are the team's to add). How the guarantees work: "
-        "README, section Privacy.",
+        "docs/privacy.md.",
         "",
         "## Who can read each layer",
         "",
