@@ -22,7 +22,8 @@ from datamart.settings import Warehouse, configure_environment, resolve_warehous
 
 DEFAULT_STATE_SCHEMA = "sqlmesh"
 # SQLMesh's linter, run by `sqlmesh lint` and before every `sqlmesh plan`: an error stops the plan. The last
-# rule is the project's own (linter/gate.py): the review gate of `make review`, inside SQLMesh.
+# rules are the project's own: the modelling conventions (linter/conventions.py) and the review gate of
+# `make review`, inside SQLMesh (linter/gate.py).
 LINTER_RULES = [
     "noselectstar",
     "nomissingaudits",
@@ -30,6 +31,9 @@ LINTER_RULES = [
     "invalidselectstarexpansion",
     "noambiguousprojections",
     "nomissingexternalmodels",
+    "publisheddescribed",
+    "publishedaudited",
+    "layernaming",
     "reviewgate",
 ]
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from datamart.settings import Warehouse
+from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.testing.project import copy_project, edit
 from datamart.transform import sqlmesh_context
 
 
@@ -31,13 +35,34 @@ def test_models_are_formatted(context: Any) -> None:
     assert context.format(check=True), "run `make format`"
 
 
-def test_every_published_column_is_described_for_metabase_users(context: Any) -> None:
-    published = [m for m in context.models.values() if not m.kind.is_external and '"marts"' in m.fqn]
-    assert len(published) >= 4
-    for model in published:
-        assert model.description and len(model.description) > 80, model.name
-        undocumented = set(model.columns_to_types or {}) - set(model.column_descriptions)
-        assert not undocumented, f"{model.name}: no description for {sorted(undocumented)}"
+def test_plain_sqlmesh_lint_refuses_models_breaking_a_convention(tmp_path: Path) -> None:
+    """The conventions of models/README.md are SQLMesh linter rules (linter/conventions.py): `sqlmesh lint`, and
+    so every `sqlmesh plan`, refuses a model that breaks one, naming the model and the fix. One model breaks each."""
+    project = copy_project(tmp_path / "project")
+    edit(
+        project,
+        "models/marts/missions_v1.sql",
+        "    places = 'Number of volunteers the organization is looking for.',\n",
+        "",
+    )
+    edit(project, "models/marts/volunteer_activity_v1.sql", "    assert_no_personal_columns,\n", "")
+    edit(project, "models/marts/organizations_v1.sql", "name marts.organizations_v1,", "name marts.organizations,")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART_", "SQLMESH__"))}
+    env.update(DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "warehouse.duckdb"), COLUMNS="2000")
+    sqlmesh = Path(sys.executable).parent / "sqlmesh"
+    result = subprocess.run(
+        [str(sqlmesh), "-p", str(project), "lint"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0, output
+    assert "marts.missions_v1: published to Metabase, but no description in column_descriptions for places." in output
+    assert "marts.volunteer_activity_v1: published to Metabase without the audit assert_no_personal_columns" in output
+    assert "marts.organizations: a model of schema marts is named marts.<entity>_v<N>." in output
 
 
 def test_the_config_declares_only_the_selected_warehouse_and_no_analytics(tmp_path: Path) -> None:
