@@ -56,8 +56,9 @@ def declare(folder: Path, **table: object) -> Path:
     return path
 
 
-def run(source: Source, warehouse: Warehouse, tmp_path: Path) -> dict[str, int]:
-    """``dlt pipeline app run`` as a user types it; the counts its summary prints for raw_app.items."""
+def run(source: Source, warehouse: Warehouse, tmp_path: Path, expect: int = 0) -> dict[str, int]:
+    """``dlt pipeline app run`` as a user types it; the counts its summary prints for raw_app.items (the error
+    output under "error" when the run is expected to fail with ``expect``)."""
     env = dict(
         os.environ,
         DATAMART_DECLARATIONS_DIR=str(tmp_path / "declarations"),
@@ -74,7 +75,9 @@ def run(source: Source, warehouse: Warehouse, tmp_path: Path) -> dict[str, int]:
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == expect, result.stdout + result.stderr
+    if expect:
+        return {"error": result.stderr}  # type: ignore[dict-item]
     line = re.search(r"raw_app\.items\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)", result.stdout)
     assert line, result.stdout
     read, inserted, updated, deleted, total = (int(v.replace(",", "")) for v in line.groups())
@@ -178,8 +181,45 @@ def test_versions_with_contiguous_validity_and_deletes_retired(
             "and a primary_key",
         ),
         ({"histroy": "scd2"}, r"tables\.items\.histroy: unknown key \(did you mean 'history'\?\)"),
+        (
+            {"personal": {"label": "hash", "status": "keep"}},
+            r"tables\.items\.history: the table has personal columns \(label\): history keeps every past version",
+        ),
     ],
 )
 def test_a_wrong_history_declaration_is_refused(tmp_path: Path, table: dict[str, object], message: str) -> None:
     with pytest.raises(DeclarationError, match=message):
         load_declaration(declare(tmp_path / "declarations", **table))
+
+
+def test_history_on_a_table_loaded_without_it_is_refused(source: Source, warehouse: Warehouse, tmp_path: Path) -> None:
+    """A table loaded as a plain merge, then declared ``history: scd2``: its rows have no validity, dlt's scd2 would
+    leave each beside a second current version; the run stops before reading, saying how to start the history."""
+    path = declare(tmp_path / "declarations")
+    plain = yaml.safe_load(path.read_text())
+    del plain["tables"]["items"]["history"]
+    path.write_text(yaml.safe_dump(plain, sort_keys=False))
+    source.execute("INSERT INTO items (id, label, status, updated_at) VALUES (1, 'item 1', 'draft', '2025-01-01')")
+    run(source, warehouse, tmp_path)
+    declare(tmp_path / "declarations")
+    refused = run(source, warehouse, tmp_path, expect=2)
+    assert (
+        "app.yaml: tables.items.history: raw_app.items was loaded without history (its rows have no validity "
+        "dates); drop the table and its state (`dlt pipeline app drop items`"
+    ) in refused["error"], refused
+
+
+def test_an_incremental_load_retires_only_the_keys_it_read(source: Source, warehouse: Warehouse, tmp_path: Path) -> None:
+    """Without deletes the key is dlt's merge_key: a run that reads one changed row leaves every other key's current
+    version current (scd2 without it would retire every key absent from the load)."""
+    declare(tmp_path / "declarations", deletes={})
+    rows = [(i, f"item {i}", "draft", "2025-01-01 10:00:00") for i in (1, 2, 3)]
+    source.execute("INSERT INTO items (id, label, status, updated_at) VALUES (?, ?, ?, ?)", rows=rows)
+    run(source, warehouse, tmp_path)
+    source.execute("UPDATE items SET status = 'published', updated_at = '2025-01-02 10:00:00' WHERE id = 2")
+    second = run(source, warehouse, tmp_path)
+    assert second == {"read": 1, "inserted": 0, "updated": 1, "deleted": 0, "in warehouse": 3}
+    found = versions(warehouse)
+    assert [(s, to is None) for s, _, to in found[2]] == [("draft", False), ("published", True)]
+    assert all(len(found[k]) == 1 and found[k][0][2] is None for k in (1, 3)), found
+    assert current_rows(warehouse) == source_rows(source)

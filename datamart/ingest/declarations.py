@@ -261,6 +261,15 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
                 f"{where}.history",
                 "history keeps the versions of each key: it needs write_disposition: merge and a primary_key",
             )
+        treated = sorted(c for c, t in (decl.get("personal") or {}).items() if t != "keep")
+        if treated:
+            raise _fail(
+                path,
+                f"{where}.history",
+                f"the table has personal columns ({', '.join(map(str, treated))}): history keeps every past version, "
+                "a deleted row's too, so a person erased in the source would stay in the warehouse; keep the history "
+                "in a table without personal data",
+            )
     backend = decl.get("backend")
     if backend is not None and (kind != "sql_database" or backend not in SQL_BACKENDS):
         raise _fail(

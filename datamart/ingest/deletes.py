@@ -214,7 +214,6 @@ def deletion_resource(table: TableDecl, gone: pa.Table, marker: tuple[str, str])
         table_name=table.name,
         write_disposition=disposition,
         primary_key=list(table.primary_key),
-        merge_key=list(table.primary_key) if table.history else None,
         columns={
             **{k: {"name": k, "nullable": False, "primary_key": True} for k in table.primary_key},
             marker_column: {"name": marker_column, "data_type": marker_type, "hard_delete": True},

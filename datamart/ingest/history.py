@@ -8,7 +8,8 @@ versions it replaces by setting their ``_dlt_valid_to``. The current version of 
 ``_dlt_valid_to`` is null.
 
 The key is the ``merge_key``: an incremental (cursor) load reads only the rows that changed, so only the keys it
-read may have their current version retired (without it, every key not read would be retired).
+read may have their current version retired (without it, every key not read would be retired). With deletes
+declared, the same scope is written as dlt's ``destination_scope`` (below), which replaces the ``merge_key``.
 
 Deletes (``deletes: {soft: <column>}`` and ``deletes: {hard: key_set}``) retire the key's current version and
 insert none: the rows carrying the deletion marker (the soft-delete column set, or a key-set deletion row) are
@@ -58,7 +59,11 @@ def apply_history_hints(resource: DltResource, table: TableDecl, marker: tuple[s
 
     A table whose deletions are key-set rows carrying our own marker column gets that column (null) on every row,
     so the column exists in the staged rows of every load, which the ``source_filter`` reads."""
-    resource.apply_hints(write_disposition=history_disposition(table, marker), merge_key=list(table.primary_key))
+    disposition = history_disposition(table, marker)
+    # with deletes, the destination scope is the key's presence among the staged rows, deletion rows included:
+    # dlt then ignores a merge_key (and warns), so it is set only without one
+    merge_key = None if "destination_scope" in disposition else list(table.primary_key)
+    resource.apply_hints(write_disposition=disposition, merge_key=merge_key)
     if marker is not None and table.deletes and not table.deletes.get("soft"):
         _add_marker(resource, marker[0])
     add_row_version(resource)

@@ -123,6 +123,7 @@ def _run_pipeline(
     notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
     columns_before = _columns(pipeline, names)
+    refuse_history_on_plain_table(pipeline, decl, names)
     failed: dict[str, BaseException] = {}  # tables that cannot be read this run: the others still load
     resources = _build_each(decl, names, columns_before, held_back, failed, notes)
     names = [n for n in names if n not in failed]
@@ -463,6 +464,25 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
         pipeline.abort_packages()
         return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again"
     return "completed a load left pending by an earlier run (interrupted or killed) before reading the source"
+
+
+def refuse_history_on_plain_table(pipeline: dlt.Pipeline, decl: PipelineDecl, names: list[str]) -> None:
+    """Stop before anything is read when a table declared ``history: scd2`` was loaded without it: its rows have
+    no validity nor row version, so dlt's scd2 would leave each as a second current version of its key."""
+    from datamart.ingest.declarations import DeclarationError
+
+    if not pipeline.default_schema_name:
+        return
+    schema_tables = pipeline.default_schema.tables
+    for name in names:
+        columns = schema_tables.get(warehouse_name(name), {}).get("columns", {})
+        if decl.table(name).history and columns and VALID_TO not in columns:
+            raise DeclarationError(
+                f"{decl.path.name}: tables.{name}.history: {decl.dataset}.{warehouse_name(name)} was loaded "
+                "without history (its rows have no validity dates); drop the table and its state "
+                f"(`dlt pipeline {decl.name} drop {name}`, after removing what reads it on PostgreSQL), then run "
+                "again: the history starts with that load"
+            )
 
 
 def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
