@@ -209,7 +209,9 @@ def test_history_on_a_table_loaded_without_it_is_refused(source: Source, warehou
     ) in refused["error"], refused
 
 
-def test_an_incremental_load_retires_only_the_keys_it_read(source: Source, warehouse: Warehouse, tmp_path: Path) -> None:
+def test_an_incremental_load_retires_only_the_keys_it_read(
+    source: Source, warehouse: Warehouse, tmp_path: Path
+) -> None:
     """Without deletes the key is dlt's merge_key: a run that reads one changed row leaves every other key's current
     version current (scd2 without it would retire every key absent from the load)."""
     declare(tmp_path / "declarations", deletes={})
