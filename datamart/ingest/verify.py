@@ -19,6 +19,9 @@ How a table is read and compared, by kind:
   absent from the warehouse. Keys deleted from the source stay in the warehouse by design when the table declares
   no ``deletes: {hard: key_set}``: they are counted as *kept*, not drift; with ``hard: key_set`` they are drift
   until the next run removes them (run, then verify).
+- **History tables** (``history: scd2``): their current versions (``_dlt_valid_to`` null) are compared as above,
+  one per key like the source; the retired versions are history, compared with nothing. ``full_compare`` compares
+  the current versions of both loads.
 - **Tables without a primary key**: row counts only (rows up to the warehouse's highest cursor value).
 - **File tables** (filesystem): the rows of the files currently in the bucket, read whole (dump files are small) in
   modification order, a later file's row replacing an earlier one with the same key (the merge's result), then
