@@ -13,6 +13,7 @@ from typing import TextIO
 
 from datamart.ingest.cli import failure_message, run_with_retries
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
+from datamart.ingest.dropped import TablesStopped
 from datamart.ingest.runner import PipelineRun, format_loads
 from datamart.ingest.sources import bucket_url, source_credentials
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, resolve_warehouse
@@ -80,7 +81,7 @@ def ensure_demo_data(out: TextIO, declarations: list[PipelineDecl] | None = None
         return
     # the half of the demo no pipeline reads is generated aside and thrown away, never into another pipeline's source
     with tempfile.TemporaryDirectory(prefix="datamart-demo-unused-") as unused:
-        url = source_credentials(app) if app else f"sqlite:///{Path(unused) / 'app.sqlite'}"
+        url = source_credentials(app, generating_demo=True) if app else f"sqlite:///{Path(unused) / 'app.sqlite'}"
         bucket = Path(bucket_url(files)) if files else Path(unused) / "bucket"
         exists = demo.source_exists(url) if app else bucket.is_dir() and any(bucket.iterdir())
         if exists:
@@ -147,6 +148,8 @@ def run_pipelines(
                 decl, warehouse, attempts=attempts, pipelines_dir=pipelines_dir, backoff=backoff, out=out, err=err
             )
         except Exception as exc:  # noqa: BLE001 - kept with its pipeline, reported by the caller
+            if isinstance(exc, TablesStopped):
+                runs.append(exc.run)  # its other tables were loaded: in the summary too
             failures.append(PipelineFailure(decl, exc))
             if report_failures:
                 print(failures[-1].message(), file=err)

@@ -111,7 +111,7 @@ def pipelines(run: ScheduledRun) -> list[StepResult]:
                 pipeline=name,
                 phase=getattr(failure.error, "step", None),
                 error=root_cause(failure.error),
-                command=f"{hint} `dlt pipeline {name} run` (a failed load is never half-applied)",
+                command=f"{hint} `dlt pipeline {name} run` (each table is applied whole or not at all)",
             )
         )
     return sorted(results, key=lambda result: order.get(result.pipeline or "", len(order)))

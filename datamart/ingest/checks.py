@@ -55,23 +55,38 @@ def checked_file_reader(pipeline: PipelineDecl, table: TableDecl) -> DltResource
             where = f"pipeline '{pipeline.name}', table {table.name}: file {item['file_name']}"
             fix = f"replace or remove the file in the bucket, then rerun `dlt pipeline {pipeline.name} run`"
             if table.format == "csv":
-                check_csv(item, where, fix)
+                check_csv(item, where, fix, pipeline, table)
             try:
-                yield from read([item])
+                yield from read([item], **reader_options(table))
             except Exception as exc:  # noqa: BLE001 - any reader failure names the file, then stops the run
                 raise BadInputError(f"{where} cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
 
     return read_files
 
 
-def check_csv(item: FileItemDict, where: str, fix: str) -> None:
-    """Stop on a CSV file that is not UTF-8, has a row with a wrong number of fields, or ends inside a quote."""
+def reader_options(table: TableDecl) -> dict[str, Any]:
+    """Keyword arguments of dlt's file reader for the table (pandas' ``sep`` for a declared CSV delimiter)."""
+    return {"sep": table.delimiter} if table.format == "csv" and table.delimiter else {}
+
+
+#: Separators a CSV export uses instead of the comma (French spreadsheets write ";").
+OTHER_DELIMITERS = (";", "\t", "|")
+
+
+def check_csv(
+    item: FileItemDict, where: str, fix: str, pipeline: PipelineDecl | None = None, table: TableDecl | None = None
+) -> None:
+    """Stop on a CSV file that is not UTF-8, has a row with a wrong number of fields, ends inside a quote, or whose
+    header lacks the declared key (a file delimited by another character reads as one column)."""
     line = 1
+    delimiter = (table.delimiter if table else None) or ","
     try:
         with item.open(mode="rb") as raw:
             text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
-            reader = csv.reader(text, strict=True)
+            reader = csv.reader(text, strict=True, delimiter=delimiter)
             header = next(reader, None)
+            if header is not None and pipeline is not None and table is not None:
+                check_header(header, where, pipeline, table, delimiter)
             for row in reader:
                 line = reader.line_num
                 if row and len(row) != len(header or []):
@@ -85,6 +100,32 @@ def check_csv(item: FileItemDict, where: str, fix: str) -> None:
         ) from None
     except csv.Error as exc:
         raise BadInputError(f"{where}: line {line + 1}: {exc} (a truncated or malformed file); {fix}") from None
+
+
+def check_header(header: list[str], where: str, pipeline: PipelineDecl, table: TableDecl, delimiter: str) -> None:
+    """The declared primary key must be among the header's columns; a header read as one column that contains
+    another usual separator means the file is not delimited by ``delimiter``: say so, and how to declare it."""
+    from datamart.ingest.declarations import warehouse_name
+
+    names = {warehouse_name(h) for h in header}
+    missing = [k for k in table.primary_key if warehouse_name(k) not in names]
+    if not missing:
+        return
+    shown = repr(delimiter)
+    others = [d for d in OTHER_DELIMITERS if d != delimiter and len(header) == 1 and d in header[0]]
+    if others:
+        found = repr(others[0])
+        raise BadInputError(
+            f"{where}: the header reads as 1 column ({header[0][:80]!r}) with the delimiter {shown}: the file is "
+            f"delimited by {found}, so its columns and the declared primary key ({', '.join(table.primary_key)}) "
+            f"do not match. Declare `delimiter: {found}` under tables.{table.name} in {pipeline.path.name} (or export "
+            f"the file with {shown}), then rerun `dlt pipeline {pipeline.name} run`; nothing of this run was loaded"
+        )
+    raise BadInputError(
+        f"{where}: the header has no column {missing[0]!r} of the declared primary key (its columns, delimited by "
+        f"{shown}: {', '.join(header[:20])}); fix the file's header, or declare the right primary_key (or delimiter) "
+        f"under tables.{table.name} in {pipeline.path.name}; nothing of this run was loaded"
+    )
 
 
 class KeyCheck(ItemTransform[Any, dict[str, Any]]):

@@ -9,14 +9,17 @@ from typing import Any, TextIO
 
 from datamart.environments import check_environment
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
+from datamart.ingest.dropped import TablesStopped
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import (
+    Carried,
     PipelineRun,
     TablesFailed,
     format_loads,
     in_chain,
     is_transient,
     make_pipeline,
+    refused_credentials,
     root_cause,
     run_pipeline,
 )
@@ -63,6 +66,7 @@ def run_command(
         return 0
 
     runs: list[PipelineRun] = []
+    stopped = False
     for decl in declarations:
         try:
             runs.append(
@@ -70,6 +74,10 @@ def run_command(
                     decl, warehouse, tables, full_refresh, attempts, pipelines_dir, out=out, err=err, wait=wait
                 )
             )
+        except TablesStopped as exc:  # the other tables were loaded: they are in the summary; exit 1 at the end
+            print(failure_message(decl, exc), file=err)
+            runs.append(exc.run)
+            stopped = True
         except PipelineLocked as exc:
             print(f"error: {exc}", file=err)
             if runs:
@@ -84,9 +92,11 @@ def run_command(
                 runs.append(exc.run)  # what the other tables loaded
             if runs:
                 print(format_loads(runs), file=out)
-            return 1
+            partly_loaded = isinstance(exc, TablesFailed) and exc.run is not None
+            # a setting error is exit 2 (nothing ran); once other tables loaded, the run itself failed: exit 1
+            return 2 if is_config_error(exc) and not partly_loaded else 1
     print(format_loads(runs), file=out)
-    return 0
+    return 1 if stopped else 0
 
 
 def run_with_retries(
@@ -101,11 +111,17 @@ def run_with_retries(
     err: TextIO = sys.stderr,
     wait: float = 0.0,
 ) -> PipelineRun:
-    """Run a pipeline, retrying with exponential backoff when the failure is transient (connection, timeout)."""
+    """Run a pipeline, retrying with exponential backoff when the failure is transient (connection, timeout).
+
+    The run returned counts what every attempt loaded (an attempt may fail after its load: the next one reads
+    nothing new, yet those rows were loaded by this command)."""
+    carried = Carried()
     for attempt in range(1, attempts + 1):
         print(f"{decl.name}: extracting and loading {', '.join(tables or [t.name for t in decl.tables])}", file=out)
         try:
-            return run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh=full_refresh, wait=wait)
+            return run_pipeline(
+                decl, warehouse, tables, pipelines_dir, full_refresh=full_refresh, wait=wait, carried=carried
+            )
         except Exception as exc:
             if attempt == attempts or not is_transient(exc):
                 raise
@@ -141,7 +157,13 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     table = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None) or missing
     if table:
         where += f", table {table}"
-    if is_transient(exc):
+    config = config_hint(decl, exc)
+    stopped = in_chain(exc, TablesStopped)
+    if isinstance(stopped, TablesStopped):
+        return redact(f"error: {stopped}\nwhat to do: {stopped.hint}")
+    if config is not None:
+        hint = config
+    elif is_transient(exc):
         hint = "the source or the warehouse could not be reached: check the connection, then rerun the same command"
     elif in_chain(exc, IncrementalCursorPathHasValueNone) is not None and table:
         cursor = decl.table(table).cursor if table in {t.name for t in decl.tables} else "cursor"
@@ -180,6 +202,52 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
             "is never loaded twice (tables are matched on their primary key)"
         )
     return redact(f"error: pipeline '{decl.name}' failed{where}: {root_cause(exc)}\nwhat to do: {hint}")
+
+
+def config_hint(decl: PipelineDecl, exc: BaseException) -> str | None:
+    """What to set when the failure is a setting, not an outage (credentials a server refused, a secret dlt could not
+    find): such a run is never retried. None for anything else."""
+    from dlt.common.configuration.exceptions import ConfigFieldMissingException
+
+    from datamart.settings import selected_environment, selected_target
+
+    refused = refused_credentials(exc)
+    if refused is not None:
+        side, reason = refused
+        if side == "source":
+            key = f"sources.{decl.name}.credentials"
+            where = (
+                f"{key.upper().replace('.', '__')}=<SQLAlchemy URL> (or [sources.{decl.name}] credentials in "
+                ".dlt/secrets.toml)"
+            )
+        else:
+            environment, target = selected_environment(), selected_target()
+            prefix = "" if environment == "dev" else f"{environment}."
+            key = f"{prefix}destination.{target}.credentials"
+            where = f"{key.upper().replace('.', '__')} (or [{prefix}destination.{target}] in .dlt/secrets.toml)"
+        return (
+            f"the {side} refused the connection ({reason}): set {where} to a user, password and database that "
+            "exist there, then rerun the same command; a refused login is not retried"
+        )
+    missing = in_chain(exc, ConfigFieldMissingException)
+    if missing is not None:
+        fields = ", ".join(getattr(missing, "fields", []) or [])
+        return (
+            f"a setting is missing ({fields}): {missing}".splitlines()[0]
+            + "; set it (environment variable or .dlt/secrets.toml), then rerun the same command"
+        )
+    return None
+
+
+def is_config_error(exc: BaseException) -> bool:
+    """A failure that only a setting or a declaration fixes: exit 2, like any other wrong input."""
+    from dlt.common.configuration.exceptions import ConfigFieldMissingException
+    from sqlalchemy.exc import NoSuchTableError
+
+    return (
+        refused_credentials(exc) is not None
+        or in_chain(exc, (ConfigFieldMissingException, NoSuchTableError)) is not None
+    )
 
 
 def describe_plan(

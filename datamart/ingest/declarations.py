@@ -45,6 +45,7 @@ class TableDecl:
     files: str | None = None  # filesystem sources: glob relative to the bucket
     format: str | None = None  # filesystem sources: csv, parquet, jsonl
     backend: str | None = None  # SQL sources: this table's dlt backend (default: the pipeline's, see sources.py)
+    delimiter: str | None = None  # csv files: the field separator when it is not a comma (e.g. ";")
     history: str | None = None  # "scd2": every version of a row kept, with validity dates (see sources.py)
 
     @property
@@ -94,6 +95,7 @@ _TABLE_KEYS = {
     "files",
     "format",
     "backend",
+    "delimiter",
     "history",
 }
 CONTRACT_ENTITIES = ("tables", "columns", "data_type")
@@ -197,7 +199,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     if kind == "rest_api":
         from datamart.ingest.rest import REST_TABLE_KEYS  # here: rest.py imports this module
 
-        allowed = (_TABLE_KEYS - {"files", "format"}) | REST_TABLE_KEYS
+        allowed = (_TABLE_KEYS - {"files", "format", "delimiter"}) | REST_TABLE_KEYS
     refuse_unknown(path, where, decl, allowed)
     disposition = decl.get("write_disposition", "append")
     if disposition not in WRITE_DISPOSITIONS:
@@ -282,6 +284,11 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
             raise _fail(path, f"{where}.files", "a file table needs a glob, e.g. exports/*.parquet")
         if decl.get("format") not in FILE_FORMATS:
             raise _fail(path, f"{where}.format", f"{decl.get('format')!r} is not one of {FILE_FORMATS}")
+    delimiter = decl.get("delimiter")
+    if delimiter is not None and (kind != "filesystem" or decl.get("format") != "csv"):
+        raise _fail(path, f"{where}.delimiter", "a delimiter applies to csv files only (format: csv)")
+    if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in '"\r\n'):
+        raise _fail(path, f"{where}.delimiter", f"{delimiter!r} is not one character, e.g. ';' or '\\t'")
     return TableDecl(
         name=name,
         write_disposition=disposition,
@@ -294,6 +301,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         files=decl.get("files"),
         format=decl.get("format"),
         backend=backend,
+        delimiter=delimiter,
         history=history,
     )
 

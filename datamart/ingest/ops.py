@@ -4,9 +4,10 @@
 ``tables`` (the selected tables, comma-separated; empty for all), ``full_refresh``, ``started_at``, ``ended_at``
 (UTC, timestamptz), ``status`` (``running``, ``succeeded``, ``failed``), ``error`` (the root cause with secrets
 redacted), ``host``, ``pid``.
-``ops.pipeline_run_tables``: one row per table of a succeeded run — ``run_id``, ``pipeline``, ``dataset``,
-``table_name``, ``rows_read``, ``rows_inserted``, ``rows_updated``, ``rows_deleted`` (soft and hard),
-``rows_in_warehouse``, ``ended_at``.
+``ops.pipeline_run_tables``: one row per table a run loaded (every table of a succeeded run; the loaded ones of a
+run that stopped a table whose source dropped a column, recorded failed with the reason) — ``run_id``,
+``pipeline``, ``dataset``, ``table_name``, ``rows_read``, ``rows_inserted``, ``rows_updated``, ``rows_deleted`` (soft
+and hard), ``rows_in_warehouse``, ``ended_at``.
 ``ops.datamart_refreshes``: one row per refresh of the published views (``python -m datamart run|promote|scheduled``)
 — ``refresh_id``, ``command``, ``started_at``, ``ended_at``, ``status``, ``models`` (rebuilt or restated), ``error``.
 A succeeded refresh reflects every load that ended before its ``started_at``: the next refresh restates what was

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dlt.common import logger
 
 from datamart.environments import check_environment
 from datamart.ingest.declarations import VALID_FROM, VALID_TO, PipelineDecl, warehouse_name
+from datamart.ingest.dropped import TablesStopped, dropped_columns
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
 from datamart.ingest.sources import build_deletions, build_resources, check_secrets
@@ -44,6 +46,8 @@ class PipelineRun:
     elapsed: float
     tables: list[TableLoad] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. a load left pending by a killed run, finished first
+    # tables not loaded because their source dropped a column: table -> which column, where (see dropped.py)
+    stopped: dict[str, str] = field(default_factory=dict)
     # seconds per part of the run: dlt's extract, normalize and load steps (from its trace), key-set delete
     # detection and the row counts taken in the warehouse
     profile: dict[str, float] = field(default_factory=dict)
@@ -52,6 +56,16 @@ class PipelineRun:
     def rows_loaded(self) -> int:
         """Rows written or deleted this run, all tables together."""
         return sum(t.rows_loaded + t.rows_deleted for t in self.tables)
+
+
+@dataclass
+class Carried:
+    """What the failed attempts of one command already did, so that the attempt that succeeds reports the whole run:
+    the loads they completed (a failure after the load — a lost connection while counting, recording or deleting —
+    leaves rows the next attempt does not read again) and the row counts before the first attempt."""
+
+    loads: list[str] = field(default_factory=list)
+    before: dict[str, int] | None = None
 
 
 PROGRESS_SECONDS = 15.0
@@ -86,6 +100,7 @@ def run_pipeline(
     full_refresh: bool = False,
     wait: float = 0.0,
     record: bool = True,
+    carried: Carried | None = None,
 ) -> PipelineRun:
     """Extract, normalise and load one pipeline; raise if any load job failed.
 
@@ -94,17 +109,36 @@ def run_pipeline(
     The run holds the pipeline's lock (:func:`datamart.ingest.lock.pipeline_lock`: a second run of the same pipeline
     waits up to ``wait`` seconds, then raises ``PipelineLocked``) and is recorded in ``ops.pipeline_runs`` /
     ``ops.pipeline_run_tables`` as running, then succeeded or failed with its error. ``record=False`` does neither
-    (a caller that already holds the lock, e.g. the scratch load of ``verify --full-compare``).
+    (a caller that already holds the lock, e.g. the scratch load of ``verify --full-compare``). ``carried``: what
+    earlier attempts of the same command loaded (:func:`datamart.ingest.cli.run_with_retries`), counted in this run.
     """
     if not record:
         return _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
     check_secrets(decl, tables)  # a missing secret stops before anything, even the run record, is written
-    with pipeline_lock(warehouse, decl.name, wait=wait):
-        check_environment(warehouse)  # inside the lock: on DuckDB the holder of the file may be the other run
-        with recorded_run(warehouse, decl.name, decl.dataset, tables, full_refresh) as record_:
-            run = _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh)
-            record_.succeeded(run)
-            return run
+    done: PipelineRun | None = None
+    try:
+        with pipeline_lock(warehouse, decl.name, wait=wait):
+            check_environment(warehouse)  # inside the lock: on DuckDB the holder of the file may be the other run
+            with recorded_run(warehouse, decl.name, decl.dataset, tables, full_refresh) as record_:
+                try:
+                    run = _run_pipeline(decl, warehouse, tables, pipelines_dir, full_refresh, carried)
+                except TablesFailed as failed:
+                    if failed.run is not None:
+                        record_.succeeded(failed.run)  # the tables that loaded get their rows; the run is failed
+                    raise
+                record_.succeeded(run)  # the tables loaded; a stopped table gets no row (it was not loaded)
+                if run.stopped:
+                    raise TablesStopped(run, run.stopped, decl)  # the run is recorded failed, with the reason
+                done = run
+    except Exception as exc:
+        if done is None:
+            raise
+        # Loaded and recorded; only releasing the lock failed: its connection was cut (a failover, a restart),
+        # and the server released the lock with the session. Retrying would report a run that reads nothing.
+        logger.warning("%s: the lock's connection was lost at the end of the run (%s)", decl.name, root_cause(exc))
+        done.notes.append(f"the connection holding the pipeline's lock was lost ({root_cause(exc)}); the run completed")
+    assert done is not None
+    return done
 
 
 def _run_pipeline(
@@ -113,6 +147,7 @@ def _run_pipeline(
     tables: list[str] | None,
     pipelines_dir: Path | None,
     full_refresh: bool,
+    carried: Carried | None = None,
 ) -> PipelineRun:
     started = time.monotonic()
     deletions: dict[str, int] = {}
@@ -120,19 +155,42 @@ def _run_pipeline(
     check_secrets(decl, tables)
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
     pipeline.sync_destination()  # a fresh worker continues from the state kept in the warehouse
-    notes = [finish_or_abort_pending(pipeline)] if pipeline.has_pending_data else []
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
-    columns_before = _columns(pipeline, names)
     refuse_history_on_plain_table(pipeline, decl, names)
-    failed: dict[str, BaseException] = {}  # tables that cannot be read this run: the others still load
-    resources = _build_each(decl, names, columns_before, held_back, failed, notes)
-    names = [n for n in names if n not in failed]
     # Only merge tables need the counts before and the rows each load wrote (to tell inserts from updates): on an
     # append table of 10 million rows each of those counts is a full scan.
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]
     before = {n: 0 for n in names}
-    if not full_refresh:
+    if not full_refresh:  # counted before a pending load is finished: its rows are this run's
         before.update(count_rows(pipeline, merged, history={n for n in merged if decl.table(n).history})[0])
+    if carried is not None:  # an earlier attempt of this command counted them before it loaded anything
+        carried.before = {**before, **(carried.before or {})}
+        before = {n: carried.before[n] for n in names}
+    notes: list[str] = []
+    # loads this run reports besides its own: completed by earlier attempts, or left pending and finished here
+    pending_ids: list[str] = list(carried.loads) if carried is not None else []
+    if pipeline.has_pending_data:
+        waiting = [*pipeline.list_extracted_load_packages(), *pipeline.list_normalized_load_packages()]
+        note, completed = finish_or_abort_pending(pipeline)
+        notes.append(note)
+        if completed:
+            pending_ids += waiting
+            if carried is not None:
+                carried.loads += waiting
+    # a table whose source dropped a column is not loaded (it would be NULL on every changed row): see dropped.py
+    stopped = {} if full_refresh else dropped_columns(decl, warehouse, names, pipeline.state)
+    if stopped:
+        names = [n for n in names if n not in stopped]
+        merged = [n for n in merged if n not in stopped]
+        tables = names
+        if not names:
+            elapsed = time.monotonic() - started
+            return PipelineRun(decl.name, decl.dataset, elapsed, notes=notes, stopped=stopped)
+    columns_before = _columns(pipeline, names)
+    failed: dict[str, BaseException] = {}  # tables that cannot be read this run: the others still load
+    resources = _build_each(decl, names, columns_before, held_back, failed, notes)
+    names = [n for n in names if n not in failed]
+    merged = [n for n in merged if n not in failed]
     profile: dict[str, float] = {}
     file_format = loader_file_format(decl, warehouse)
     info = None
@@ -149,21 +207,28 @@ def _run_pipeline(
             # committed (dlt commits an extract package only whole, with its state). Run again without it.
             failed[table] = exc
             names.remove(table)
+            merged = [n for n in merged if n != table]
             resources = _build_each(decl, names, columns_before, held_back, failed, [])  # notes taken once
     if info is None:
         raise TablesFailed(decl.name, failed, None) from next(iter(failed.values()))
     info.raise_on_failed_jobs()
+    if carried is not None:  # if this attempt fails from here on, the next one reports these rows
+        carried.loads += list(info.loads_ids)
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
     row_counts = dict(normalized.row_counts) if normalized else {}
     counted = time.monotonic()
+    # The rows a finished pending load wrote are counted in the warehouse (its normalize step may have run in a
+    # process that is gone): those still carrying its load id. A retried run reports what it loaded, all of it.
+    from_pending = count_rows(pipeline, names, pending_ids, names)[1] if pending_ids else {}
     # append tables with a key skip the keys they already hold (sources.keep_loaded_rows): what they received is
     # counted too, in the same scan as their total
     keyed = merged + [n for n in names if decl.table(n).write_disposition == "append" and decl.table(n).primary_key]
-    written_in = [n for n in keyed if row_counts.get(warehouse_name(n))]
+    written_in = [n for n in keyed if row_counts.get(warehouse_name(n)) or from_pending.get(n)]
     history = {n for n in names if decl.table(n).history}
-    after, written = count_rows(pipeline, names, list(info.loads_ids), written_in, history=history)
-    versions = new_versions(pipeline, decl, [n for n in history if n in written], list(info.loads_ids))
+    load_ids = [*pending_ids, *info.loads_ids]
+    after, written = count_rows(pipeline, names, load_ids, written_in, history=history)
+    versions = new_versions(pipeline, decl, [n for n in history if n in written], load_ids)
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
     first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
@@ -182,7 +247,7 @@ def _run_pipeline(
     totals = {n: after[n] - deletions.get(n, 0) for n in names}
     loads = []
     for name in names:
-        read = int(row_counts.get(warehouse_name(name), 0))
+        read = int(row_counts.get(warehouse_name(name), 0)) + from_pending.get(name, 0)
         if name in history:
             split = _split_history(read, before[name], after[name], written.get(name), versions.get(name))
         else:
@@ -202,7 +267,13 @@ def _run_pipeline(
         )
     elapsed = time.monotonic() - started
     run = PipelineRun(
-        pipeline=decl.name, dataset=decl.dataset, elapsed=elapsed, tables=loads, profile=profile, notes=notes
+        pipeline=decl.name,
+        dataset=decl.dataset,
+        elapsed=elapsed,
+        tables=loads,
+        profile=profile,
+        notes=notes,
+        stopped=stopped,
     )
     if failed:
         raise TablesFailed(decl.name, failed, run) from next(iter(failed.values()))
@@ -246,8 +317,8 @@ def _build_each(
         except (DeclarationError, SettingsError):
             raise
         except Exception as exc:
-            if is_transient(exc):
-                raise
+            if is_transient(exc) or refused_credentials(exc) is not None:
+                raise  # the source as a whole: every table would fail the same way
             failed[name] = exc
     return resources
 
@@ -440,7 +511,7 @@ def new_versions(pipeline: dlt.Pipeline, decl: PipelineDecl, tables: list[str], 
     return counts
 
 
-def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
+def finish_or_abort_pending(pipeline: dlt.Pipeline) -> tuple[str, bool]:
     """Load what a previous run left pending; if it fails for good, abort it so this run re-reads the source.
 
     A run killed after its extract (during normalize or load) leaves its package in the working directory, with
@@ -450,6 +521,7 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
     dlt would otherwise retry the same broken package at every run and skip every new extract (a type change, a
     value the warehouse refuses…). Aborting restores the incremental state of before that package, so the rows
     are read again from the source, this time through the fixed declaration or data: nothing is lost.
+    The boolean says whether the pending load was completed (False: aborted).
     """
     try:
         pipeline.run().raise_on_failed_jobs()
@@ -462,8 +534,9 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> str:
             root_cause(exc),
         )
         pipeline.abort_packages()
-        return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again"
-    return "completed a load left pending by an earlier run (interrupted or killed) before reading the source"
+        return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again", False
+    note = "completed a load left pending by an earlier run or attempt (interrupted or killed) before reading the "
+    return note + "source; its rows are counted in this run's", True
 
 
 def refuse_history_on_plain_table(pipeline: dlt.Pipeline, decl: PipelineDecl, names: list[str]) -> None:
@@ -519,7 +592,7 @@ def is_transient(exc: BaseException) -> bool:
         sqlalchemy.exc.OperationalError,
         DestinationTransientException,
     )
-    if _refused(exc):
+    if _refused(exc) or refused_credentials(exc) is not None or _local_file_error(exc):
         return False
     return in_chain(exc, transient) is not None
 
@@ -528,6 +601,41 @@ def is_transient(exc: BaseException) -> bool:
 #: (deadlock, serialization), insufficient resources, operator intervention (shutdown, cancel), system error; and
 #: a lock timeout. Any other SQLSTATE is the server's answer about the statement or the data: rerunning gives it again.
 _TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58", "55P03")
+
+
+#: What a server answers to a connection whose settings are wrong: rerunning does not fix them.
+_CREDENTIALS_REFUSED = re.compile(
+    r"password authentication failed|no password supplied|no pg_hba\.conf entry|"
+    r"(role|database) \"[^\"]*\" does not exist|authentication failed",
+    re.IGNORECASE,
+)
+
+
+def refused_credentials(exc: BaseException) -> tuple[str, str] | None:
+    """``(side, reason)`` when a server refused the connection's credentials (a wrong password or user, a database
+    that does not exist): ``side`` is ``source`` (read through SQLAlchemy or connectorx, during extract) or
+    ``warehouse``; None for anything else."""
+    from dlt.pipeline.exceptions import PipelineStepFailed
+
+    refused = _first_in_chain(exc, lambda e: bool(_CREDENTIALS_REFUSED.search(str(e))))
+    if refused is None:
+        return None
+    text = " ".join(str(refused).split())
+    match = _CREDENTIALS_REFUSED.search(text)
+    assert match is not None
+    reason = text[match.start() :].split(" [SQL", 1)[0].split("(Background on this error", 1)[0].strip()
+    step = in_chain(exc, PipelineStepFailed)
+    from_source = _first_in_chain(exc, lambda e: type(e).__module__.startswith(("sqlalchemy", "connectorx")))
+    side = "source" if from_source is not None or getattr(step, "step", None) == "extract" else "warehouse"
+    return side, reason
+
+
+def _local_file_error(exc: BaseException) -> bool:
+    """A SQLite source that cannot be opened (a missing folder, a locked or corrupt file): a local file does not come
+    back by waiting."""
+    import sqlite3
+
+    return in_chain(exc, sqlite3.Error) is not None
 
 
 def _refused(exc: BaseException) -> bool:
@@ -627,6 +735,11 @@ def format_loads(runs: list[PipelineRun]) -> str:
         for run in runs
         for table in run.tables
         if table.held_back
+    ]
+    changes += [
+        f"  {run.dataset}.{table}: NOT LOADED: {why} (it would be NULL on every changed row; see the error)"
+        for run in runs
+        for table, why in run.stopped.items()
     ]
     if changes:
         lines += ["schema changes:", *changes]

@@ -19,16 +19,52 @@ from datamart.ingest.rest import build_rest_resources
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
 
 
-def source_credentials(pipeline: PipelineDecl) -> str:
-    """The SQLAlchemy URL of a sql_database pipeline, from ``sources.<name>.credentials``."""
+def source_credentials(pipeline: PipelineDecl, generating_demo: bool = False) -> str:
+    """The SQLAlchemy URL of a sql_database pipeline, from ``sources.<name>.credentials``.
+
+    ``generating_demo``: the URL the demo generator writes to (``make run``), so the demo's SQLite default may not
+    exist yet.
+    """
     key = f"sources.{pipeline.name}.credentials"
-    url = dlt.secrets.get(key) or dlt.config.get(key)  # config.toml holds the demo's non-secret SQLite path
+    setting = key.upper().replace(".", "__")
+    what_to_set = f"Set {setting}=<SQLAlchemy URL> or [sources.{pipeline.name}] credentials in .dlt/secrets.toml."
+    url = dlt.secrets.get(key)
     if not url:
-        raise SettingsError(
-            f"pipeline '{pipeline.name}': no connection for its source. Set {key.upper().replace('.', '__')}="
-            "<SQLAlchemy URL> or [sources." + pipeline.name + "] credentials in .dlt/secrets.toml."
-        )
+        url = dlt.config.get(key)  # config.toml holds the demo's non-secret SQLite path
+        if url:
+            _check_demo_default(pipeline, str(url), what_to_set, must_exist=not generating_demo)
+    if not url:
+        raise SettingsError(f"pipeline '{pipeline.name}': no connection for its source. {what_to_set}")
     return normalise_sqlalchemy_url(str(url))
+
+
+def _check_demo_default(pipeline: PipelineDecl, url: str, what_to_set: str, must_exist: bool = True) -> None:
+    """The SQLite path of ``.dlt/config.toml`` is the demo's: it stands in for a missing secret only in development
+    and once the demo database exists. Elsewhere a missing secret would read (or fail to open, and be retried as
+    a lost connection) a file that has nothing to do with the source."""
+    from datamart.settings import selected_environment
+
+    if not url.startswith("sqlite:"):
+        return
+    environment = selected_environment()
+    path = sqlite_path(normalise_sqlalchemy_url(url))
+    if environment != "dev":
+        reason = f"the demo's SQLite default in .dlt/config.toml ({url}) is not used with DATAMART_ENV={environment}"
+    elif must_exist and path is not None and not path.exists():
+        reason = (
+            f"the demo's SQLite default in .dlt/config.toml ({url}) does not exist: generate the demo with "
+            "`python -m datamart.demo` (or `make run`) to use it"
+        )
+    else:
+        return
+    raise SettingsError(f"pipeline '{pipeline.name}': no connection for its source ({reason}). {what_to_set}")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None for an in-memory database)."""
+    rest = url.split(":///", 1)[1] if ":///" in url else ""
+    rest = rest.split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
 
 
 def normalise_sqlalchemy_url(url: str) -> str:
@@ -204,6 +240,8 @@ def check_secrets(pipeline: PipelineDecl, tables: list[str] | None = None) -> No
     """Stop before anything is read or written when a secret the declaration needs is missing."""
     if any("hash" in t.personal.values() for t in _selected(pipeline, tables)):
         require_hmac_key(pipeline.name)
+    if pipeline.kind == "sql_database":
+        source_credentials(pipeline)
 
 
 def build_deletions(

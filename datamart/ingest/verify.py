@@ -14,15 +14,17 @@ How a table is read and compared, by kind:
   warehouse holds is derived from them, not equal to them; ``keep`` columns are compared), the soft-delete marker
   and dlt's own columns. Values are compared after conversion to the warehouse column's type (a SQLite text
   timestamp and a DuckDB timestamp are equal), timestamps in UTC.
-- **Rows not loaded yet are not drift**: a source row whose cursor is beyond the highest cursor value in the
-  warehouse is *pending* (the next run loads it); it is counted, not compared. A soft-deleted source row must be
-  absent from the warehouse. Keys deleted from the source stay in the warehouse by design when the table declares
-  no ``deletes: {hard: key_set}``: they are counted as *kept*, not drift; with ``hard: key_set`` they are drift
-  until the next run removes them (run, then verify).
+- **Rows not loaded yet are not drift**: a source row whose cursor is beyond the last cursor value dlt recorded
+  in the warehouse's state (``_dlt_pipeline_state``, minus the table's ``lag``) is *pending* (the next run loads
+  it); it is counted, not compared. A row at or below that value missing from the warehouse is drift: no run
+  reads it again (rows lost by a restore or a failover). Without a state, the warehouse's highest value stands
+  in. A soft-deleted source row must be absent from the warehouse. Keys deleted from the source stay in the
+  warehouse by design when the table declares no ``deletes: {hard: key_set}``: they are counted as *kept*, not
+  drift; with ``hard: key_set`` they are drift until the next run removes them (run, then verify).
 - **History tables** (``history: scd2``): their current versions (``_dlt_valid_to`` null) are compared as above,
   one per key like the source; the retired versions are history, compared with nothing. ``full_compare`` compares
   the current versions of both loads.
-- **Tables without a primary key**: row counts only (rows up to the warehouse's highest cursor value).
+- **Tables without a primary key**: row counts only (rows up to dlt's recorded cursor value).
 - **File tables** (filesystem): the rows of the files currently in the bucket, read whole (dump files are small) in
   modification order, a later file's row replacing an earlier one with the same key (the merge's result), then
   compared by key range like SQL tables. Files removed from the bucket leave their rows in the warehouse (kept).
@@ -345,17 +347,21 @@ class _Plan:
     cursor: str | None
     high_water: Any
     soft: str | None
+    window_from: Any = None  # a declared lag: rows with a cursor above it (and up to high_water) are read again
 
 
-SourceRow = tuple[Key, str, bytes]  # key, "live" | "pending" | "gone", digest
+SourceRow = tuple[Key, str, bytes]  # key, "live" | "pending" | "window" | "gone", digest
 
 
 def _classify(plan: _Plan, key_values: list[Any], values: list[Any], cursor: Any, soft: Any) -> SourceRow:
     key = tuple(coerce(v, value_kind(plan.types[k])) for v, k in zip(key_values, plan.keys, strict=True))
     status = "live"
     if plan.cursor and plan.high_water is not None and cursor is not None:
-        if coerce(cursor, value_kind(plan.types[plan.cursor])) > plan.high_water:
+        value = coerce(cursor, value_kind(plan.types[plan.cursor]))
+        if value > plan.high_water:
             status = "pending"
+        elif plan.window_from is not None and value > plan.window_from:
+            status = "window"  # the next run reads it again (lag): compared, but a difference is pending
     if status == "live" and plan.soft and coerce(soft, value_kind(plan.types[plan.soft])) not in (None, False):
         status = "gone"
     digest = row_digest(coerce(v, value_kind(plan.types[c])) for v, c in zip(values, plan.columns, strict=True))
@@ -402,6 +408,7 @@ def _file_records(decl: PipelineDecl, table: TableDecl) -> Iterator[dict[str, An
     import dlt
     from dlt.sources.filesystem import filesystem, read_csv, read_jsonl, read_parquet
 
+    from datamart.ingest.checks import reader_options
     from datamart.ingest.sources import _fs_credentials, bucket_url
 
     url = bucket_url(decl)
@@ -412,7 +419,7 @@ def _file_records(decl: PipelineDecl, table: TableDecl) -> Iterator[dict[str, An
     if not files:
         return
     reader = {"csv": read_csv, "parquet": read_parquet, "jsonl": read_jsonl}[str(table.format)]
-    for item in dlt.resource([files], name=f"verify_{table.name}") | reader():
+    for item in dlt.resource([files], name=f"verify_{table.name}") | reader(**reader_options(table)):
         for record in item.to_pylist() if hasattr(item, "to_pylist") else [item]:
             yield {_normalize(k): v for k, v in record.items()}
 
@@ -511,6 +518,9 @@ def _compare_chunk(
     twice: list[Key] | None = None,
 ) -> None:
     source = {key: (status, digest) for key, status, digest in chunk}
+    for key, (status, digest) in list(source.items()):
+        if status == "window":  # in the lag window: equal is compared as live, different is for the next run
+            source[key] = ("live", digest) if wh_rows.get(key) == digest else ("pending", digest)
     missing: list[Key] = []
     changed: list[Key] = []
     kept: list[Key] = []
@@ -587,6 +597,48 @@ def _high_water(
     return coerce(value, value_kind(types[cursor]))
 
 
+def stored_state(warehouse: Warehouse, decl: PipelineDecl) -> dict[str, Any] | None:
+    """dlt's pipeline state as the warehouse keeps it (``_dlt_pipeline_state`` of the last completed load), the one
+    a run on any worker continues from; None when the warehouse has none."""
+    from dlt.common.versioned_state import decompress_state
+
+    dataset = quote_identifier(decl.dataset)
+    if not warehouse.table_exists(decl.dataset, "_dlt_pipeline_state"):
+        return None
+    rows = warehouse.query(
+        f"SELECT s.state FROM {dataset}._dlt_pipeline_state AS s JOIN {dataset}._dlt_loads AS l "
+        f"ON l.load_id = s._dlt_load_id WHERE s.pipeline_name = {warehouse.placeholder} AND l.status = 0 "
+        "ORDER BY l.load_id DESC LIMIT 1",
+        (decl.name,),
+    )
+    return decompress_state(rows[0][0]) if rows else None
+
+
+def state_cursor(state: dict[str, Any] | None, decl: PipelineDecl, table: TableDecl) -> Any:
+    """The last cursor value dlt recorded for ``table`` (None when it recorded none): the next run reads only rows
+    beyond it (minus the declared lag), so a row at or below it that the warehouse lacks is never loaded."""
+    from datamart.ingest.sources import cursor_path
+
+    if not state or not table.cursor:
+        return None
+    resources = state.get("sources", {}).get(decl.name, {}).get("resources", {})
+    incremental = resources.get(table.name, {}).get("incremental", {})
+    return incremental.get(cursor_path(table.cursor), {}).get("last_value")
+
+
+def _reread_from(value: Any, kind: str, lag: float | None) -> Any:
+    """The lowest cursor value the next run reads again: dlt's last value minus the table's lag."""
+    if value is None or not lag:
+        return value
+    if kind in ("timestamp", "date"):
+        from datetime import timedelta
+
+        return value - timedelta(seconds=lag)
+    if kind in ("int", "float", "decimal"):
+        return value - type(value)(lag) if kind != "decimal" else value - Decimal(str(lag))
+    return value
+
+
 def verify_table(
     decl: PipelineDecl, warehouse: Warehouse, table: TableDecl, chunk_size: int = DEFAULT_CHUNK
 ) -> TableCheck:
@@ -629,10 +681,21 @@ def verify_table(
         soft = None
     # a history table mirrors the source by its current versions: the retired ones are compared with nothing
     current = table.current_only
-    high_water = _high_water(warehouse, decl.dataset, name, cursor, types, current) if cursor else None
+    high_water, recorded = None, None
+    if cursor:
+        # Rows beyond the cursor dlt recorded are pending: the next run reads them. The warehouse's own highest
+        # value is only a stand-in when dlt's state is gone: rows lost from the warehouse (a restore, a failover)
+        # below dlt's cursor are never read again, hence drift, not pending.
+        recorded = state_cursor(stored_state(warehouse, decl), decl, table)
+        kind = value_kind(types[cursor])
+        if recorded is not None:
+            high_water = coerce(recorded, kind)
+        else:
+            high_water = _high_water(warehouse, decl.dataset, name, cursor, types, current)
     if soft and soft not in types:
         types = {**types, soft: "timestamp"}
-    plan = _Plan(keys, columns, types, source_names, cursor, high_water, soft)
+    window_from = _reread_from(high_water, value_kind(types[cursor]), table.lag) if cursor and table.lag else None
+    plan = _Plan(keys, columns, types, source_names, cursor, high_water, soft, window_from)
     if not keys:
         return _counts_only(decl, warehouse, table, plan, refresh)
     check = TableCheck(table=table.name, method="keys+checksums", columns=tuple(columns), fix=refresh)
@@ -651,10 +714,19 @@ def verify_table(
     )
     if check.kept:
         check.note = f"{check.kept:,} key(s) gone from the source are kept in the warehouse (no hard-delete detection)"
+    if check.missing and recorded is not None:
+        check.note = (
+            f"dlt's state says rows up to {table.cursor} = {_plain(recorded)} were loaded: missing ones are never "
+            "read again by a run (lost from the warehouse after a load, e.g. by a restore or a failover)"
+        )
     if check.extra and not (check.missing or check.changed) and table.deletes.get("hard") == "key_set":
         # keys deleted at the source since the last run: the next run removes them
         check.fix = f"dlt pipeline {decl.name} run --table {table.name}` (then verify again; if it persists: `{refresh}"
     return check
+
+
+def _plain(value: Any) -> str:
+    return value.isoformat(sep=" ") if isinstance(value, datetime) else str(value)
 
 
 def _count(warehouse: Warehouse, dataset: str, table: str, current: str = "TRUE") -> int:
