@@ -36,8 +36,9 @@ from typing import Any
 import yaml
 from dlt.common.schema import Schema
 
-from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_all
+from datamart.ingest.declarations import VALID_FROM, VALID_TO, DeclarationError, PipelineDecl, TableDecl, load_all
 from datamart.ingest.deletes import DELETED_MARKER
+from datamart.ingest.history import ROW_VERSION
 from datamart.ingest.personal import HMAC_KEY_SECRET, year_column
 from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, keep_files_private
 
@@ -58,6 +59,8 @@ HEADER = f"""\
 # `_dlt_id` (a row key dlt adds only to tables loaded from non-arrow items, e.g. CSV: present or not depending on
 # the reader, meaningless for analyses) and `{DELETED_MARKER}` (the hard-delete marker: created only once a
 # deletion has happened, and always null in the table since marked rows are removed by the merge).
+# History tables (`history: scd2`) also declare `{VALID_FROM}` and `{VALID_TO}` (each version's validity), not
+# `{ROW_VERSION}` (the hash of the row that dlt's scd2 compares).
 """
 
 # dlt data type -> SQLMesh type (DuckDB dialect, as dlt creates it in DuckDB)
@@ -119,13 +122,23 @@ def table_description(decl: PipelineDecl, table: TableDecl) -> str:
     text = f"Loaded by dlt pipeline {decl.name} (pipelines/{decl.path.name})"
     if table.write_disposition == "merge":
         text += f", merged on {key}"
+        if table.history:
+            text += (
+                f"; every version kept (history: scd2): {VALID_FROM} and {VALID_TO} say when each was loaded and "
+                f"replaced, the current version of a key has no {VALID_TO}"
+            )
         if table.deletes:
             detected = []
             if table.deletes.get("soft"):
                 detected.append(f"soft deletes by {table.deletes['soft']}")
             if table.deletes.get("hard") == "key_set":
                 detected.append(f"hard deletes found by comparing the {key} key sets at each run")
-            text += f"; current state, deleted rows removed ({', '.join(detected)})"
+            if table.history:
+                text += f"; deleted rows have their current version retired ({', '.join(detected)})"
+            else:
+                text += f"; current state, deleted rows removed ({', '.join(detected)})"
+        elif table.history:
+            text += " (rows deleted at the source keep their current version)"
         else:
             text += "; current state (rows deleted at the source are kept)"
     elif table.write_disposition == "append":
@@ -160,6 +173,13 @@ def column_descriptions(table: TableDecl, columns: list[str]) -> dict[str, str]:
     soft = table.deletes.get("soft")
     if soft:
         described[soft] = "Soft-delete marker of the source: rows where it is set are removed at load (always null)."
+        if table.history:
+            described[soft] = (
+                "Soft-delete marker of the source: a row read with it set retires the current version (always null)."
+            )
+    if table.history:
+        described[VALID_FROM] = "When the load that inserted this version ran (UTC)."
+        described[VALID_TO] = "When a later load replaced this version or found it deleted (UTC); null: current."
     described[DLT_LOAD_ID] = "The dlt load that wrote the row" + (
         " (or last updated it)." if table.write_disposition == "merge" else "."
     )
@@ -177,7 +197,9 @@ def external_model(decl: PipelineDecl, table: TableDecl, schema: Schema) -> dict
     columns = {
         name: sqlmesh_type(dict(column), f"{where}, column {name}")
         for name, column in schema.get_table_columns(table.name).items()  # complete columns only: typed, loaded
-        if name == DLT_LOAD_ID or not (name.startswith("_dlt_") or name == DELETED_MARKER)
+        if name == DLT_LOAD_ID
+        or (table.history and name in (VALID_FROM, VALID_TO))
+        or not (name.startswith("_dlt_") or name in (DELETED_MARKER, ROW_VERSION))
     }
     entry: dict[str, Any] = {
         "name": f"{decl.dataset}.{table.name}",

@@ -161,9 +161,15 @@ def test_types_and_descriptions_follow_the_declarations(rendered: str) -> None:
     assert models["raw_app_db.missions"]["columns"]["start_date"] == "date"
     assert models["raw_bucket.partners"]["columns"]["active"] == "boolean"
     assert "rows deleted at the source are kept" in models["raw_bucket.partners"]["description"]
+    # missions keep their history (history: scd2): the validity of each version is declared, its row hash is not
+    missions = models["raw_app_db.missions"]
+    assert list(missions["columns"])[-3:] == ["_dlt_load_id", "_dlt_valid_from", "_dlt_valid_to"]
+    assert "_datamart_row_version" not in missions["columns"]
+    assert "every version kept (history: scd2)" in missions["description"]
+    assert missions["column_descriptions"]["_dlt_valid_to"].endswith("null: current.")
     for name, model in models.items():
-        if name.startswith("ops."):
-            continue  # written by our run records, not by dlt
+        if name.startswith("ops.") or name == "raw_app_db.missions":
+            continue  # written by our run records, not by dlt; the history table is checked above
         assert list(model["columns"])[-1] == "_dlt_load_id", name
         assert not [c for c in model["columns"] if c.startswith("_dlt_") and c != "_dlt_load_id"], name
 
@@ -206,7 +212,8 @@ def test_a_new_source_column_appears_after_a_rerun(tmp_path: Path) -> None:
 
     columns = _models(text)["raw_app_db.missions"]["columns"]
     assert columns["remote_share"] == "double"
-    assert list(columns)[-2:] == ["remote_share", "_dlt_load_id"]
+    data = [c for c in columns if c not in ("_dlt_valid_from", "_dlt_valid_to")]  # missions keep their history
+    assert data[-2:] == ["remote_share", "_dlt_load_id"]
 
 
 def test_check_prints_a_diff_and_fails_when_stale(

@@ -21,6 +21,9 @@ WRITE_DISPOSITIONS = ("append", "merge", "replace")
 PERSONAL_TREATMENTS = ("hash", "drop", "year", "keep")
 FILE_FORMATS = ("csv", "parquet", "jsonl")
 SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
+HISTORY_KINDS = ("scd2",)
+#: dlt's validity columns of a ``history: scd2`` table (its defaults); the current version has no valid_to
+VALID_FROM, VALID_TO = "_dlt_valid_from", "_dlt_valid_to"
 
 
 class DeclarationError(ValueError):
@@ -43,6 +46,13 @@ class TableDecl:
     format: str | None = None  # filesystem sources: csv, parquet, jsonl
     backend: str | None = None  # SQL sources: this table's dlt backend (default: the pipeline's, see sources.py)
     delimiter: str | None = None  # csv files: the field separator when it is not a comma (e.g. ";")
+    history: str | None = None  # "scd2": every version of a row kept, with validity dates (see sources.py)
+
+    @property
+    def current_only(self) -> str:
+        """The SQL condition selecting the rows that mirror the source: the current versions of a history table
+        (the others hold one row per key already)."""
+        return f'"{VALID_TO}" IS NULL' if self.history else "TRUE"
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,7 @@ _TABLE_KEYS = {
     "format",
     "backend",
     "delimiter",
+    "history",
 }
 CONTRACT_ENTITIES = ("tables", "columns", "data_type")
 CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
@@ -238,6 +249,29 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
             )
     deletes = {str(k): str(v) for k, v in (decl.get("deletes") or {}).items()}
     _check_deletes(path, where, kind, disposition, primary_key, deletes)
+    history = decl.get("history")
+    if history is not None:
+        if history not in HISTORY_KINDS:
+            raise _fail(
+                path,
+                f"{where}.history",
+                f"{history!r} is not one of {', '.join(HISTORY_KINDS)}{closest(history, HISTORY_KINDS)}",
+            )
+        if disposition != "merge" or not primary_key:
+            raise _fail(
+                path,
+                f"{where}.history",
+                "history keeps the versions of each key: it needs write_disposition: merge and a primary_key",
+            )
+        treated = sorted(c for c, t in (decl.get("personal") or {}).items() if t != "keep")
+        if treated:
+            raise _fail(
+                path,
+                f"{where}.history",
+                f"the table has personal columns ({', '.join(map(str, treated))}): history keeps every past version, "
+                "a deleted row's too, so a person erased in the source would stay in the warehouse; keep the history "
+                "in a table without personal data",
+            )
     backend = decl.get("backend")
     if backend is not None and (kind != "sql_database" or backend not in SQL_BACKENDS):
         raise _fail(
@@ -268,6 +302,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         format=decl.get("format"),
         backend=backend,
         delimiter=delimiter,
+        history=history,
     )
 
 

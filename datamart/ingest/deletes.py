@@ -173,6 +173,8 @@ def _warehouse_buckets(warehouse: Warehouse, dataset: str, table: TableDecl, wid
     """The warehouse's key summaries by bucket (the table exists: ``_integer_key`` found its column)."""
     key = quote_identifier(warehouse_name(table.primary_key[0]))
     relation = f"{quote_identifier(warehouse_name(dataset))}.{quote_identifier(warehouse_name(table.name))}"
+    if table.history:  # the current versions: a retired one is history, not a key of the source
+        relation = f"(SELECT * FROM {relation} WHERE {table.current_only}) AS current_versions"
     return _buckets(warehouse.query(_bucket_statement(key, relation, width)))
 
 
@@ -200,17 +202,28 @@ def deletion_resource(table: TableDecl, gone: pa.Table, marker: tuple[str, str])
     else:
         now = datetime.now(UTC).replace(tzinfo=None)  # naive UTC, like the timestamps dlt loads from sources
         flags = pa.array([now] * gone.num_rows, type=pa.timestamp("us"))
-    return dlt.resource(
+    if table.history:  # retires the keys' current versions (datamart/ingest/history.py)
+        from datamart.ingest.history import history_disposition
+
+        disposition: Any = history_disposition(table, marker)
+    else:
+        disposition = "merge"
+    resource = dlt.resource(
         [gone.cast(keys).append_column(marker_column, flags)],
         name=f"{table.name}__deletions",
         table_name=table.name,
-        write_disposition="merge",
+        write_disposition=disposition,
         primary_key=list(table.primary_key),
         columns={
             **{k: {"name": k, "nullable": False, "primary_key": True} for k in table.primary_key},
             marker_column: {"name": marker_column, "data_type": marker_type, "hard_delete": True},
         },
     )
+    if table.history:
+        from datamart.ingest.history import add_row_version
+
+        add_row_version(resource)
+    return resource
 
 
 def _joined(keys: pa.Table) -> pa.Array:
@@ -254,7 +267,10 @@ def _warehouse_keys(
         return None
     # each key column read under its declared name, as the source's keys are
     columns = ", ".join(f"{quote_identifier(warehouse_name(c))} AS {quote_identifier(c)}" for c in table.primary_key)
-    statement = f"SELECT {columns} FROM {quote_identifier(dataset)}.{quote_identifier(name)}"
+    relation = f"{quote_identifier(dataset)}.{quote_identifier(name)}"
+    if table.history:  # the current versions: a retired one is history, not a key of the source
+        relation = f"(SELECT * FROM {relation} WHERE {table.current_only}) AS current_versions"
+    statement = f"SELECT {columns} FROM {relation}"
     statement += _in_buckets(quote_identifier(warehouse_name(table.primary_key[0])), only, width)
     if warehouse.target == "duckdb":
         import duckdb

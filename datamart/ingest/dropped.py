@@ -24,7 +24,7 @@ from typing import Any
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl, warehouse_name
 from datamart.ingest.personal import year_column
-from datamart.settings import Warehouse
+from datamart.settings import Warehouse, quote_identifier
 
 INTERNAL_PREFIXES = ("_dlt_", "_datamart")
 
@@ -64,9 +64,30 @@ def dropped_columns(
             why = _files_gone(decl, table, loaded, state)
         else:
             why = None
+        if why and table.history:
+            # A history table keeps its past versions, the gone column's values included: once a full refresh wrote
+            # new current versions without it (null), the table follows the source and is not stopped again.
+            emptied = _empty_in_current_versions(warehouse, decl.dataset, name, table, loaded)
+            if emptied:
+                loaded = [c for c in loaded if c not in emptied]
+                why = (
+                    _sql_gone(decl, table, loaded)
+                    if decl.kind == "sql_database"
+                    else _files_gone(decl, table, loaded, state)
+                )
         if why:
             found[name] = why
     return found
+
+
+def _empty_in_current_versions(
+    warehouse: Warehouse, dataset: str, name: str, table: TableDecl, columns: list[str]
+) -> set[str]:
+    """The ``columns`` null on every current version of a history table (one scan of the current versions)."""
+    counts = ", ".join(f"count({quote_identifier(c)})" for c in columns)
+    relation = f"{quote_identifier(dataset)}.{quote_identifier(warehouse_name(name))}"
+    row = warehouse.query(f"SELECT {counts} FROM {relation} WHERE {table.current_only}")[0]
+    return {c for c, n in zip(columns, row, strict=True) if not n}
 
 
 def _data_column(column: str, table: TableDecl) -> bool:

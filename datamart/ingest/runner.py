@@ -14,7 +14,7 @@ import dlt
 from dlt.common import logger
 
 from datamart.environments import check_environment
-from datamart.ingest.declarations import PipelineDecl, warehouse_name
+from datamart.ingest.declarations import VALID_FROM, VALID_TO, PipelineDecl, warehouse_name
 from datamart.ingest.dropped import TablesStopped, dropped_columns
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
@@ -156,12 +156,13 @@ def _run_pipeline(
     pipeline = make_pipeline(decl, warehouse, pipelines_dir)
     pipeline.sync_destination()  # a fresh worker continues from the state kept in the warehouse
     names = [t.name for t in (decl.table(n) for n in tables)] if tables else [t.name for t in decl.tables]
+    refuse_history_on_plain_table(pipeline, decl, names)
     # Only merge tables need the counts before and the rows each load wrote (to tell inserts from updates): on an
     # append table of 10 million rows each of those counts is a full scan.
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]
     before = {n: 0 for n in names}
     if not full_refresh:  # counted before a pending load is finished: its rows are this run's
-        before.update(count_rows(pipeline, merged)[0])
+        before.update(count_rows(pipeline, merged, history={n for n in merged if decl.table(n).history})[0])
     if carried is not None:  # an earlier attempt of this command counted them before it loaded anything
         carried.before = {**before, **(carried.before or {})}
         before = {n: carried.before[n] for n in names}
@@ -224,7 +225,10 @@ def _run_pipeline(
     # counted too, in the same scan as their total
     keyed = merged + [n for n in names if decl.table(n).write_disposition == "append" and decl.table(n).primary_key]
     written_in = [n for n in keyed if row_counts.get(warehouse_name(n)) or from_pending.get(n)]
-    after, written = count_rows(pipeline, names, [*pending_ids, *info.loads_ids], written_in)
+    history = {n for n in names if decl.table(n).history}
+    load_ids = [*pending_ids, *info.loads_ids]
+    after, written = count_rows(pipeline, names, load_ids, written_in, history=history)
+    versions = new_versions(pipeline, decl, [n for n in history if n in written], load_ids)
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
     first_load = {n for n in merged if before[n] == 0}  # nothing loaded before this run: nothing to delete
@@ -244,7 +248,10 @@ def _run_pipeline(
     loads = []
     for name in names:
         read = int(row_counts.get(warehouse_name(name), 0)) + from_pending.get(name, 0)
-        split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name))
+        if name in history:
+            split = _split_history(read, before[name], after[name], written.get(name), versions.get(name))
+        else:
+            split = _split(decl.table(name).write_disposition, read, before[name], after[name], written.get(name))
         loads.append(
             TableLoad(
                 table=name,
@@ -347,8 +354,12 @@ def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any
     ``replace_strategy="insert-from-staging"`` (see :meth:`Warehouse.dlt_destination`), so the table is emptied
     and refilled in one transaction, after every row is staged: a failed refresh leaves the table as it was, and
     readers see the old rows or the new ones. The column types stay those of the table.
+
+    A history table (``history: scd2``) is never dropped nor replaced: its past versions exist nowhere else. Its
+    state is reset and the whole source merged again (a run with one makes the others go through staging too).
     """
-    if not _read_by_views(pipeline, names):
+    history = any(decl.table(n).history for n in names)
+    if not history and not _read_by_views(pipeline, names):
         return "drop_resources"
     with pipeline.managed_state() as state:
         # the state of a resource lives under its source (the pipeline's name); a file table's cursor lives on its
@@ -359,6 +370,10 @@ def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any
             kept.pop(f"filesystem_{name}", None)
     for resource in resources:
         table = decl.table(resource.name)
+        if table.history:
+            # a history table keeps its versions: the whole source is read again (state reset above) and merged as
+            # usual, so only the rows that differ from the current versions become new versions
+            continue
         resource.apply_hints(write_disposition="replace")
         soft = table.deletes.get("soft")
         if soft:  # merge removes rows carrying the soft-delete marker; a replace must not load them
@@ -461,6 +476,41 @@ def _split(disposition: str, read: int, before: int, after: int, written: int | 
     return {"inserted": inserted, "updated": max(written - inserted, 0), "soft_deleted": soft_deleted}
 
 
+def _split_history(read: int, before: int, after: int, written: int | None, versions: int | None) -> dict[str, int]:
+    """Inserted, updated and soft-deleted keys of one load into a history table, from its current versions.
+
+    ``before``/``after`` count the current versions, ``written`` the current versions this load inserted and
+    ``versions`` those of them that replaced a version this load retired (an update): the others are new keys.
+    Rows read again unchanged insert nothing; the keys whose current version was retired without a new one were
+    read with their soft-delete marker."""
+    written, updated = written or 0, versions or 0
+    inserted = max(written - updated, 0)
+    return {"inserted": inserted, "updated": updated, "soft_deleted": max(before + inserted - after, 0)}
+
+
+def new_versions(pipeline: dlt.Pipeline, decl: PipelineDecl, tables: list[str], load_ids: list[str]) -> dict[str, int]:
+    """Per history table, the current versions written by the loads ``load_ids`` that follow a version of the same
+    key retired by those loads (its valid_to is the new version's valid_from): the keys updated."""
+
+    if not tables or not load_ids:
+        return {}
+    loads = ", ".join(f"'{i}'" for i in load_ids)  # ids dlt generated (epoch seconds): safe to inline
+    counts = {}
+    with pipeline.sql_client() as client:
+        for table in tables:
+            qualified = client.make_qualified_table_name(warehouse_name(table))
+            same_key = " AND ".join(
+                f'o."{warehouse_name(k)}" = n."{warehouse_name(k)}"' for k in decl.table(table).primary_key
+            )
+            statement = (
+                f"SELECT count(*) FROM {qualified} n WHERE n._dlt_load_id IN ({loads}) AND n.{VALID_TO} IS NULL "
+                f"AND EXISTS (SELECT 1 FROM {qualified} o WHERE {same_key} AND o.{VALID_TO} = n.{VALID_FROM})"
+            )
+            with client.execute_query(statement) as cursor:
+                counts[table] = int(cursor.fetchone()[0])
+    return counts
+
+
 def finish_or_abort_pending(pipeline: dlt.Pipeline) -> tuple[str, bool]:
     """Load what a previous run left pending; if it fails for good, abort it so this run re-reads the source.
 
@@ -487,6 +537,25 @@ def finish_or_abort_pending(pipeline: dlt.Pipeline) -> tuple[str, bool]:
         return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again", False
     note = "completed a load left pending by an earlier run or attempt (interrupted or killed) before reading the "
     return note + "source; its rows are counted in this run's", True
+
+
+def refuse_history_on_plain_table(pipeline: dlt.Pipeline, decl: PipelineDecl, names: list[str]) -> None:
+    """Stop before anything is read when a table declared ``history: scd2`` was loaded without it: its rows have
+    no validity nor row version, so dlt's scd2 would leave each as a second current version of its key."""
+    from datamart.ingest.declarations import DeclarationError
+
+    if not pipeline.default_schema_name:
+        return
+    schema_tables = pipeline.default_schema.tables
+    for name in names:
+        columns = schema_tables.get(warehouse_name(name), {}).get("columns", {})
+        if decl.table(name).history and columns and VALID_TO not in columns:
+            raise DeclarationError(
+                f"{decl.path.name}: tables.{name}.history: {decl.dataset}.{warehouse_name(name)} was loaded "
+                "without history (its rows have no validity dates); drop the table and its state "
+                f"(`dlt pipeline {decl.name} drop {name}`, after removing what reads it on PostgreSQL), then run "
+                "again: the history starts with that load"
+            )
 
 
 def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
@@ -611,10 +680,16 @@ def root_cause(exc: BaseException) -> str:
 
 
 def count_rows(
-    pipeline: dlt.Pipeline, tables: list[str], load_ids: list[str] | None = None, written_in: list[str] | None = None
+    pipeline: dlt.Pipeline,
+    tables: list[str],
+    load_ids: list[str] | None = None,
+    written_in: list[str] | None = None,
+    history: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Row counts read from the warehouse itself (dlt's trace counts are not trusted for totals), and for the
-    tables of ``written_in`` the rows the loads ``load_ids`` wrote, counted in the same scan."""
+    tables of ``written_in`` the rows the loads ``load_ids`` wrote, counted in the same scan. Tables of
+    ``history`` count their current versions only (one per key, as the source)."""
+
     from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
     counts: dict[str, int] = {}
@@ -627,7 +702,8 @@ def count_rows(
             written_column = f", count(CASE WHEN _dlt_load_id IN ({loads}) THEN 1 END)" if of_loads else ""
             qualified = client.make_qualified_table_name(warehouse_name(table))
             try:
-                with client.execute_query(f"SELECT count(*){written_column} FROM {qualified}") as cursor:
+                current = f" WHERE {VALID_TO} IS NULL" if table in history else ""
+                with client.execute_query(f"SELECT count(*){written_column} FROM {qualified}{current}") as cursor:
                     row = cursor.fetchone()
             except DatabaseUndefinedRelation:  # nothing ever loaded into it (e.g. no file yet)
                 row = (0, 0)

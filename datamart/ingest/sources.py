@@ -13,6 +13,7 @@ from dlt.extract.resource import DltResource
 from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader, is_child_endpoint
 from datamart.ingest.declarations import SQL_BACKENDS, DeclarationError, PipelineDecl, TableDecl, closest
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
+from datamart.ingest.history import apply_history_hints
 from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
 from datamart.ingest.rest import build_rest_resources
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
@@ -158,6 +159,9 @@ def build_resources(
             resource.add_step(PageLoopGuard(pipeline, table))  # an API serving the same page again stops here
         if table.deletes:
             apply_delete_hints(resource, table)
+        if table.history:
+            marker = deletion_marker(resource, table) if table.deletes else None
+            apply_history_hints(resource, table, marker)
         if pipeline.kind == "sql_database":
             # connectorx yields an empty record batch when nothing changed; dlt would write an empty parquet file
             # that the ADBC loader refuses ("Must pass schema, or at least one RecordBatch")

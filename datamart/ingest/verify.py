@@ -21,6 +21,9 @@ How a table is read and compared, by kind:
   in. A soft-deleted source row must be absent from the warehouse. Keys deleted from the source stay in the
   warehouse by design when the table declares no ``deletes: {hard: key_set}``: they are counted as *kept*, not
   drift; with ``hard: key_set`` they are drift until the next run removes them (run, then verify).
+- **History tables** (``history: scd2``): their current versions (``_dlt_valid_to`` null) are compared as above,
+  one per key like the source; the retired versions are history, compared with nothing. ``full_compare`` compares
+  the current versions of both loads.
 - **Tables without a primary key**: row counts only (rows up to dlt's recorded cursor value).
 - **File tables** (filesystem): the rows of the files currently in the bucket, read whole (dump files are small) in
   modification order, a later file's row replacing an earlier one with the same key (the merge's result), then
@@ -287,12 +290,19 @@ def _order_by(warehouse: Warehouse, keys: list[str], types: dict[str, str]) -> s
 
 
 def _warehouse_rows(
-    warehouse: Warehouse, dataset: str, table: str, keys: list[str], columns: list[str], types: dict[str, str]
+    warehouse: Warehouse,
+    dataset: str,
+    table: str,
+    keys: list[str],
+    columns: list[str],
+    types: dict[str, str],
+    current: str = "TRUE",
 ) -> Iterator[tuple[Key, bytes]]:
-    """(key, digest of the compared columns) of every warehouse row, streamed in key order."""
+    """(key, digest of the compared columns) of every warehouse row (``current``: of those this SQL condition
+    keeps, the current versions of a history table), streamed in key order."""
     selected = ", ".join(quote_identifier(c) for c in [*keys, *columns])
     statement = (
-        f"SELECT {selected} FROM {quote_identifier(dataset)}.{quote_identifier(table)} "
+        f"SELECT {selected} FROM {quote_identifier(dataset)}.{quote_identifier(table)} WHERE {current} "
         f"ORDER BY {_order_by(warehouse, keys, types)}"
     )
     key_kinds = [value_kind(types[k]) for k in keys]
@@ -577,9 +587,12 @@ def _excluded(table: TableDecl) -> set[str]:
     return names
 
 
-def _high_water(warehouse: Warehouse, dataset: str, table: str, cursor: str, types: dict[str, str]) -> Any:
+def _high_water(
+    warehouse: Warehouse, dataset: str, table: str, cursor: str, types: dict[str, str], current: str = "TRUE"
+) -> Any:
     value = warehouse.query(
-        f"SELECT max({quote_identifier(cursor)}) FROM {quote_identifier(dataset)}.{quote_identifier(table)}"
+        f"SELECT max({quote_identifier(cursor)}) FROM {quote_identifier(dataset)}.{quote_identifier(table)} "
+        f"WHERE {current}"
     )[0][0]
     return coerce(value, value_kind(types[cursor]))
 
@@ -666,6 +679,8 @@ def verify_table(
     soft = _normalize(table.deletes["soft"]) if table.deletes.get("soft") else None
     if soft is not None and soft not in source_names:
         soft = None
+    # a history table mirrors the source by its current versions: the retired ones are compared with nothing
+    current = table.current_only
     high_water, recorded = None, None
     if cursor:
         # Rows beyond the cursor dlt recorded are pending: the next run reads them. The warehouse's own highest
@@ -676,7 +691,7 @@ def verify_table(
         if recorded is not None:
             high_water = coerce(recorded, kind)
         else:
-            high_water = _high_water(warehouse, decl.dataset, name, cursor, types)
+            high_water = _high_water(warehouse, decl.dataset, name, cursor, types, current)
     if soft and soft not in types:
         types = {**types, soft: "timestamp"}
     window_from = _reread_from(high_water, value_kind(types[cursor]), table.lag) if cursor and table.lag else None
@@ -693,7 +708,7 @@ def verify_table(
     compare_sorted(
         check,
         chunks,
-        _warehouse_rows(warehouse, decl.dataset, name, keys, columns, types),
+        _warehouse_rows(warehouse, decl.dataset, name, keys, columns, types, current),
         chunk_size,
         deletions_expected,
     )
@@ -714,8 +729,10 @@ def _plain(value: Any) -> str:
     return value.isoformat(sep=" ") if isinstance(value, datetime) else str(value)
 
 
-def _count(warehouse: Warehouse, dataset: str, table: str) -> int:
-    return int(warehouse.query(f"SELECT count(*) FROM {quote_identifier(dataset)}.{quote_identifier(table)}")[0][0])
+def _count(warehouse: Warehouse, dataset: str, table: str, current: str = "TRUE") -> int:
+    """The rows of ``table`` that ``current`` keeps (a history table's current versions)."""
+    relation = f"{quote_identifier(dataset)}.{quote_identifier(table)}"
+    return int(warehouse.query(f"SELECT count(*) FROM {relation} WHERE {current}")[0][0])
 
 
 def _source_count(decl: PipelineDecl, table: TableDecl, where: Any = None) -> int:
@@ -847,12 +864,14 @@ def full_compare(
                         (
                             (key, "live", digest)
                             for key, digest in _warehouse_rows(
-                                warehouse, scratch.dataset, name, keys, columns, merged_types
+                                warehouse, scratch.dataset, name, keys, columns, merged_types, declared.current_only
                             )
                         ),
                         chunk_size,
                     )
-                    right = _warehouse_rows(warehouse, decl.dataset, name, keys, columns, merged_types)
+                    right = _warehouse_rows(
+                        warehouse, decl.dataset, name, keys, columns, merged_types, declared.current_only
+                    )
                     compare_sorted(check, left, right, chunk_size, deletions_expected=True)
                     check.note = "source = a fresh full load; gone-from-source keys still in the table count as extra"
             report.tables.append(check)

@@ -14,7 +14,7 @@ MODEL (
     ),
     accepted_range("column" := places, min_v := 0)
   ),
-  description 'Live missions of the application database: one row per mission that is not soft-deleted, renamed and cleaned.',
+  description 'Live missions of the application database: one row per mission that is not soft-deleted (its current version: raw_app_db.missions keeps every version, see stg_app_db__mission_versions), renamed and cleaned.',
   column_descriptions (
     mission_id = 'Identifier of the mission in the application database.',
     organization_id = 'Organization publishing the mission.',
@@ -41,7 +41,8 @@ WITH source AS (
     start_date,
     created_at,
     updated_at,
-    deleted_at
+    deleted_at,
+    _dlt_valid_to
   FROM raw_app_db.missions
 ), cleaned AS (
   SELECT
@@ -57,7 +58,7 @@ WITH source AS (
     updated_at AS updated_at
   FROM source
   WHERE
-    deleted_at IS NULL
+    deleted_at IS NULL AND _dlt_valid_to IS NULL
 )
 SELECT
   mission_id,
