@@ -86,7 +86,9 @@ def retired_views(project: Path) -> dict[str, dict[str, str]]:
     document = yaml.safe_load(path.read_text()) or {}
     entries = document.get("retired_views") if isinstance(document, dict) else None
     if not isinstance(entries, list):
-        raise RetiredDeclarationError(f"{RETIRED_FILE}: expected a list under `retired_views:` (see docs/review-and-promotion.md).")
+        raise RetiredDeclarationError(
+            f"{RETIRED_FILE}: expected a list under `retired_views:` (see docs/review-and-promotion.md)."
+        )
     retired = {}
     for number, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or not entry.get("view") or not entry.get("reason"):
