@@ -484,14 +484,25 @@ def _warehouse_rows(
     return found
 
 
-def _treated(decl: PipelineDecl, table: TableDecl, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _treated(
+    decl: PipelineDecl, table: TableDecl, rows: list[dict[str, Any]], known: set[str], held_back: list[str]
+) -> list[dict[str, Any]]:
     """The personal-data treatment of cursor mode (the same map), applied to changed rows before they leave the
-    extract step. Unchanged TOASTed values are set aside first: they are not source values (see ``_toasted``)."""
+    extract step. Unchanged TOASTed values are set aside first: they are not source values (see ``_toasted``).
+
+    As in cursor mode, a table with personal columns loads no column the warehouse does not have yet (``known``,
+    warehouse names) unless it is classified under ``personal:``: such columns are left out and listed in
+    ``held_back``."""
     if not table.personal:
         return rows
     treat = personal_data_map(decl.name, table.name, table.personal)
     treated = []
     for row in rows:
+        for column in [c for c in row if c not in table.personal and warehouse_name(c) not in known]:
+            if known:  # nothing is known before the first load: the copy decides the columns
+                row.pop(column)
+                if column not in held_back:
+                    held_back.append(column)
         unchanged = {c: v for c, v in row.items() if v is UNCHANGED}
         clean = treat({c: v for c, v in row.items() if v is not UNCHANGED})
         for column in unchanged:  # the warehouse column that holds the treated value
@@ -559,9 +570,11 @@ def _arrow(pipeline: dlt.Pipeline, table: TableDecl, rows: list[dict[str, Any]])
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def change_resources(pipeline: dlt.Pipeline, decl: PipelineDecl, batch: Batch) -> tuple[list[Any], dict[str, int]]:
+def change_resources(
+    pipeline: dlt.Pipeline, decl: PipelineDecl, batch: Batch, held_back: dict[str, list[str]]
+) -> tuple[list[Any], dict[str, int]]:
     """One resource per table with changes (upserts and deletion rows, or the table's rows after a truncate), and
-    per table the number of deleted keys the warehouse held (for the summary)."""
+    per table the number of deleted keys the warehouse held (for the summary); ``held_back``: see ``_treated``."""
     resources, deleted = [], {}
     now = datetime.now(UTC).replace(tzinfo=None)
     for table in decl.tables:
@@ -569,7 +582,16 @@ def change_resources(pipeline: dlt.Pipeline, decl: PipelineDecl, batch: Batch) -
         truncated = table.name in batch.truncated
         if not last and not truncated:
             continue
-        upserts = _treated(decl, table, [row for kind, row in last.values() if kind == "upsert"])
+        known: set[str] = set()
+        if pipeline.default_schema_name:
+            known = set(pipeline.default_schema.tables.get(warehouse_name(table.name), {}).get("columns", {}))
+        upserts = _treated(
+            decl,
+            table,
+            [row for kind, row in last.values() if kind == "upsert"],
+            known,
+            held_back.setdefault(table.name, []),
+        )
         _toasted(pipeline, table, upserts)
         gone = [row for kind, row in last.values() if kind == "delete"]
         deleted[table.name] = (
@@ -662,7 +684,8 @@ def run_replication(
             )
             return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, tables=loads, notes=notes)
         batch = read_changes(decl, conn, selected)
-        resources, deleted = change_resources(pipeline, decl, batch)
+        held: dict[str, list[str]] = {}
+        resources, deleted = change_resources(pipeline, decl, batch, held)
         written: dict[str, int] = {}
         if resources:
             info = pipeline.run(resources, loader_file_format=file_format)
@@ -684,6 +707,7 @@ def run_replication(
                     rows_deleted=gone if name not in batch.truncated else before[name],
                     inserted=inserted,
                     updated=max(written.get(name, 0) - inserted, 0),
+                    held_back=tuple(held.get(name, [])),
                 )
             )
         if batch.truncated:
