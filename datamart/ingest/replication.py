@@ -644,9 +644,9 @@ def run_replication(
         pipeline = make_pipeline(decl, warehouse, pipelines_dir)
         pipeline.sync_destination()
         notes: list[str] = []
+        before = count_rows(pipeline, names)[0]  # before a pending load is finished: its rows are this run's
         if pipeline.has_pending_data:  # a killed run's load: finish it (the slot was not advanced: re-read after)
             notes.append(finish_or_abort_pending(pipeline)[0])
-        before = count_rows(pipeline, names)[0]
         check_replication_role(decl, conn)
         check_tables(decl, conn, selected)
         ensure_publication(decl, conn, selected)
