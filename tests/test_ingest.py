@@ -183,7 +183,21 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
         ("name: bad\nsource: {kind: ftp}\ndataset: raw\ntables: {t: {}}\n", "source.kind: 'ftp' is not one of"),
         (
             "name: bad\nsource: {kind: sql_database, scheam: app}\ndataset: raw\ntables: {t: {}}\n",
-            "source.scheam: unknown key (did you mean 'schema'?); allowed: backend, chunk_size, kind, schema",
+            "source.scheam: unknown key (did you mean 'schema'?); allowed: backend, changes, chunk_size, kind, "
+            "publication, schema, slot",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database, changes: replicaton}\ndataset: raw\ntables: {t: {}}\n",
+            "source.changes: 'replicaton' is not one of cursor, replication (did you mean 'replication'?)",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database, changes: replication}\ndataset: raw\n"
+            "tables: {t: {write_disposition: append}}\n",
+            "tables.t.write_disposition: changes: replication applies each change by key",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database, slot: s}\ndataset: raw\ntables: {t: {}}\n",
+            "source.slot: a slot and a publication belong to changes: replication",
         ),
         (
             "name: bad\nsource: {kind: filesystem, bucket: s3://x}\ndataset: raw\ntables: {t: {}}\n",

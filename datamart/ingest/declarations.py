@@ -104,7 +104,7 @@ CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
 
 # source: keys per kind besides ``kind`` (rest_api's are checked by datamart/ingest/rest.py)
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {
-    "sql_database": ("schema", "backend", "chunk_size"),
+    "sql_database": ("schema", "backend", "chunk_size", "changes", "slot", "publication"),
     "filesystem": (),
 }
 
@@ -167,6 +167,7 @@ def load_declaration(path: Path) -> PipelineDecl:
     if not tables_raw:
         raise _fail(path, "tables", "declare at least one table")
     tables = tuple(_load_table(path, kind, tname, tdecl or {}) for tname, tdecl in tables_raw.items())
+    _check_changes(path, source, tables_raw)
     raw_tables = {str(tname): dict(tdecl or {}) for tname, tdecl in tables_raw.items()}
     if kind == "rest_api":
         from datamart.ingest.rest import validate_rest_declaration  # here: rest.py imports this module
@@ -304,6 +305,43 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
         delimiter=delimiter,
         history=history,
     )
+
+
+CHANGE_MODES = ("cursor", "replication")
+
+
+def _check_changes(path: Path, source: dict[str, Any], tables_raw: dict[str, Any]) -> None:
+    """``changes: replication`` (datamart/ingest/replication.py): merge tables by key, no cursor, no key-set scan."""
+    changes = source.get("changes", "cursor")
+    if changes not in CHANGE_MODES:
+        raise _fail(
+            path,
+            "source.changes",
+            f"{changes!r} is not one of {', '.join(CHANGE_MODES)}{closest(changes, CHANGE_MODES)}",
+        )
+    if changes != "replication":
+        for key in ("slot", "publication"):
+            if key in source:
+                raise _fail(path, f"source.{key}", "a slot and a publication belong to changes: replication")
+        return
+    for key in ("slot", "publication"):
+        if key in source and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", str(source[key])):
+            raise _fail(path, f"source.{key}", f"{source[key]!r}: use lowercase letters, digits and _ (63 at most)")
+    for name, decl in tables_raw.items():
+        decl = decl or {}
+        for key in ("cursor", "deletes", "lag"):
+            if key in decl:
+                raise _fail(
+                    path,
+                    f"tables.{name}.{key}",
+                    "not needed with changes: replication (the slot sends every insert, update and delete): remove it",
+                )
+        if decl.get("write_disposition") != "merge":
+            raise _fail(
+                path,
+                f"tables.{name}.write_disposition",
+                "changes: replication applies each change by key: declare write_disposition: merge and a primary_key",
+            )
 
 
 def _check_deletes(

@@ -149,6 +149,10 @@ def _run_pipeline(
     full_refresh: bool,
     carried: Carried | None = None,
 ) -> PipelineRun:
+    from datamart.ingest.replication import is_replication, run_replication  # here: it imports this module
+
+    if is_replication(decl):  # logical decoding instead of cursors and key sets
+        return run_replication(decl, warehouse, tables, pipelines_dir, full_refresh)
     started = time.monotonic()
     deletions: dict[str, int] = {}
     held_back: dict[str, list[str]] = {}

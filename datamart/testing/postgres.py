@@ -58,7 +58,8 @@ def _free_port() -> int:
 class ThrowawayPostgres:
     """Start with :meth:`start`, get URLs with :meth:`url`, always :meth:`stop` (or use as a context manager)."""
 
-    def __init__(self, bin_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, bin_dir: Path | None = None, port: int | None = None, wal_level: str | None = None) -> None:
+        self.wal_level = wal_level  # e.g. "logical" for a source read by logical decoding (replication mode)
         self.bin_dir = bin_dir or find_bin_dir()
         self.port = port or _free_port()
         self.root = Path(tempfile.mkdtemp(prefix="datamart-pg-"))
@@ -97,6 +98,8 @@ class ThrowawayPostgres:
                 f"unix_socket_directories = '{sock}'\nfsync = off\nsynchronous_commit = off\n"
                 "full_page_writes = off\nmax_connections = 100\n"
             )
+            if self.wal_level:
+                conf.write(f"wal_level = {self.wal_level}\n")
         self._run(self.bin_dir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "start")
         self._wait_ready()
         return self

@@ -1,0 +1,731 @@
+"""Replication mode: PostgreSQL sources read by logical decoding (`source: {kind: sql_database, changes: replication}`).
+
+Each run is a bounded batch, with no long-lived replication connection:
+
+- First run (or when the slot is gone): create the publication (``publish_via_partition_root = true``: a partitioned
+  table's changes arrive under the parent's name) and the logical slot (``pgoutput``, the built-in plugin), THEN copy
+  each table whole (the declared tables, read as in cursor mode: same backends, same personal-data treatment). The
+  copy's snapshot is taken after the slot exists, so a change committed between the two is in the slot too: the
+  next run replays it on top of the copy, which is harmless because only the last change per key is applied (the
+  values it writes are the ones the copy already saw, or newer ones).
+- Later runs: note the source's flushed WAL position, read the slot up to it without consuming it
+  (``pg_logical_slot_peek_binary_changes``), decode the pgoutput messages (:func:`decode`), keep the last change per
+  key in commit order, load upserts and deletes through dlt's merge (deletes carry dlt's ``hard_delete`` marker,
+  the same marker column as key-set deletes), a truncated table as a replace, and only once dlt's load has
+  committed move the slot forward (``pg_replication_slot_advance``). A run killed anywhere before that reads the
+  same changes again next time: applying them twice gives the same rows (last change per key, upserts by key).
+
+Why not a replication connection (``START_REPLICATION``): the SQL functions need no daemon, fit cron like every
+other pipeline, and let the slot be confirmed exactly when the warehouse has committed, from the same process.
+The read is in memory: one run holds the changes since the last run (bounded by how often the pipeline runs).
+
+Not done yet (issue 16): schema changes seen in the stream (an added column's existing rows, a type change), the
+slot's retained WAL in ``marts.data_freshness_v1`` and an alert, a command removing the slot and the publication.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dlt
+import psycopg2
+import pyarrow as pa
+
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, warehouse_name
+from datamart.ingest.deletes import DELETED_MARKER
+from datamart.ingest.personal import personal_data_map, year_column
+from datamart.settings import Warehouse, quote_identifier
+
+#: pgoutput's marker of a TOASTed value an update left unchanged (it sends no value for it).
+UNCHANGED = object()
+#: The state key (under the pipeline's source state) recording which tables were copied after which slot.
+STATE_KEY = "replication"
+#: Injected failure for tests: set to ``after-load`` to stop after dlt's load, before the slot is advanced.
+FAIL_ENV = "DATAMART_TEST_REPLICATION_FAIL"
+
+
+def is_replication(decl: PipelineDecl) -> bool:
+    """True for a pipeline declaring ``source.changes: replication``."""
+    return decl.kind == "sql_database" and decl.options.get("changes") == "replication"
+
+
+def object_name(decl: PipelineDecl, key: str) -> str:
+    """The declared slot or publication name, else ``datamart_<pipeline>`` (a valid slot name: a-z, 0-9, _)."""
+    declared = decl.options.get(key)
+    if declared:
+        return str(declared)
+    return ("datamart_" + re.sub(r"[^a-z0-9_]", "_", decl.name.lower()))[:63]
+
+
+# --- pgoutput protocol 1 (PostgreSQL docs, "Logical Replication Message Formats") ---------------------------------
+
+
+@dataclass
+class Relation:
+    """A table as pgoutput describes it: its schema, name and columns (name, type oid) in tuple order."""
+
+    schema: str
+    name: str
+    columns: list[tuple[str, int]]
+
+
+@dataclass
+class Change:
+    """One row change: ``kind`` is insert, update, delete or truncate; ``old`` the old key of an update that
+    changed it (or of a delete); ``new`` the row (values as text, None, or UNCHANGED)."""
+
+    kind: str
+    relation: int
+    new: list[Any] | None = None
+    old: list[Any] | None = None
+    relations: list[int] = field(default_factory=list)  # truncate: every relation truncated
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, fmt: str) -> Any:
+        value = struct.unpack_from("!" + fmt, self.data, self.pos)
+        self.pos += struct.calcsize("!" + fmt)
+        return value[0] if len(value) == 1 else value
+
+    def string(self) -> str:
+        end = self.data.index(b"\0", self.pos)
+        text = self.data[self.pos : end].decode()
+        self.pos = end + 1
+        return text
+
+    def tuple_data(self) -> list[Any]:
+        values: list[Any] = []
+        for _ in range(self.take("h")):
+            kind = self.take("c")
+            if kind == b"n":
+                values.append(None)
+            elif kind == b"u":
+                values.append(UNCHANGED)
+            elif kind == b"t":
+                length = self.take("i")
+                values.append(self.data[self.pos : self.pos + length].decode())
+                self.pos += length
+            else:
+                raise ValueError(f"pgoutput: unexpected tuple data kind {kind!r}")
+        return values
+
+
+def decode(message: bytes, relations: dict[int, Relation]) -> tuple[str, Any]:
+    """One pgoutput message: ``(type, payload)``; Relation messages are recorded in ``relations``.
+
+    Types: ``begin``, ``commit`` (payload: the commit's end LSN), ``relation``, ``change`` (a :class:`Change`),
+    ``other`` (Type, Origin, logical messages: nothing to apply)."""
+    r = _Reader(message)
+    tag = r.take("c")
+    if tag == b"B":
+        return "begin", None
+    if tag == b"C":
+        r.take("b")
+        r.take("q")  # the commit's LSN
+        return "commit", r.take("q")  # the end of the commit record: where the slot may be advanced to
+    if tag == b"R":
+        oid, schema, name = r.take("I"), r.string(), r.string()
+        r.take("b")  # replica identity setting
+        columns = []
+        for _ in range(r.take("h")):
+            r.take("b")  # flags (1: part of the key)
+            column = r.string()
+            type_oid = r.take("I")
+            r.take("i")  # type modifier
+            columns.append((column, type_oid))
+        relations[oid] = Relation(schema, name, columns)
+        return "relation", oid
+    if tag == b"I":
+        oid = r.take("I")
+        r.take("c")  # 'N'
+        return "change", Change("insert", oid, new=r.tuple_data())
+    if tag == b"U":
+        oid = r.take("I")
+        old = None
+        part = r.take("c")
+        if part in (b"K", b"O"):  # the old key (changed key, or REPLICA IDENTITY FULL)
+            old = r.tuple_data()
+            part = r.take("c")
+        return "change", Change("update", oid, new=r.tuple_data(), old=old)
+    if tag == b"D":
+        oid = r.take("I")
+        r.take("c")  # 'K' or 'O'
+        return "change", Change("delete", oid, old=r.tuple_data())
+    if tag == b"T":
+        count = r.take("i")
+        r.take("b")  # options (cascade, restart identity)
+        oids = [r.take("I") for _ in range(count)]
+        return "change", Change("truncate", oids[0] if oids else 0, relations=oids)
+    return "other", None  # Type ('Y'), Origin ('O'), Message ('M')
+
+
+# --- the source side ----------------------------------------------------------------------------------------------
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as psycopg2 takes it."""
+    return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+
+
+def _fail(decl: PipelineDecl, key: str, message: str) -> DeclarationError:
+    return DeclarationError(f"{decl.path.name}: {key}: pipeline '{decl.name}': {message}")
+
+
+def connect_source(decl: PipelineDecl) -> Any:
+    """An autocommit psycopg2 connection to the source, after checking that it can be replicated from."""
+    from datamart.ingest.sources import source_credentials
+
+    url = source_credentials(decl)
+    if not url.startswith("postgresql"):
+        raise _fail(
+            decl,
+            "source.changes",
+            "replication reads PostgreSQL's logical decoding; this source is not PostgreSQL "
+            f"({url.split(':', 1)[0]}). Remove `changes: replication` to read it by cursor.",
+        )
+    conn = psycopg2.connect(libpq_url(url))
+    conn.autocommit = True
+    try:
+        level = _one(conn, "SHOW wal_level")
+        if level != "logical":
+            raise _fail(
+                decl,
+                "source.changes",
+                f"the source server runs with wal_level = {level}; logical decoding needs wal_level = logical. "
+                "A DBA runs `ALTER SYSTEM SET wal_level = logical;` and restarts the server (on a managed service, "
+                "set the parameter wal_level, or rds.logical_replication = 1, and reboot), then run again.",
+            )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _one(conn: Any, statement: str, *params: Any) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(statement, params)
+        row = cur.fetchone()
+    return row[0] if row else None
+
+
+def _schema(decl: PipelineDecl, conn: Any) -> str:
+    return str(decl.options.get("schema") or _one(conn, "SELECT current_schema()"))
+
+
+def check_tables(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> None:
+    """Refuse, with the SQL to run, a table whose deletes would not carry its declared key (replica identity)."""
+    schema = _schema(decl, conn)
+    for table in tables:
+        qualified = f"{quote_identifier(schema)}.{quote_identifier(table.name)}"
+        row = None
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT c.relreplident, (SELECT array_agg(a.attname::text) FROM pg_index i "
+                "  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                "  WHERE i.indrelid = c.oid AND ((c.relreplident = 'd' AND i.indisprimary) "
+                "  OR (c.relreplident = 'i' AND i.indisreplident))) "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                (schema, table.name),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise _fail(decl, f"tables.{table.name}", f"the source has no table {schema}.{table.name}")
+        identity, columns = row
+        if identity == "f" or set(table.primary_key) <= set(columns or []):
+            continue
+        raise _fail(
+            decl,
+            f"tables.{table.name}.primary_key",
+            f"the source sends deleted rows of {table.name} with its replica identity "
+            f"({', '.join(columns or []) or 'none'}), not the declared key ({', '.join(table.primary_key)}); "
+            f"and without one it refuses the application's updates once the table is published. A DBA runs "
+            f"`ALTER TABLE {qualified} REPLICA IDENTITY FULL;` (or declare the table's primary key)",
+        )
+
+
+def ensure_publication(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> None:
+    """Create the publication of the declared tables, or add those it lacks; refuse with the DBA's SQL when the
+    credentials may not."""
+    name, schema = object_name(decl, "publication"), _schema(decl, conn)
+    qualified = [f"{quote_identifier(schema)}.{quote_identifier(t.name)}" for t in tables]
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+        exists = cur.fetchone() is not None
+        cur.execute(
+            "SELECT tablename FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s", (name, schema)
+        )
+        published = {r[0] for r in cur.fetchall()}
+    if exists:
+        # a partitioned table is listed by its partitions unless the publication publishes via the root
+        missing = [q for t, q in zip(tables, qualified, strict=True) if t.name not in published]
+        statement = f"ALTER PUBLICATION {quote_identifier(name)} ADD TABLE {', '.join(missing)};" if missing else ""
+    else:
+        statement = (
+            f"CREATE PUBLICATION {quote_identifier(name)} FOR TABLE {', '.join(qualified)} "
+            "WITH (publish_via_partition_root = true);"
+        )
+    if not statement:
+        return
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.InvalidParameterValue) as exc:
+        user = _one(conn, "SELECT current_user")
+        raise _fail(
+            decl,
+            "source.publication",
+            f"the source user {user!r} may not publish the tables ({str(exc).strip()}). "
+            f"A DBA (the tables' owner, or a superuser) runs: {statement}  Then run again.",
+        ) from exc
+
+
+def ensure_slot(decl: PipelineDecl, conn: Any) -> bool:
+    """Create the logical slot when it does not exist; True when it was created now."""
+    name = object_name(decl, "slot")
+    if _one(conn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", name):
+        plugin, database = None, None
+        with conn.cursor() as cur:
+            cur.execute("SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s", (name,))
+            plugin, database = cur.fetchone()
+        if plugin != "pgoutput" or database != conn.get_dsn_parameters().get("dbname"):
+            raise _fail(
+                decl,
+                "source.slot",
+                f"the slot {name!r} exists for another use (plugin {plugin}, database {database}): "
+                "declare another slot name",
+            )
+        return False
+    try:
+        _one(conn, "SELECT lsn FROM pg_create_logical_replication_slot(%s, 'pgoutput')", name)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise _privilege(decl, conn, exc) from exc
+    return True
+
+
+def _privilege(decl: PipelineDecl, conn: Any, exc: BaseException) -> DeclarationError:
+    user = _one(conn, "SELECT current_user")
+    return _fail(
+        decl,
+        "source.changes",
+        f"the source user {user!r} may not use replication slots ({str(exc).strip()}). A DBA runs: "
+        f"ALTER ROLE {quote_identifier(user)} WITH REPLICATION;  (on Amazon RDS: GRANT rds_replication TO "
+        f"{quote_identifier(user)};) Then run again.",
+    )
+
+
+def check_replication_role(decl: PipelineDecl, conn: Any) -> None:
+    """Refuse before anything is created when the user has neither REPLICATION nor superuser."""
+    allowed = _one(
+        conn,
+        "SELECT rolreplication OR rolsuper OR pg_has_role(current_user, 'rds_replication', 'member') "
+        "FROM pg_roles WHERE rolname = current_user"
+        if _one(conn, "SELECT count(*) FROM pg_roles WHERE rolname = 'rds_replication'")
+        else "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+    )
+    if not allowed:
+        raise _privilege(decl, conn, PermissionError("no REPLICATION attribute"))
+
+
+@dataclass
+class Batch:
+    """The changes read from the slot: per table the last change per key, the truncated tables, the end LSN."""
+
+    changes: dict[str, dict[tuple[Any, ...], tuple[str, dict[str, Any]]]]
+    truncated: set[str]
+    read: dict[str, int]  # change messages read per table
+    end_lsn: str  # where the slot goes once loaded
+
+
+def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batch:
+    """Peek every change committed up to now (the source's flushed WAL position, noted first) without consuming
+    the slot; keep the last change per key, in commit order, with the values typed as psycopg2 types them."""
+    slot, publication = object_name(decl, "slot"), object_name(decl, "publication")
+    schema = _schema(decl, conn)
+    declared = {t.name: t for t in tables}
+    upto = _one(conn, "SELECT pg_current_wal_flush_lsn()")
+    relations: dict[int, Relation] = {}
+    changes: dict[str, dict[tuple[Any, ...], tuple[str, dict[str, Any]]]] = {t: {} for t in declared}
+    read = dict.fromkeys(declared, 0)
+    truncated: set[str] = set()
+    end = _lsn_int(upto)
+    with conn.cursor() as cur:
+        try:
+            cur.execute(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s, NULL, 'proto_version', '1', "
+                "'publication_names', %s)",
+                (slot, upto, publication),
+            )
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            raise _privilege(decl, conn, exc) from exc
+        rows = cur.fetchall()
+        for (data,) in rows:
+            kind, payload = decode(bytes(data), relations)
+            if kind == "commit":
+                end = max(end, payload)
+            if kind != "change":
+                continue
+            if payload.kind == "truncate":
+                for oid in payload.relations:
+                    rel = relations.get(oid)
+                    if rel is not None and rel.schema == schema and rel.name in declared:
+                        truncated.add(rel.name)
+                        changes[rel.name].clear()  # what came before the truncate is gone
+                        read[rel.name] += 1
+                continue
+            rel = relations[payload.relation]
+            table = declared.get(rel.name) if rel.schema == schema else None
+            if table is None:
+                continue
+            read[table.name] += 1
+            _apply(table, rel, payload, changes[table.name], cur)
+    return Batch(changes, truncated, read, _lsn_text(end))
+
+
+def _apply(
+    table: TableDecl,
+    rel: Relation,
+    change: Change,
+    last: dict[tuple[Any, ...], tuple[str, dict[str, Any]]],
+    cur: Any,
+) -> None:
+    """Fold one change into ``last`` (key -> (upsert|delete, row)): the last change per key wins; an unchanged
+    TOASTed value takes the value of an earlier change of the same key in this batch, when there is one."""
+    names = [c for c, _ in rel.columns]
+    types = [t for _, t in rel.columns]
+
+    def typed(values: list[Any]) -> dict[str, Any]:
+        return {n: _cast(v, t, cur) for n, v, t in zip(names, values, types, strict=True)}
+
+    def key_of(row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row[k] for k in table.primary_key)
+
+    if change.kind == "delete":
+        old = typed(change.old or [])
+        last[key_of(old)] = ("delete", {k: old[k] for k in table.primary_key})
+        return
+    row = typed(change.new or [])
+    if change.kind == "update" and change.old is not None:
+        old_key = key_of(typed(change.old))
+        if old_key != key_of(row):  # the key itself changed: the old key is gone
+            previous = last.get(old_key)
+            last[old_key] = ("delete", dict(zip(table.primary_key, old_key, strict=True)))
+            if previous and previous[0] == "upsert":
+                _fill_unchanged(row, previous[1])
+    previous = last.get(key_of(row))
+    if previous and previous[0] == "upsert":
+        _fill_unchanged(row, previous[1])
+    last[key_of(row)] = ("upsert", row)
+
+
+def _fill_unchanged(row: dict[str, Any], earlier: dict[str, Any]) -> None:
+    for column, value in row.items():
+        if value is UNCHANGED and earlier.get(column, UNCHANGED) is not UNCHANGED:
+            row[column] = earlier[column]
+
+
+def _cast(value: Any, type_oid: int, cur: Any) -> Any:
+    """A text value as psycopg2 reads that type from a query (its own typecasters); unknown types stay text."""
+    if value is None or value is UNCHANGED:
+        return value
+    caster = psycopg2.extensions.string_types.get(type_oid)
+    return caster(value, cur) if caster is not None else value
+
+
+def _lsn_int(lsn: str) -> int:
+    high, low = lsn.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def _lsn_text(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def advance(decl: PipelineDecl, conn: Any, lsn: str) -> None:
+    """Confirm everything up to ``lsn``: the source may now recycle that WAL, and the next run reads after it."""
+    _one(conn, "SELECT end_lsn FROM pg_replication_slot_advance(%s, %s::pg_lsn)", object_name(decl, "slot"), lsn)
+
+
+# --- the warehouse side -------------------------------------------------------------------------------------------
+
+
+def _warehouse_rows(
+    pipeline: dlt.Pipeline, table: TableDecl, keys: list[tuple[Any, ...]], columns: list[str]
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The warehouse's current ``columns`` (warehouse names) of the rows with ``keys``."""
+    from dlt.destinations.exceptions import DatabaseUndefinedRelation
+
+    found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    if not keys:
+        return found
+    key_columns = [warehouse_name(k) for k in table.primary_key]
+    selected = ", ".join(quote_identifier(c) for c in [*key_columns, *columns])
+    with pipeline.sql_client() as client:
+        qualified = client.make_qualified_table_name(warehouse_name(table.name))
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            match = " AND ".join(f"{quote_identifier(c)} = %s" for c in key_columns)
+            where = " OR ".join(f"({match})" for _ in chunk)
+            params = [v for key in chunk for v in key]
+            try:
+                rows = client.execute_sql(f"SELECT {selected} FROM {qualified} WHERE {where}", *params) or []
+            except DatabaseUndefinedRelation:
+                return found
+            for row in rows:
+                found[tuple(row[: len(key_columns)])] = dict(zip(columns, row[len(key_columns) :], strict=True))
+    return found
+
+
+def _treated(
+    decl: PipelineDecl, table: TableDecl, rows: list[dict[str, Any]], known: set[str], held_back: list[str]
+) -> list[dict[str, Any]]:
+    """The personal-data treatment of cursor mode (the same map), applied to changed rows before they leave the
+    extract step. Unchanged TOASTed values are set aside first: they are not source values (see ``_toasted``).
+
+    As in cursor mode, a table with personal columns loads no column the warehouse does not have yet (``known``,
+    warehouse names) unless it is classified under ``personal:``: such columns are left out and listed in
+    ``held_back``."""
+    if not table.personal:
+        return rows
+    treat = personal_data_map(decl.name, table.name, table.personal)
+    treated = []
+    for row in rows:
+        for column in [c for c in row if c not in table.personal and warehouse_name(c) not in known]:
+            if known:  # nothing is known before the first load: the copy decides the columns
+                row.pop(column)
+                if column not in held_back:
+                    held_back.append(column)
+        unchanged = {c: v for c, v in row.items() if v is UNCHANGED}
+        clean = treat({c: v for c, v in row.items() if v is not UNCHANGED})
+        for column in unchanged:  # the warehouse column that holds the treated value
+            treatment = table.personal.get(column)
+            if treatment == "drop":
+                continue
+            clean[year_column(column) if treatment == "year" else column] = UNCHANGED
+        treated.append(clean)
+    return treated
+
+
+def _toasted(pipeline: dlt.Pipeline, table: TableDecl, rows: list[dict[str, Any]]) -> None:
+    """Fill the unchanged TOASTed values of updates with the warehouse's values of the same keys.
+
+    pgoutput sends no value for a large (TOASTed) column an update did not change. Reading the warehouse's value
+    here keeps one upsert path (dlt's merge replaces whole rows): a column-subset update would need a second kind of
+    load per table and per set of unchanged columns. The row is in the warehouse: the copy or an earlier run loaded
+    it (the slot holds every change since the copy), or an earlier change of this batch gave the value already.
+    A key the warehouse lacks (a copy taken after that row was deleted and re-inserted elsewhere) is left NULL and
+    reported by ``verify``; it cannot happen in commit order from a complete copy.
+    """
+    waiting = [r for r in rows if any(v is UNCHANGED for v in r.values())]
+    if not waiting:
+        return
+    columns = sorted({c for r in waiting for c, v in r.items() if v is UNCHANGED})
+    keys = [tuple(r[k] for k in table.primary_key) for r in waiting]
+    current = _warehouse_rows(pipeline, table, keys, [warehouse_name(c) for c in columns])
+    for row, key in zip(waiting, keys, strict=True):
+        known = current.get(key, {})
+        for column in columns:
+            if row.get(column) is UNCHANGED:
+                row[column] = known.get(warehouse_name(column))
+
+
+def _arrow(pipeline: dlt.Pipeline, table: TableDecl, rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows as an arrow table typed like the warehouse table (dlt's schema): arrow, like the copy, so the
+    table gets no ``_dlt_id`` column from dict rows; a column dlt does not know yet is typed from its values."""
+    import json
+
+    from dlt.common.libs.pyarrow import get_py_arrow_datatype
+
+    known = {}
+    if pipeline.default_schema_name:
+        known = pipeline.default_schema.tables.get(warehouse_name(table.name), {}).get("columns", {})
+    caps = pipeline.destination.capabilities()
+    names: list[str] = []
+    for row in rows:
+        names += [c for c in row if c not in names]
+    arrays, fields = [], []
+    for name in names:
+        values = [row.get(name) for row in rows]
+        values = [json.dumps(v) if isinstance(v, dict | list) and name in known else v for v in values]
+        hint = known.get(warehouse_name(name))
+        array = None
+        if hint and hint.get("data_type"):
+            try:
+                array = pa.array(values, type=get_py_arrow_datatype(hint, caps, "UTC"))
+            except (pa.ArrowException, ValueError, TypeError):
+                array = None
+        if array is None:
+            array = pa.array(values)
+        nullable = name not in table.primary_key
+        arrays.append(array)
+        fields.append(pa.field(name, array.type, nullable=nullable))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def change_resources(
+    pipeline: dlt.Pipeline, decl: PipelineDecl, batch: Batch, held_back: dict[str, list[str]]
+) -> tuple[list[Any], dict[str, int]]:
+    """One resource per table with changes (upserts and deletion rows, or the table's rows after a truncate), and
+    per table the number of deleted keys the warehouse held (for the summary); ``held_back``: see ``_treated``."""
+    resources, deleted = [], {}
+    now = datetime.now(UTC).replace(tzinfo=None)
+    for table in decl.tables:
+        last = batch.changes.get(table.name, {})
+        truncated = table.name in batch.truncated
+        if not last and not truncated:
+            continue
+        known: set[str] = set()
+        if pipeline.default_schema_name:
+            known = set(pipeline.default_schema.tables.get(warehouse_name(table.name), {}).get("columns", {}))
+        upserts = _treated(
+            decl,
+            table,
+            [row for kind, row in last.values() if kind == "upsert"],
+            known,
+            held_back.setdefault(table.name, []),
+        )
+        _toasted(pipeline, table, upserts)
+        gone = [row for kind, row in last.values() if kind == "delete"]
+        deleted[table.name] = (
+            0 if truncated else len(_warehouse_rows(pipeline, table, [tuple(r.values()) for r in gone], []))
+        )
+        rows = [{**r, DELETED_MARKER: None} for r in upserts]
+        if not truncated:
+            rows += [{**r, DELETED_MARKER: now} for r in gone]
+        items = [_arrow(pipeline, table, rows)] if rows else []
+        columns: dict[str, Any] = {k: {"name": k, "nullable": False, "primary_key": True} for k in table.primary_key}
+        columns[DELETED_MARKER] = {"name": DELETED_MARKER, "data_type": "timestamp", "hard_delete": True}
+        resources.append(
+            dlt.resource(
+                items,
+                name=table.name,
+                write_disposition="replace" if truncated else "merge",
+                primary_key=list(table.primary_key),
+                columns=columns,
+            )
+        )
+    return resources, deleted
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def run_replication(
+    decl: PipelineDecl, warehouse: Warehouse, tables: list[str] | None, pipelines_dir: Any, full_refresh: bool
+) -> Any:
+    """One replication run of ``decl`` (see the module's docstring); returns the runner's ``PipelineRun``."""
+    import os
+
+    from datamart.ingest.runner import (
+        PipelineRun,
+        TableLoad,
+        _build_each,
+        count_rows,
+        finish_or_abort_pending,
+        loader_file_format,
+        make_pipeline,
+    )
+
+    started = time.monotonic()
+    if tables:
+        raise _fail(decl, "--table", "a replication pipeline reads its slot for all its tables: run it whole")
+    selected = list(decl.tables)
+    names = [t.name for t in selected]
+    conn = connect_source(decl)
+    try:
+        pipeline = make_pipeline(decl, warehouse, pipelines_dir)
+        pipeline.sync_destination()
+        notes: list[str] = []
+        before = count_rows(pipeline, names)[0]  # before a pending load is finished: its rows are this run's
+        if pipeline.has_pending_data:  # a killed run's load: finish it (the slot was not advanced: re-read after)
+            notes.append(finish_or_abort_pending(pipeline)[0])
+        check_replication_role(decl, conn)
+        check_tables(decl, conn, selected)
+        ensure_publication(decl, conn, selected)
+        slot = object_name(decl, "slot")
+        created = ensure_slot(decl, conn)
+        state = pipeline.state.get("sources", {}).get(decl.name, {}).get(STATE_KEY, {})
+        copied = {} if created or full_refresh else dict(state.get("copied", {}))
+        slot_id = str(_one(conn, "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", slot))
+        if created:
+            state_slot = slot_id
+        else:
+            state_slot = state.get("slot") or slot_id
+        to_copy = [t for t in selected if copied.get(t.name) != state_slot]
+        file_format = loader_file_format(decl, warehouse)
+        loads: list[TableLoad] = []
+        if to_copy:
+            # the initial copy: a whole read of each table, after the slot exists (see the module's docstring)
+            failed: dict[str, BaseException] = {}
+            held_back: dict[str, list[str]] = {}
+            resources = _build_each(decl, [t.name for t in to_copy], {}, held_back, failed, notes)
+            if failed:
+                name, error = next(iter(failed.items()))
+                raise RuntimeError(f"pipeline '{decl.name}': table {name} could not be copied: {error}") from error
+            for resource in resources:
+                resource.apply_hints(write_disposition="replace")
+            resources.append(_mark_copied(decl, {**copied, **{t.name: state_slot for t in to_copy}}, state_slot))
+            info = pipeline.run(resources, loader_file_format=file_format)
+            info.raise_on_failed_jobs()
+            after = count_rows(pipeline, names)[0]
+            for t in to_copy:
+                loads.append(TableLoad(t.name, after[t.name], after[t.name], inserted=after[t.name]))
+            notes.append(
+                f"initial copy of {', '.join(t.name for t in to_copy)} taken after creating slot {slot!r}; "
+                "the changes since are applied by the next run"
+            )
+            return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, tables=loads, notes=notes)
+        batch = read_changes(decl, conn, selected)
+        held: dict[str, list[str]] = {}
+        resources, deleted = change_resources(pipeline, decl, batch, held)
+        written: dict[str, int] = {}
+        if resources:
+            info = pipeline.run(resources, loader_file_format=file_format)
+            info.raise_on_failed_jobs()
+            changed = [n for n in names if n in deleted]
+            written = count_rows(pipeline, changed, list(info.loads_ids), changed)[1]
+        if os.environ.get(FAIL_ENV) == "after-load":
+            raise RuntimeError(f"{FAIL_ENV}=after-load: stopped after the load, before the slot was advanced")
+        advance(decl, conn, batch.end_lsn)  # only now: the warehouse has committed the load
+        after = count_rows(pipeline, names)[0]
+        for name in names:
+            gone = deleted.get(name, 0)
+            inserted = max(after[name] - before[name] + gone, 0) if name not in batch.truncated else after[name]
+            loads.append(
+                TableLoad(
+                    table=name,
+                    rows_loaded=batch.read[name],
+                    rows_in_warehouse=after[name],
+                    rows_deleted=gone if name not in batch.truncated else before[name],
+                    inserted=inserted,
+                    updated=max(written.get(name, 0) - inserted, 0),
+                    held_back=tuple(held.get(name, [])),
+                )
+            )
+        if batch.truncated:
+            notes.append(f"truncated in the source, replaced here: {', '.join(sorted(batch.truncated))}")
+        return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, tables=loads, notes=notes)
+    finally:
+        conn.close()
+
+
+def _mark_copied(decl: PipelineDecl, copied: dict[str, str], slot_id: str) -> Any:
+    """A resource that loads no row and records, in dlt's state (committed with the copy's load), which tables were
+    copied after which slot: a run killed before that commit copies them again."""
+
+    @dlt.resource(name="_datamart_replication", selected=True)
+    def mark() -> Iterator[Any]:
+        state = dlt.current.source_state().setdefault(STATE_KEY, {})
+        state["copied"] = copied
+        state["slot"] = slot_id
+        yield from ()
+
+    return mark()
