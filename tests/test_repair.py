@@ -201,9 +201,7 @@ def test_repair_reloads_only_the_differing_key_ranges(
     assert warehouse.query("SELECT DISTINCT channel FROM raw_repair_app.orders") == [("web",)]
 
 
-def test_a_scheduled_run_repairs_a_pipeline_declaring_verify_repair(
-    pg_database_factory: Any, tmp_path: Path
-) -> None:
+def test_a_scheduled_run_repairs_a_pipeline_declaring_verify_repair(pg_database_factory: Any, tmp_path: Path) -> None:
     warehouse = Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
     source = Source(pg_database_factory("source"))
     env = _setup(warehouse, source, tmp_path)
@@ -215,3 +213,30 @@ def test_a_scheduled_run_repairs_a_pipeline_declaring_verify_repair(
         result.stdout
     )
     _assert_equal_to_source(warehouse, source)
+
+    # Drift the repair cannot reload (a table declared since, never loaded): the step fails, exit 1, with the fix.
+    source.execute(
+        "CREATE TABLE refunds (id integer PRIMARY KEY, amount numeric(10, 2))", "INSERT INTO refunds VALUES (1, 2)"
+    )
+    declaration = tmp_path / "declarations" / "repair_app.yaml"
+    declaration.write_text(declaration.read_text() + "  refunds: {write_disposition: merge, primary_key: id}\n")
+    failed = _run(env, sys.executable, "-m", "datamart", "scheduled", "--only", "repair", "--no-alert", check=False)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert (
+        "refunds" in failed.stdout
+        and "NOT REPAIRED: never loaded; run `dlt pipeline repair_app run --table refunds`" in (failed.stdout)
+    )
+    assert "FAILED  repair repair_app       the warehouse still differs from the source in refunds" in failed.stdout
+    assert "result: FAILED" in failed.stdout
+
+
+def test_verify_repair_is_a_declared_value_and_a_typo_is_refused(tmp_path: Path) -> None:
+    from datamart.ingest.declarations import DeclarationError
+
+    path = tmp_path / "repair_app.yaml"
+    path.write_text(DECLARATION)
+    decl = load_declaration(path)
+    assert (decl.verify, decl.repair) == (True, True)
+    path.write_text(DECLARATION.replace("verify: repair", "verify: repiar"))
+    with pytest.raises(DeclarationError, match=r"repair_app.yaml: verify: 'repiar' \(did you mean 'repair'\?\)"):
+        load_declaration(path)

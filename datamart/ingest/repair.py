@@ -116,13 +116,14 @@ def repair_pipeline(
                 report.tables.append(TableRepair(check.table, not_repaired=why))
             else:
                 repairable.append(check)
-        if repairable:
-            check_environment(warehouse)  # it writes: never into another environment's warehouse
-            names = [c.table for c in repairable]
-            with recorded_run(warehouse, decl.name, decl.dataset, names) as record:
-                run = PipelineRun(decl.name, decl.dataset, 0.0)
-                report.tables += _reload(decl, warehouse, repairable, pipelines_dir, run)
-                record.succeeded(run)
+        if not repairable:
+            return report
+        check_environment(warehouse)  # it writes: never into another environment's warehouse
+        names = [c.table for c in repairable]
+        with recorded_run(warehouse, decl.name, decl.dataset, names) as record:
+            run = PipelineRun(decl.name, decl.dataset, 0.0)
+            report.tables += _reload(decl, warehouse, repairable, pipelines_dir, run)
+            record.succeeded(run)
         report.after = verify_pipeline(decl, warehouse, tables, chunk_size, lock=False)
         report.after.title = "verify after repair"
     return report

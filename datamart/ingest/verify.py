@@ -753,7 +753,10 @@ def verify_table(
         check = _counts_only(decl, warehouse, table, plan, refresh)
         check.missing_columns, check.held_back_columns = missing_columns, held_back
         return check
-    check = TableCheck(table=table.name, method="keys+checksums", columns=tuple(columns), fix=refresh)
+    # SQL tables: the repair reloads only the key ranges that differ (datamart/ingest/repair.py); files are read whole
+    repair = f"dlt pipeline {decl.name} verify --repair --table {table.name}"
+    fix = repair if decl.kind == "sql_database" else refresh
+    check = TableCheck(table=table.name, method="keys+checksums", columns=tuple(columns), fix=fix)
     check.missing_columns, check.held_back_columns = missing_columns, held_back
     chunks = (
         _sql_chunks(decl, table, plan, chunk_size)
@@ -777,7 +780,7 @@ def verify_table(
         )
     if check.extra and not (check.missing or check.changed) and table.deletes.get("hard") == "key_set":
         # keys deleted at the source since the last run: the next run removes them
-        check.fix = f"dlt pipeline {decl.name} run --table {table.name}` (then verify again; if it persists: `{refresh}"
+        check.fix = f"dlt pipeline {decl.name} run --table {table.name}` (then verify again; if it persists: `{fix}"
     return check
 
 
