@@ -126,7 +126,14 @@ def repair(run: ScheduledRun) -> list[StepResult]:
     declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
     results = []
     for decl in (d for d in declared if d.repair):
-        report = repair_pipeline(decl, run.warehouse, pipelines_dir=run.pipelines_dir)
+        try:
+            report = repair_pipeline(decl, run.warehouse, pipelines_dir=run.pipelines_dir)
+        except (SettingsError, DeclarationError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this pipeline's line says why; the next pipelines are repaired
+            command = f"fix the cause, then `dlt pipeline {decl.name} verify --repair`"
+            results.append(StepResult("repair", False, pipeline=decl.name, error=root_cause(exc), command=command))
+            continue
         print(report.format(), file=run.out)
         repaired = [f"{t.table} ({t.rewritten:,} rows rewritten, {t.deleted:,} deleted)" for t in report.tables]
         if report.drift:
