@@ -124,8 +124,10 @@ class VerifyCommand:
     description = (
         "Compares every declared table of pipelines/<name>.yaml (or 'all') with its source: row counts, the keys "
         "missing from or extra in the warehouse, and a checksum of the non-personal columns per key range. Exits 1 "
-        "on drift, naming the table and the command that fixes it. --full-compare reloads one table from scratch "
-        "into a scratch dataset and diffs it with the incrementally maintained one."
+        "on drift, naming the table and the command that fixes it. --repair reloads the key ranges that differ "
+        "(personal columns treated as in a run, the cursor untouched), then compares again: exit 0 when equal. "
+        "--full-compare reloads one table from scratch into a scratch dataset and diffs it with the incrementally "
+        "maintained one."
     )
     docs_url = None
 
@@ -137,6 +139,11 @@ class VerifyCommand:
             "--full-compare",
             action="store_true",
             help="reload --table from scratch into <dataset>_verify (dropped after) and diff it with the warehouse",
+        )
+        parser.add_argument(
+            "--repair",
+            action="store_true",
+            help="reload the differing key ranges from the source (upsert, and delete keys gone from it), verify again",
         )
         parser.add_argument("--chunk-size", type=int, help="source rows read per keyed query (default 50000)")
         parser.add_argument(
@@ -154,6 +161,8 @@ class VerifyCommand:
             full_compare=args.full_compare,
             chunk_size=args.chunk_size,
             wait=args.wait,
+            repair=args.repair,
+            pipelines_dir=Path(args.pipelines_dir) if getattr(args, "pipelines_dir", None) else None,
         )
         if code:
             sys.exit(code)

@@ -1,6 +1,7 @@
 """The scheduled run (``python -m datamart scheduled``, ``make scheduled``): what cron, a CronJob or Airflow runs.
 
 Steps, in order (:data:`STEPS`): every declared pipeline (with ``dlt pipeline <name> run``'s retries), then the
+repair of the pipelines declaring ``verify: repair`` (``dlt pipeline <name> verify --repair``), then the
 refresh of prod's published views from what was loaded (the same refresh ``make run`` and ``make promote`` end with)
 — never a promotion: new model versions reach prod through ``make promote`` from a merged pull request.
 A step runs only when every step before it succeeded (models never process an interval whose raw data failed to
@@ -117,6 +118,42 @@ def pipelines(run: ScheduledRun) -> list[StepResult]:
     return sorted(results, key=lambda result: order.get(result.pipeline or "", len(order)))
 
 
+def repair(run: ScheduledRun) -> list[StepResult]:
+    """``dlt pipeline <name> verify --repair`` for each pipeline declaring ``verify: repair``, before the refresh so
+    that the published views take in the repaired rows: drift left after the repair fails the step."""
+    from datamart.ingest.repair import repair_pipeline
+
+    declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
+    results = []
+    for decl in (d for d in declared if d.repair):
+        try:
+            report = repair_pipeline(decl, run.warehouse, pipelines_dir=run.pipelines_dir)
+        except (SettingsError, DeclarationError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this pipeline's line says why; the next pipelines are repaired
+            command = f"fix the cause, then `dlt pipeline {decl.name} verify --repair`"
+            results.append(StepResult("repair", False, pipeline=decl.name, error=root_cause(exc), command=command))
+            continue
+        print(report.format(), file=run.out)
+        repaired = [f"{t.table} ({t.rewritten:,} rows rewritten, {t.deleted:,} deleted)" for t in report.tables]
+        if report.drift:
+            drifted = [t.table for t in (report.after or report.before).tables if t.drift]
+            results.append(
+                StepResult(
+                    "repair",
+                    False,
+                    pipeline=decl.name,
+                    error=f"the warehouse still differs from the source in {', '.join(drifted)} (report above)",
+                    command=f"the fix the report names, then `dlt pipeline {decl.name} verify --repair`",
+                )
+            )
+        elif repaired:
+            results.append(StepResult("repair", True, f"repaired {'; '.join(repaired)}", pipeline=decl.name))
+        else:
+            results.append(StepResult("repair", True, f"{len(report.before.tables)} tables match", pipeline=decl.name))
+    return results
+
+
 def refresh(run: ScheduledRun) -> list[StepResult]:
     """Bring prod's published views up to the raw tables (``datamart.transform.refresh_prod``), promoting nothing.
 
@@ -153,12 +190,13 @@ def refresh(run: ScheduledRun) -> list[StepResult]:
 
 
 def reconcile(run: ScheduledRun) -> list[StepResult]:
-    """``dlt pipeline <name> verify`` for each pipeline declaring ``verify: true``: drift fails the step."""
+    """``dlt pipeline <name> verify`` for each pipeline declaring ``verify: true``: drift fails the step (those
+    declaring ``verify: repair`` were verified by the repair step)."""
     from datamart.ingest.verify import verify_pipeline
 
     declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
     results = []
-    for decl in (d for d in declared if d.verify):
+    for decl in (d for d in declared if d.verify and not d.repair):
         report = verify_pipeline(decl, run.warehouse)
         if report.drift:
             print(report.format(), file=run.out)
@@ -227,7 +265,7 @@ def environments(run: ScheduledRun) -> list[StepResult]:
 
 
 # The scheduled run, in order.
-STEPS: list[Step] = [pipelines, refresh, environments, reconcile]
+STEPS: list[Step] = [pipelines, repair, refresh, environments, reconcile]
 
 
 def step_names() -> list[str]:

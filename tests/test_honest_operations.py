@@ -231,12 +231,13 @@ def test_rows_lost_below_dlts_cursor_are_drift_not_pending(
     assert rows["applications"][4] == "1" and rows["applications"][-1] == "ok"
     assert f"raw_app_db.missions: {len(lost)} key(s) missing from the warehouse, e.g. {lost[0]}" in report.stdout
     assert "dlt's state says rows up to updated_at = " in report.stdout and "never read again" in report.stdout
-    assert "fix with `dlt pipeline app_db run --table missions --full-refresh`" in report.stdout
+    assert "fix with `dlt pipeline app_db verify --repair --table missions`" in report.stdout
 
     # a run indeed does not bring them back; the repair verify names does
     assert dlt(env, "pipeline", "app_db", "run").returncode == 0
     assert dlt(env, "pipeline", "app_db", "verify", "--table", "missions").returncode == 1
-    assert dlt(env, "pipeline", "app_db", "run", "--table", "missions", "--full-refresh").returncode == 0
+    repaired = dlt(env, "pipeline", "app_db", "verify", "--repair", "--table", "missions")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     again = dlt(env, "pipeline", "app_db", "verify")
     assert again.returncode == 0, again.stdout + again.stderr
 

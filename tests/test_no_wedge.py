@@ -5,8 +5,8 @@ a real PostgreSQL database, with the demo source in SQLite:
 
 - a load that fails on one table (a row the warehouse refuses) while the append table's events were read: after
   "fix the data and rerun", every event is there once — also when dlt's working directory was lost meanwhile;
-- `--full-refresh --table <t>`, the repair `verify` and the README propose, works with SQLMesh's views reading the
-  raw table, and a failure never leaves a pending package that blocks later runs;
+- `--full-refresh --table <t>`, the repair the README proposes (and `verify`, for file tables), works with SQLMesh's
+  views reading the raw table, and a failure never leaves a pending package that blocks later runs;
 - a source table gone (renamed) stops that table only: the others load, the run exits 1 naming it and the fix.
 """
 

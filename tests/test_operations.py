@@ -349,7 +349,7 @@ def test_failed_run_posts_an_alert_without_secrets(
     assert "- pipeline app_db, step pipelines" in text
     assert "OperationalError" in text and "Connection refused" in text
     assert "what to run: check the connection, then `dlt pipeline app_db run`" in text
-    assert "not run: refresh" in text
+    assert "not run: repair, refresh" in text
     assert len(text.splitlines()) <= 10
     for secret in (password, source_password, env["DATAMART__PII_HMAC_KEY"], url, url.rsplit("/", 1)[1]):
         assert secret not in request["body"] and secret not in result.stdout, secret

@@ -18,6 +18,7 @@ import pytest
 
 from datamart import demo
 from datamart.ingest.declarations import load_declaration, load_named
+from datamart.ingest.repair import repair_pipeline
 from datamart.ingest.runner import run_pipeline
 from datamart.ingest.verify import full_compare, verify_pipeline
 from datamart.settings import PROJECT_ROOT, Warehouse
@@ -90,13 +91,14 @@ def test_drift_behind_dlts_back_is_located_by_key_and_range(warehouse: Warehouse
     assert checks["applications"].pending == 1 and not checks["applications"].drift
     assert not checks["volunteers"].drift
     assert (
-        "DRIFT in pipeline app_db, table missions: fix with `dlt pipeline app_db run --table missions --full-refresh`"
+        "DRIFT in pipeline app_db, table missions: fix with `dlt pipeline app_db verify --repair --table missions`"
         in text
     )
+    assert "raw_app_db.missions: columns that differ: title (1 rows)" in text
     assert f"raw_app_db.missions: 1 key(s) missing from the warehouse, e.g. {gone}" in text
 
-    # The fix it names repairs it; the pending change is loaded by the run.
-    run_pipeline(decl, warehouse, tables=["missions", "stats_events"], full_refresh=True)
+    # The fix it names repairs it (the key twice is merged back to one row); the pending change is loaded by the run.
+    assert not repair_pipeline(decl, warehouse, tables=["missions", "stats_events"], chunk_size=CHUNK).drift
     run_pipeline(decl, warehouse, tables=["applications"])
     again = verify_pipeline(decl, warehouse, chunk_size=CHUNK)
     assert not again.drift, again.format()
@@ -180,4 +182,4 @@ def test_cli_exits_1_on_drift_naming_pipeline_table_and_fix(
     )
     assert drift.returncode == 1
     assert "raw_app_db.applications: 1 key(s) missing from the warehouse, e.g. 5" in drift.stdout
-    assert "fix with `dlt pipeline app_db run --table applications --full-refresh`" in drift.stdout
+    assert "fix with `dlt pipeline app_db verify --repair --table applications`" in drift.stdout

@@ -301,9 +301,13 @@ def verify_command(
     wait: float = 0.0,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    repair: bool = False,
+    pipelines_dir: Path | None = None,
 ) -> int:
     """Compare one declared pipeline (or ``all``) with its source; returns the exit code (0 no drift, 1 drift or
-    failure, 2 wrong input, 3 a run of the pipeline holds its lock)."""
+    failure, 2 wrong input, 3 a run of the pipeline holds its lock). ``repair``: reload the key ranges that differ,
+    then compare again (0 when equal, 1 with the drift that remains)."""
+    from datamart.ingest.repair import RepairError, repair_pipeline
     from datamart.ingest.verify import DEFAULT_CHUNK, verify_pipeline
     from datamart.ingest.verify import full_compare as run_full_compare
 
@@ -321,6 +325,8 @@ def verify_command(
             raise DeclarationError(
                 "--full-compare reloads one table: dlt pipeline <name> verify --full-compare --table <table>"
             )
+        if full_compare and repair:
+            raise DeclarationError("--repair and --full-compare are two commands: run one, then the other")
         warehouse = resolve_warehouse(target)
     except (DeclarationError, SettingsError) as exc:
         print(f"error: {redact(str(exc))}", file=err)
@@ -332,6 +338,10 @@ def verify_command(
             if full_compare:
                 assert tables
                 report = run_full_compare(decl, warehouse, tables[0], chunk_size or DEFAULT_CHUNK, wait=wait)
+            elif repair:
+                report = repair_pipeline(
+                    decl, warehouse, tables, chunk_size or DEFAULT_CHUNK, wait=wait, pipelines_dir=pipelines_dir
+                )
             else:
                 report = verify_pipeline(decl, warehouse, tables, chunk_size or DEFAULT_CHUNK, wait=wait)
         except PipelineLocked as exc:
@@ -341,11 +351,14 @@ def verify_command(
             print(f"error: {redact(str(exc))}", file=err)
             return 2
         except Exception as exc:  # noqa: BLE001 - reported with what to do, then a non-zero exit
+            if isinstance(exc, RepairError):
+                print(f"error: {redact(str(exc))}", file=err)
+                return 1
+            command = f"dlt pipeline {decl.name} verify" + (" --repair" if repair else "")
             print(
                 redact(
-                    f"error: verify of pipeline '{decl.name}' failed: {root_cause(exc)}\n"
-                    "what to do: check that the source and the warehouse are reachable, then rerun "
-                    f"`dlt pipeline {decl.name} verify`"
+                    f"error: verify of pipeline '{decl.name}' failed: {root_cause(exc)}\nwhat to do: check that "
+                    f"the source and the warehouse are reachable, then rerun `{command}`"
                 ),
                 file=err,
             )

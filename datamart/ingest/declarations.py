@@ -68,6 +68,7 @@ class PipelineDecl:
     options: dict[str, Any] = field(default_factory=dict)
     raw_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # each table's YAML mapping (rest_api)
     verify: bool = False  # reconciled with its source by every scheduled run (``make scheduled``)
+    repair: bool = False  # ``verify: repair``: and its differing key ranges reloaded (``verify --repair``)
     # read from the generated demo source (datamart/demo): `make run` generates it when missing, and
     # `make external-models` runs the pipeline on a fresh demo to get its schema
     demo: bool = False
@@ -174,8 +175,14 @@ def load_declaration(path: Path) -> PipelineDecl:
 
         validate_rest_declaration(path, source, raw_tables)
     options = {k: v for k, v in source.items() if k != "kind"}
-    if not isinstance(raw.get("verify", False), bool):
-        raise _fail(path, "verify", "true or false: reconcile this pipeline with its source in every scheduled run")
+    verify = raw.get("verify", False)
+    if not isinstance(verify, bool) and verify != "repair":
+        raise _fail(
+            path,
+            "verify",
+            f"{verify!r}{closest(verify, ['repair'])}: true (every scheduled run compares this pipeline with its "
+            "source), repair (and reloads the key ranges that differ: `verify --repair`) or false",
+        )
     if not isinstance(raw.get("demo", False), bool):
         raise _fail(path, "demo", "true or false: the pipeline reads the generated demo source (datamart/demo)")
     if raw.get("demo") and kind not in ("sql_database", "filesystem"):
@@ -189,7 +196,8 @@ def load_declaration(path: Path) -> PipelineDecl:
         description=str(raw.get("description", "")).strip(),
         options=options,
         raw_tables=raw_tables,
-        verify=raw.get("verify", False),
+        verify=bool(verify),
+        repair=verify == "repair",
         demo=raw.get("demo", False),
     )
 

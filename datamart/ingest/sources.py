@@ -110,8 +110,13 @@ def build_resources(
     known_columns: dict[str, list[str]] | None = None,
     held_back: dict[str, list[str]] | None = None,
     notes: list[str] | None = None,
+    restrict: dict[str, Any] | None = None,
 ) -> list[DltResource]:
     """One dlt resource per declared table (or only ``tables``), with write disposition, key, cursor and PII map.
+
+    ``restrict`` (SQL tables; ``verify --repair``): per table, a function of the source table returning the
+    SQLAlchemy condition of the rows to read; those tables are read without their cursor (dlt's incremental state
+    is neither read nor written), with the same SELECT and personal-data treatment as any run.
 
     In a SQL table with personal columns, a source column that is neither in ``known_columns`` (what the warehouse
     already has) nor classified under ``personal:`` is held back, and listed in ``held_back``: an unclassified column
@@ -130,7 +135,12 @@ def build_resources(
         backends = table_backends(pipeline, selected, notes if notes is not None else [])
         built = [
             _sql_resource(
-                pipeline, t, known_columns.get(t.name, []), held_back.setdefault(t.name, []), backends[t.name]
+                pipeline,
+                t,
+                known_columns.get(t.name, []),
+                held_back.setdefault(t.name, []),
+                backends[t.name],
+                (restrict or {}).get(t.name),
             )
             for t in selected
         ]
@@ -312,6 +322,7 @@ def _sql_resource(
     known: list[str] | None = None,
     held_back: list[str] | None = None,
     backend: str | None = None,
+    restrict: Any = None,
 ) -> DltResource:
     from dlt.sources.sql_database import sql_table
 
@@ -336,8 +347,10 @@ def _sql_resource(
         backend_kwargs={"return_type": "arrow_stream", "batch_size": chunk_size} if backend == "connectorx" else None,
         reflection_level="minimal" if variants else "full",
         chunk_size=chunk_size,
-        incremental=_incremental(table),
+        incremental=_incremental(table) if restrict is None else None,
         table_adapter_callback=adapter,
+        # the adapted table: a subquery when personal columns are treated, so the condition sees treated columns
+        query_adapter_callback=(lambda query, source: query.where(restrict(source))) if restrict else None,
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )

@@ -46,6 +46,7 @@ import json
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -77,6 +78,7 @@ class RangeDrift:
     changed: int
     source_checksum: str
     warehouse_checksum: str
+    columns: tuple[str, ...] = ()  # the compared columns whose values differ in the changed rows (names only)
 
 
 @dataclass
@@ -98,8 +100,20 @@ class TableCheck:
     changed_examples: list[str] = field(default_factory=list)
     ranges: list[RangeDrift] = field(default_factory=list)
     columns: tuple[str, ...] = ()
+    # changed rows per differing column (names only: the values, personal or not, are never reported)
+    changed_columns: dict[str, int] = field(default_factory=dict)
+    # source columns the warehouse table lacks (never loaded), and those a run holds back on purpose (an
+    # unclassified column of a table with personal data: classified under personal:, not repaired)
+    missing_columns: tuple[str, ...] = ()
+    held_back_columns: tuple[str, ...] = ()
     note: str = ""
     fix: str = ""
+    # for ``verify --repair`` (datamart/ingest/repair.py), not printed: the runs of consecutive differing keys as
+    # [first, last, equal keys since the previous run], and the warehouse keys to delete (gone from the source
+    # where deletions must follow)
+    spans: list[list[Any]] = field(default_factory=list)
+    gone: list[Key] = field(default_factory=list)
+    _equal_since_span: int = 0
 
     @property
     def drift(self) -> bool:
@@ -109,8 +123,8 @@ class TableCheck:
         if self.method == "not loaded":
             return bool(self.source_rows)
         if self.method == "counts":
-            return self.source_rows != self.warehouse_rows
-        return bool(self.missing or self.extra or self.changed)
+            return self.source_rows != self.warehouse_rows or bool(self.missing_columns)
+        return bool(self.missing or self.extra or self.changed or self.missing_columns)
 
 
 @dataclass
@@ -150,6 +164,11 @@ class VerifyReport:
         for t in self.tables:
             if t.note and (t.drift or t.method in ("skipped", "counts")):
                 lines.append(f"  {t.table}: {t.note}")
+            if t.held_back_columns:
+                lines.append(
+                    f"  {t.table}: source column(s) {', '.join(t.held_back_columns)} held back (the table holds "
+                    f"personal data): classify them under personal: in {self.pipeline}.yaml, a run then loads them"
+                )
             if not t.drift:
                 continue
             where = f"{self.dataset}.{t.table}"
@@ -161,12 +180,21 @@ class VerifyReport:
                 lines.append(
                     f"  {where}: {t.extra:,} key(s) in the warehouse, not in the source, e.g. {_ex(t.extra_examples)}"
                 )
+            if t.missing_columns:
+                lines.append(
+                    f"  {where}: source column(s) not in the warehouse: {', '.join(t.missing_columns)} (never loaded: "
+                    f"`dlt pipeline {self.pipeline} verify --repair --table {t.table}` reloads the table with them)"
+                )
             if t.changed_examples:
                 lines.append(f"  {where}: {t.changed:,} row(s) with different values, e.g. {_ex(t.changed_examples)}")
+            if t.changed_columns:
+                counts = ", ".join(f"{c} ({n:,} rows)" for c, n in t.changed_columns.items())
+                lines.append(f"  {where}: columns that differ: {counts}")
             for r in t.ranges[:EXAMPLES]:
+                differ = f"; columns {', '.join(r.columns)}" if r.columns else ""
                 lines.append(
                     f"  {where}: key range {r.first} … {r.last}: source {r.source_rows:,} rows, warehouse "
-                    f"{r.warehouse_rows:,}; missing {r.missing:,}, extra {r.extra:,}, changed {r.changed:,}; "
+                    f"{r.warehouse_rows:,}; missing {r.missing:,}, extra {r.extra:,}, changed {r.changed:,}{differ}; "
                     f"checksum {r.source_checksum} ≠ {r.warehouse_checksum}"
                 )
             if len(t.ranges) > EXAMPLES:
@@ -261,13 +289,21 @@ def _canonical(value: Any) -> str:
 
 
 def row_digest(values: Iterable[Any]) -> bytes:
-    """An 8-byte digest of already coerced values."""
-    return hashlib.blake2b("\x1e".join(_canonical(v) for v in values).encode(), digest_size=8).digest()
+    """The digest of a row of already coerced values: 8 bytes of the whole row, then 4 per column (CRC-32), so
+    that a changed row tells which columns differ (:func:`differing_columns`) without keeping any value."""
+    parts = [_canonical(v).encode() for v in values]
+    whole = hashlib.blake2b(b"\x1e".join(parts), digest_size=8).digest()
+    return whole + b"".join(zlib.crc32(p).to_bytes(4, "big") for p in parts)
+
+
+def differing_columns(left: bytes, right: bytes, columns: Iterable[str]) -> list[str]:
+    """The columns whose per-column digests differ between two row digests of :func:`row_digest`."""
+    return [c for i, c in enumerate(columns) if left[8 + 4 * i : 12 + 4 * i] != right[8 + 4 * i : 12 + 4 * i]]
 
 
 def checksum(digests: Iterable[bytes]) -> str:
     """An order-independent checksum of row digests (8 hex characters)."""
-    return hashlib.blake2b(b"".join(sorted(digests)), digest_size=4).hexdigest()
+    return hashlib.blake2b(b"".join(sorted(d[:8] for d in digests)), digest_size=4).hexdigest()
 
 
 def _key_text(key: Key) -> str:
@@ -545,7 +581,15 @@ def _compare_chunk(
     check.warehouse_rows = (check.warehouse_rows or 0) + len(wh_rows) + len(twice or [])
     check.kept += len(kept)
     if not (missing or extra or changed):
+        check._equal_since_span += len(source.keys() | wh_rows.keys())
         return
+    _locate(check, source, wh_rows, {*missing, *extra, *changed}, deletions_expected)
+    columns: dict[str, int] = {}
+    for key in changed:
+        for column in differing_columns(source[key][1], wh_rows[key], check.columns):
+            columns[column] = columns.get(column, 0) + 1
+    for column, count in columns.items():
+        check.changed_columns[column] = check.changed_columns.get(column, 0) + count
     check.missing += len(missing)
     check.extra += len(extra)
     check.changed += len(changed)
@@ -569,8 +613,31 @@ def _compare_chunk(
             changed=len(changed),
             source_checksum=checksum(live),
             warehouse_checksum=checksum(compared_wh),
+            columns=tuple(c for c in check.columns if c in columns),
         )
     )
+
+
+def _locate(
+    check: TableCheck,
+    source: dict[Key, tuple[str, bytes]],
+    wh_rows: dict[Key, bytes],
+    differing: set[Key],
+    deletions_expected: bool,
+) -> None:
+    """Record for the repair the runs of consecutive differing keys (``check.spans``) and the warehouse keys the
+    source no longer has where deletions must follow (``check.gone``)."""
+    for key in sorted(source.keys() | wh_rows.keys()):
+        if key not in differing:
+            check._equal_since_span += 1
+            continue
+        if check.spans and check._equal_since_span == 0:
+            check.spans[-1][1] = key  # the run of differing keys goes on
+        else:
+            check.spans.append([key, key, check._equal_since_span])
+        check._equal_since_span = 0
+        if key not in source and deletions_expected:
+            check.gone.append(key)
 
 
 # --- per table ----------------------------------------------------------------------------------------------------
@@ -696,9 +763,16 @@ def verify_table(
         types = {**types, soft: "timestamp"}
     window_from = _reread_from(high_water, value_kind(types[cursor]), table.lag) if cursor and table.lag else None
     plan = _Plan(keys, columns, types, source_names, cursor, high_water, soft, window_from)
+    missing_columns, held_back = _columns_not_loaded(decl, table, types, source_names, soft)
     if not keys:
-        return _counts_only(decl, warehouse, table, plan, refresh)
-    check = TableCheck(table=table.name, method="keys+checksums", columns=tuple(columns), fix=refresh)
+        check = _counts_only(decl, warehouse, table, plan, refresh)
+        check.missing_columns, check.held_back_columns = missing_columns, held_back
+        return check
+    # SQL tables: the repair reloads only the key ranges that differ (datamart/ingest/repair.py); files are read whole
+    repair = f"dlt pipeline {decl.name} verify --repair --table {table.name}"
+    fix = repair if decl.kind == "sql_database" else refresh
+    check = TableCheck(table=table.name, method="keys+checksums", columns=tuple(columns), fix=fix)
+    check.missing_columns, check.held_back_columns = missing_columns, held_back
     chunks = (
         _sql_chunks(decl, table, plan, chunk_size)
         if decl.kind == "sql_database"
@@ -723,8 +797,26 @@ def verify_table(
         )
     if check.extra and not (check.missing or check.changed) and table.deletes.get("hard") == "key_set":
         # keys deleted at the source since the last run: the next run removes them
-        check.fix = f"dlt pipeline {decl.name} run --table {table.name}` (then verify again; if it persists: `{refresh}"
+        check.fix = f"dlt pipeline {decl.name} run --table {table.name}` (then verify again; if it persists: `{fix}"
     return check
+
+
+def _columns_not_loaded(
+    decl: PipelineDecl, table: TableDecl, types: dict[str, str], source_names: dict[str, str], soft: str | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Source columns the warehouse table lacks (SQL sources): those never loaded, and those a run holds back on
+    purpose (an unclassified column of a table with personal data). Dropped and coarsened personal columns are
+    absent by design; a variant table (``data_type: evolve``, minimal reflection) creates a column from its first
+    non-null value only, so it is not checked."""
+    if decl.kind != "sql_database" or table.schema_contract.get("data_type") == "evolve":
+        return (), ()
+    missing, held_back = [], []
+    for name, original in source_names.items():
+        absent_by_design = table.personal.get(original) in ("drop", "year")
+        if name in types or name == soft or absent_by_design or name.startswith(INTERNAL_PREFIXES):
+            continue
+        (held_back if table.personal and original not in table.personal else missing).append(original)
+    return tuple(missing), tuple(held_back)
 
 
 def _plain(value: Any) -> str:
