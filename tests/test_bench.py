@@ -53,7 +53,15 @@ def test_bench_at_a_tiny_scale_writes_every_row_and_removes_its_cluster(tmp_path
     assert 0 < by_key["incremental_postgres"]["rows"] < source_rows / 10
     for key in ("full_postgres", "incremental_postgres", "no_change_postgres"):
         assert {"extract", "normalize", "load"} <= set(by_key[key]["profile"]), key
-    assert len(report["targets"]) == 6 and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert len(report["targets"]) == 8 and all(isinstance(t["met"], bool) for t in report["targets"])
+    # the datamart's cost after 1 % changed: alone, and end to end with its load
+    targets = {t["target"]: t["value"] for t in report["targets"]}
+    alone = next(v for k, v in targets.items() if k.startswith("datamart after 1 % changed"))
+    end_to_end = next(v for k, v in targets.items() if k.startswith("end to end (load + datamart)"))
+    first, after = by_key["sqlmesh_first_build"]["seconds"], by_key["sqlmesh_after_incremental"]["seconds"]
+    assert alone == pytest.approx(after / first)
+    full = by_key["full_postgres"]["seconds"] + first
+    assert end_to_end == pytest.approx((by_key["incremental_postgres"]["seconds"] + after) / full)
 
     table = output.with_suffix(".md").read_text()
     assert table in result.stdout, "the table printed is the one written"

@@ -1,3 +1,7 @@
+/* Kind FULL, on purpose for now: an organization's counts change when one of its missions or applications is
+   deleted (soft or hard), and a deletion leaves no row in the raw tables to tell which organizations it touched
+   (dlt removes the row; ops.pipeline_run_tables keeps only a count). An INCREMENTAL_BY_UNIQUE_KEY version needs the
+   deleted keys recorded with their load id first; see docs/known-limits.md. */
 MODEL (
   name marts.organizations_v1,
   kind FULL,

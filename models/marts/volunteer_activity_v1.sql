@@ -1,3 +1,7 @@
+/* Kind FULL: the small-cell suppression merges every group of fewer than 5 volunteers into one "other" row, and
+   hides that row while it is still too small, so any volunteer's change can move a row in or out of "other": the
+   groups cannot be recomputed one at a time. Its output is small (departments x decades); the cost is reading the
+   volunteers and their applications once. */
 MODEL (
   name marts.volunteer_activity_v1,
   kind FULL,
