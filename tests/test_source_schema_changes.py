@@ -36,7 +36,8 @@ SELECT i, 'Document ' || i, to_tsvector('simple', 'mission numéro ' || i), ARRA
        (ARRAY['draft', 'published', 'archived']::doc_status[])[1 + i % 3], 1 + i % 40, 'C' || (i % 10),
        timestamptz '2026-01-01 00:00:00+00' + i * interval '1 minute'
 FROM generate_series(1, 300) AS i;
-CREATE TABLE visits (id bigint, visited_on date, page text, PRIMARY KEY (id, visited_on)) PARTITION BY RANGE (visited_on);
+CREATE TABLE visits (id bigint, visited_on date, page text, PRIMARY KEY (id, visited_on))
+PARTITION BY RANGE (visited_on);
 CREATE TABLE visits_2025 PARTITION OF visits FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
 CREATE TABLE visits_2026 PARTITION OF visits FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
 INSERT INTO visits SELECT i, date '2025-12-20' + (i % 30), '/page/' || (i % 7) FROM generate_series(1, 500) AS i;
