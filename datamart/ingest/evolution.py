@@ -81,11 +81,19 @@ def source_changes(
                 change.added.append(column)
                 continue
             new_type, old_type = hint.get("data_type"), loaded[column].get("data_type")
-            if new_type and old_type and new_type != old_type:
+            if new_type and old_type and (new_type != old_type or _size(hint) != _size(loaded[column])):
                 change.retyped.append((column, old_type, new_type))
         if change.added or change.retyped:
             changes[table.name] = change
     return changes
+
+
+def _size(column: dict[str, Any]) -> tuple[Any, Any]:
+    """A decimal column's precision and scale (a numeric(6,2) becoming numeric(20,2) would refuse the larger values);
+    other types' sizes are not compared (text loads unbounded, integers as bigint)."""
+    if column.get("data_type") != "decimal":
+        return (None, None)
+    return (column.get("precision"), column.get("scale"))
 
 
 def retype_columns(pipeline: Any, table: str, change: SchemaChange, resource: Any) -> None:
