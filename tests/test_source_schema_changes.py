@@ -179,6 +179,8 @@ def test_added_and_retyped_columns_are_applied_while_the_other_tables_load(
     source.execute(
         # added with a default, no row touched (PostgreSQL rewrites no row: no cursor moves)
         "ALTER TABLE documents ADD COLUMN region text DEFAULT 'north'",
+        # and one with no value anywhere yet, of a type dlt learns from values: not reloaded for at every run
+        "ALTER TABLE documents ADD COLUMN summary tsvector",
         # added with no default and no row touched, on a partitioned insert-only table; and new rows
         "ALTER TABLE visits ADD COLUMN referrer text",
         "INSERT INTO visits SELECT i, date '2026-01-05', '/new', 'search' FROM generate_series(501, 510) AS i",
@@ -236,8 +238,40 @@ def test_added_and_retyped_columns_are_applied_while_the_other_tables_load(
     )
     third = run(env)
     assert "reloaded" not in third.stdout, third.stdout
+    assert "summary" not in warehouse.columns("raw_evolving", "documents")
     assert table_row(third.stdout, "documents")[:3] == ["1", "0", "1"]
     assert table_row(third.stdout, "visits")[:2] == ["1", "1"]
     assert table_row(third.stdout, "payments") == ["1", "0", "1", "1", "38"]
     assert table_row(third.stdout, "people")[0] == "0"
     assert_equal_to_source(warehouse, source.url, {"documents": ", region", "visits": ", referrer"})
+
+
+def test_a_retype_a_view_cannot_follow_changes_nothing_and_stops_only_its_table(
+    pg_database_factory, tmp_path: Path
+) -> None:
+    from datamart.settings import postgres_warehouse
+
+    warehouse = postgres_warehouse(pg_database_factory("warehouse"))
+    source = Source(pg_database_factory("source"))
+    source.execute(SCHEMA)
+    env = command_env(warehouse, tmp_path, source.url)
+    run(env)
+    # a model computing on the old type: `amount + 1` cannot be created over a text column
+    warehouse.query("CREATE VIEW public.amounts AS SELECT id, amount + 1 AS next FROM raw_evolving.payments")
+    source.execute(
+        "ALTER TABLE payments ALTER COLUMN amount TYPE text",
+        "UPDATE people SET city = 'Moved', updated_at = updated_at + interval '1 year' WHERE id = 3",
+    )
+    result = subprocess.run(
+        [DLT, "pipeline", "evolving", "run"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "error: pipeline 'evolving', table payments: the warehouse refused to change amount to varchar" in (
+        result.stderr
+    ), result.stderr
+    assert "what to do: if a view computes on the old type, change that model first" in result.stderr
+    assert "the other tables of 'evolving' were loaded" in result.stderr, result.stderr
+    # nothing changed: the column, its values and the view are as they were; the other tables loaded their changes
+    assert warehouse.columns("raw_evolving", "payments")["amount"] == "bigint"
+    assert warehouse.query("SELECT sum(next) FROM public.amounts") == [(sum(i * 10 + 1 for i in range(1, 41)),)]
+    assert warehouse.query("SELECT city FROM raw_evolving.people WHERE id = 3") == [("Moved",)]

@@ -51,7 +51,13 @@ class SchemaChange:
 
 
 class RetypeRefused(RuntimeError):
-    """The warehouse refused to migrate a column to its new type (nothing was changed)."""
+    """The warehouse refused to migrate a column of ``table`` to its new type (nothing was changed); ``hint``: what
+    to do (set by the runner, which knows the pipeline)."""
+
+    def __init__(self, message: str, table: str = "", hint: str = "") -> None:
+        super().__init__(message)
+        self.table = table
+        self.hint = hint
 
 
 def source_changes(
@@ -78,7 +84,10 @@ def source_changes(
             if column.startswith(INTERNAL_PREFIXES):
                 continue
             if column not in loaded:
-                change.added.append(column)
+                # a column dlt types from its values (no reflected type: tsvector, a domain) is created only once a
+                # value arrives: one that holds no value yet would be "added" again at every run
+                if hint.get("data_type") or _holds_a_value(decl, table.name, name):
+                    change.added.append(column)
                 continue
             new_type, old_type = hint.get("data_type"), loaded[column].get("data_type")
             if new_type and old_type and (new_type != old_type or _size(hint) != _size(loaded[column])):
@@ -86,6 +95,22 @@ def source_changes(
         if change.added or change.retyped:
             changes[table.name] = change
     return changes
+
+
+def _holds_a_value(decl: PipelineDecl, table: str, column: str) -> bool:
+    """True when some row of the source table has a value in ``column``."""
+    import sqlalchemy as sa
+
+    from datamart.ingest.sources import source_credentials
+
+    engine = sa.create_engine(source_credentials(decl))
+    try:
+        source = sa.table(table, sa.column(column), schema=decl.options.get("schema"))
+        statement = sa.select(sa.literal(1)).select_from(source).where(source.c[column].is_not(None)).limit(1)
+        with engine.connect() as conn:
+            return conn.execute(statement).first() is not None
+    finally:
+        engine.dispose()
 
 
 def _size(column: dict[str, Any]) -> tuple[Any, Any]:

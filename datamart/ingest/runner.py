@@ -317,8 +317,11 @@ def _reload(
         info.raise_on_failed_jobs()
     except RetypeRefused as exc:
         failed[name] = RetypeRefused(
-            f"{exc}. Nothing was changed: if a view computes on the old type, change that model first (a new "
-            f"version of a published view), then rerun `dlt pipeline {decl.name} run`"
+            f"{exc}; nothing was changed, nothing of that table was loaded",
+            table=name,
+            hint=f"if a view computes on the old type, change that model first (a new version of a published view "
+            f"if Metabase reads it), then rerun `dlt pipeline {decl.name} run`: the column is migrated and the "
+            "table reloaded",
         )
         return None
     except Exception as exc:
