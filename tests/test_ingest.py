@@ -120,7 +120,7 @@ def test_a_new_column_in_a_table_with_personal_data_waits_for_its_classification
     assert "new column(s) nickname NOT loaded" in format_loads([run])
     assert not any("Lele" in str(v) for row in warehouse.query("SELECT * FROM raw_app_db.volunteers") for v in row)
 
-    # Classified as not personal: loaded from the next change on.
+    # Classified as not personal: the next run reloads the table with it (every row gets its value).
     declaration = tmp_path / "declarations" / "app_db.yaml"
     declaration.parent.mkdir()
     text = (PROJECT_ROOT / "pipelines" / "app_db.yaml").read_text()

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 from datamart.environments import check_environment
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
 from datamart.ingest.dropped import TablesStopped
+from datamart.ingest.evolution import RetypeRefused
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import (
     Carried,
@@ -161,6 +162,9 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     stopped = in_chain(exc, TablesStopped)
     if isinstance(stopped, TablesStopped):
         return redact(f"error: {stopped}\nwhat to do: {stopped.hint}")
+    retype = in_chain(exc, RetypeRefused)  # a source type change the warehouse's views cannot follow
+    if isinstance(retype, RetypeRefused):
+        return redact(f"error: pipeline '{decl.name}', table {retype.table}: {retype}\nwhat to do: {retype.hint}")
     if config is not None:
         hint = config
     elif is_transient(exc):

@@ -6,7 +6,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from dlt.common import logger
 from datamart.environments import check_environment
 from datamart.ingest.declarations import VALID_FROM, VALID_TO, PipelineDecl, warehouse_name
 from datamart.ingest.dropped import TablesStopped, dropped_columns
+from datamart.ingest.evolution import RetypeRefused, SchemaChange, retype_columns, source_changes
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
 from datamart.ingest.sources import build_deletions, build_resources, check_secrets
@@ -35,6 +36,7 @@ class TableLoad:
     inserted: int = 0
     updated: int = 0
     soft_deleted: int = 0  # rows read with their soft-delete marker set, hence removed (or never inserted)
+    change: str = ""  # the source's schema change this run applied by reloading the table (see evolution.py)
 
 
 @dataclass
@@ -197,6 +199,19 @@ def _run_pipeline(
     merged = [n for n in merged if n not in failed]
     profile: dict[str, float] = {}
     file_format = loader_file_format(decl, warehouse)
+    # a column added or retyped in the source: that table is reloaded whole, first, by a run of its own
+    schema = pipeline.default_schema if pipeline.default_schema_name else None
+    changes = {} if full_refresh else source_changes(decl, resources, columns_before, schema)
+    reloads: list[TableLoad] = []
+    if changes:
+        by_name = {r.name: r for r in resources}
+        for name, change in changes.items():
+            reload = _reload(pipeline, decl, change, by_name[name], file_format, profile, carried, failed)
+            if reload is not None:  # an unclassified new column of a table with personal data stays held back
+                reloads.append(replace(reload, held_back=tuple(held_back.get(name, []))))
+        names = [n for n in names if n not in changes]
+        merged = [n for n in merged if n not in changes]
+        resources = [r for r in resources if r.name not in changes]
     info = None
     while names:
         refresh = refresh_mode(pipeline, decl, resources, names) if full_refresh else None
@@ -214,7 +229,12 @@ def _run_pipeline(
             merged = [n for n in merged if n != table]
             resources = _build_each(decl, names, columns_before, held_back, failed, [])  # notes taken once
     if info is None:
-        raise TablesFailed(decl.name, failed, None) from next(iter(failed.values()))
+        if not reloads:
+            raise TablesFailed(decl.name, failed, None) from next(iter(failed.values()))
+        run = PipelineRun(decl.name, decl.dataset, time.monotonic() - started, reloads, notes, stopped, profile)
+        if failed:
+            raise TablesFailed(decl.name, failed, run) from next(iter(failed.values()))
+        return run
     info.raise_on_failed_jobs()
     if carried is not None:  # if this attempt fails from here on, the next one reports these rows
         carried.loads += list(info.loads_ids)
@@ -274,7 +294,7 @@ def _run_pipeline(
         pipeline=decl.name,
         dataset=decl.dataset,
         elapsed=elapsed,
-        tables=loads,
+        tables=reloads + loads,
         profile=profile,
         notes=notes,
         stopped=stopped,
@@ -282,6 +302,63 @@ def _run_pipeline(
     if failed:
         raise TablesFailed(decl.name, failed, run) from next(iter(failed.values()))
     return run
+
+
+def _reload(
+    pipeline: dlt.Pipeline,
+    decl: PipelineDecl,
+    change: SchemaChange,
+    resource: Any,
+    file_format: str | None,
+    profile: dict[str, float],
+    carried: Carried | None,
+    failed: dict[str, BaseException],
+) -> TableLoad | None:
+    """Apply a source schema change to one table: migrate its retyped columns, then replace its rows with the
+    source's through staging, in one transaction (its incremental state restarts from the rows read: the next run
+    reads what changed after them). A table that cannot be reloaded goes into ``failed`` (None is returned)."""
+    name = change.table
+    started = time.monotonic()
+    before = count_rows(pipeline, [name])[0][name]
+    try:
+        if change.retyped:
+            retype_columns(pipeline, name, change, resource)
+        replace_through_staging(pipeline, decl, [resource], [name])
+        info = pipeline.run([resource], loader_file_format=file_format)
+        info.raise_on_failed_jobs()
+    except RetypeRefused as exc:
+        failed[name] = RetypeRefused(
+            f"{exc}; nothing was changed, nothing of that table was loaded",
+            table=name,
+            hint=f"if a view computes on the old type, change that model first (a new version of a published view "
+            f"if Metabase reads it), then rerun `dlt pipeline {decl.name} run`: the column is migrated and the "
+            "table reloaded",
+        )
+        return None
+    except Exception as exc:
+        if is_transient(exc) or refused_credentials(exc) is not None:
+            raise
+        if pipeline.has_pending_data:  # its failed package would otherwise be retried before the other tables
+            pipeline.abort_packages()
+        failed[name] = exc
+        return None
+    if carried is not None:
+        carried.loads += list(info.loads_ids)
+    _add_steps(profile, pipeline)
+    normalized = pipeline.last_trace.last_normalize_info
+    read = int((dict(normalized.row_counts) if normalized else {}).get(warehouse_name(name), 0))
+    after = count_rows(pipeline, [name])[0][name]
+    seconds = time.monotonic() - started
+    return TableLoad(
+        table=name,
+        rows_loaded=read,
+        rows_in_warehouse=after,
+        rows_deleted=max(before - after, 0),
+        new_columns=tuple(change.added),
+        inserted=max(after - before, 0),
+        updated=min(before, after),
+        change=change.describe(after, seconds),
+    )
 
 
 class TablesFailed(Exception):
@@ -365,6 +442,15 @@ def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any
     history = any(decl.table(n).history for n in names)
     if not history and not _read_by_views(pipeline, names):
         return "drop_resources"
+    replace_through_staging(pipeline, decl, resources, names)
+    return None
+
+
+def replace_through_staging(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any], names: list[str]) -> None:
+    """Make the next run of ``resources`` replace the tables ``names`` whole, through the staging dataset in one
+    transaction, keeping the tables (and the views reading them): their incremental state is reset and their write
+    disposition set to ``replace`` (see :func:`refresh_mode`). Used by ``--full-refresh`` under views and by the
+    reload of a table whose source changed (``datamart/ingest/evolution.py``)."""
     with pipeline.managed_state() as state:
         # the state of a resource lives under its source (the pipeline's name); a file table's cursor lives on its
         # file listing resource (see sources._file_resource)
@@ -382,7 +468,6 @@ def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any
         soft = table.deletes.get("soft")
         if soft:  # merge removes rows carrying the soft-delete marker; a replace must not load them
             _soft_deleted_out(resource, soft)
-    return None
 
 
 def _soft_deleted_out(resource: Any, column: str) -> None:
@@ -731,7 +816,10 @@ def format_loads(runs: list[PipelineRun]) -> str:
         f"  {run.dataset}.{table.table}: new column(s) {', '.join(table.new_columns)}"
         for run in runs
         for table in run.tables
-        if table.new_columns
+        if table.new_columns and not table.change
+    ]
+    changes += [
+        f"  {run.dataset}.{table.table}: {table.change}" for run in runs for table in run.tables if table.change
     ]
     changes += [
         f"  {run.dataset}.{table.table}: new column(s) {', '.join(table.held_back)} NOT loaded: the table holds "

@@ -95,6 +95,8 @@ def bucket_url(pipeline: PipelineDecl) -> str:
 # Arrow-based extraction (SQL tables, files) cannot turn a type change into a variant column: dlt would fail at load
 # time and leave a package that blocks every later run. Stop at extract with a clear message instead, unless the table
 # declares `schema_contract: {data_type: evolve}`. REST rows are dicts: dlt's default (evolve) makes variants there.
+# A SQL table's type change is found before extract and applied by reloading the table (evolution.py): the frozen
+# contract then only stops what that comparison cannot see (a file's column type).
 # Rows per extracted chunk (source.chunk_size overrides it): the unit of memory of a load, whatever the table's size.
 CHUNK_SIZE = 100_000
 
