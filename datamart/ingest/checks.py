@@ -37,11 +37,10 @@ class BadInputError(ValueError):
     """Source data the pipeline refuses to load; the message names pipeline, table, file or column and the fix."""
 
 
-def checked_file_reader(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
-    """A transformer reading each listed file with dlt's reader of the table's format, naming the file on error."""
-    from dlt.sources.filesystem.readers import _read_csv, _read_jsonl, _read_parquet
-
-    read = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}[str(table.format)]
+def checked_file_reader(pipeline: PipelineDecl, table: TableDecl, chunk_size: int) -> DltResource:
+    """A transformer reading each listed file in record batches of at most ``chunk_size`` rows (CSV and Parquet:
+    :mod:`datamart.ingest.readers`; JSONL: dlt's reader), naming the file on error."""
+    from datamart.ingest.readers import read_file_chunks
 
     @dlt.transformer(name=f"read_{table.format}")
     def read_files(items: Iterable[FileItemDict]) -> Iterator[Any]:
@@ -57,16 +56,11 @@ def checked_file_reader(pipeline: PipelineDecl, table: TableDecl) -> DltResource
             if table.format == "csv":
                 check_csv(item, where, fix, pipeline, table)
             try:
-                yield from read([item], **reader_options(table))
+                yield from read_file_chunks(item, str(table.format), chunk_size, table.delimiter)
             except Exception as exc:  # noqa: BLE001 - any reader failure names the file, then stops the run
                 raise BadInputError(f"{where} cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
 
     return read_files
-
-
-def reader_options(table: TableDecl) -> dict[str, Any]:
-    """Keyword arguments of dlt's file reader for the table (pandas' ``sep`` for a declared CSV delimiter)."""
-    return {"sep": table.delimiter} if table.format == "csv" and table.delimiter else {}
 
 
 #: Separators a CSV export uses instead of the comma (French spreadsheets write ";").

@@ -517,8 +517,10 @@ def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
     files = filesystem(bucket_url=url, file_glob=str(table.files), **_fs_credentials(pipeline, url))
     if table.cursor:
         files.apply_hints(incremental=dlt.sources.incremental(table.cursor))
-    # dlt's readers, one file at a time: a file that cannot be read is named in the error (see checks.py)
-    resource = (files | checked_file_reader(pipeline, table)).with_name(table.name)
+    # one file at a time, in record batches of chunk_size rows (readers.py): memory stays flat whatever the file's
+    # size; a file that cannot be read is named in the error (see checks.py)
+    chunk_size = int(pipeline.options.get("chunk_size", CHUNK_SIZE))
+    resource = (files | checked_file_reader(pipeline, table, chunk_size)).with_name(table.name)
     resource.apply_hints(
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
