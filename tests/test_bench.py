@@ -53,7 +53,10 @@ def test_bench_at_a_tiny_scale_writes_every_row_and_removes_its_cluster(tmp_path
     assert 0 < by_key["incremental_postgres"]["rows"] < source_rows / 10
     for key in ("full_postgres", "incremental_postgres", "no_change_postgres"):
         assert {"extract", "normalize", "load"} <= set(by_key[key]["profile"]), key
-    assert len(report["targets"]) == 6 and all(isinstance(t["met"], bool) for t in report["targets"])
+    for key in ("file_csv_duckdb", "file_parquet_duckdb"):  # the files' rows, each checked in the warehouse
+        assert by_key[key]["rows"] >= 1000 and by_key[key]["peak_rss_mb"] > 0, key
+        assert re.fullmatch(r"\d+ MB file", by_key[key]["note"]), by_key[key]["note"]
+    assert len(report["targets"]) == 7 and all(isinstance(t["met"], bool) for t in report["targets"])
 
     table = output.with_suffix(".md").read_text()
     assert table in result.stdout, "the table printed is the one written"

@@ -103,6 +103,14 @@ def read_file_chunks(item: Any, file_format: str, chunk_size: int, delimiter: st
         yield from _read_jsonl([item], chunksize=chunk_size)
 
 
+def file_columns(item: Any, file_format: str, delimiter: str | None = None) -> list[str]:
+    """The column names of a CSV file (its header) or a Parquet file (its footer), without reading any row."""
+    with item.open(mode="rb") as file:
+        if file_format == "csv":
+            return list(_csv_reader(file, None, delimiter or ",").schema.names)
+        return list(pq.ParquetFile(file).schema_arrow.names)
+
+
 def _sliced(batch: pa.RecordBatch, size: int) -> Iterator[pa.RecordBatch]:
     for start in range(0, batch.num_rows, size):
         yield batch.slice(start, size)

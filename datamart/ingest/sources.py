@@ -10,7 +10,13 @@ from typing import Any
 import dlt
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader, is_child_endpoint
+from datamart.ingest.checks import (
+    KeyCheck,
+    PageLoopGuard,
+    check_personal_columns,
+    checked_file_reader,
+    is_child_endpoint,
+)
 from datamart.ingest.declarations import SQL_BACKENDS, DeclarationError, PipelineDecl, TableDecl, closest
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.history import apply_history_hints
@@ -514,7 +520,9 @@ def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
     from dlt.sources.filesystem import filesystem
 
     url = bucket_url(pipeline)
-    files = filesystem(bucket_url=url, file_glob=str(table.files), **_fs_credentials(pipeline, url))
+    listing = {"bucket_url": url, "file_glob": str(table.files), **_fs_credentials(pipeline, url)}
+    check_personal_columns(pipeline, table, filesystem(**listing))  # a misspelt personal column: refused here
+    files = filesystem(**listing)
     if table.cursor:
         files.apply_hints(incremental=dlt.sources.incremental(table.cursor))
     # one file at a time, in record batches of chunk_size rows (readers.py): memory stays flat whatever the file's
