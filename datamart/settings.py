@@ -26,8 +26,6 @@ TARGETS = ("duckdb", "postgres")
 ENVIRONMENTS = ("dev", "preprod", "prod")
 DEFAULT_DUCKDB_PATH = "data/warehouse.duckdb"
 PUBLISHED_SCHEMA = "marts"  # the one schema Metabase reads
-#: DuckDB's memory for dlt's loads (beyond it DuckDB spills to disk): a load stays within 1 GiB (make bench).
-DUCKDB_MEMORY_LIMIT = "640MB"
 
 
 class SettingsError(RuntimeError):
@@ -121,17 +119,7 @@ class Warehouse:
         # dlt's default (truncate-and-insert) empties it before the load starts.
         replace = "insert-from-staging"
         if self.target == "duckdb":
-            from dlt.destinations.impl.duckdb.configuration import DuckDbCredentials
-
-            # DuckDB takes up to 80 % of the machine's memory by default: the merge of a big file load (its
-            # de-duplication window over every staged row) took 1.3 GB. Rows need no insertion order, and past
-            # DUCKDB_MEMORY_LIMIT DuckDB spills to <warehouse>.tmp (README "Performance").
-            credentials = DuckDbCredentials(str(self.duckdb_path))
-            credentials.global_config = {
-                "memory_limit": os.environ.get("DATAMART_DUCKDB_MEMORY_LIMIT", DUCKDB_MEMORY_LIMIT),
-                "preserve_insertion_order": False,
-            }
-            return dlt.destinations.duckdb(credentials=credentials, replace_strategy=replace)
+            return dlt.destinations.duckdb(credentials=str(self.duckdb_path), replace_strategy=replace)
         return dlt.destinations.postgres(credentials=self.pg, replace_strategy=replace)
 
     def environment_variables(self) -> dict[str, str]:
