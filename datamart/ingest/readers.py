@@ -10,8 +10,8 @@ loaded with each warehouse's bulk path (DuckDB reads Parquet, PostgreSQL through
 CSV types are those pandas gave with dlt's reader, decided over the whole file instead of per chunk (a chunk
 could otherwise type a column differently from the one before it): a column is ``bigint`` when every value is an
 integer, else ``double`` when every value is a number, else ``bool`` when every value is a boolean, else ``text``
-(dates stay text, as with pandas). pandas' null markers (empty, ``NA``, ``NULL``, ``nan``…) are nulls. One
-difference: an integer column with empty fields is ``bigint`` (pandas made it ``double``).
+(dates stay text, as with pandas; an integer column with empty fields is ``double``, as pandas made it). pandas'
+null markers (empty, ``NA``, ``NULL``, ``nan``…) are nulls.
 """
 
 from __future__ import annotations
@@ -59,16 +59,21 @@ def csv_types(item: Any, delimiter: str = ",") -> dict[str, pa.DataType]:
     with item.open(mode="rb") as file:
         names = _csv_reader(file, None, delimiter).schema.names
     candidates = {name: list(CSV_TYPES) for name in names}
-    seen = dict.fromkeys(names, False)
+    seen, nulls = dict.fromkeys(names, False), dict.fromkeys(names, False)
     with item.open(mode="rb") as file:
         for batch in _csv_reader(file, names, delimiter):
             for name in names:
                 column = batch.column(name)
-                if column.null_count < len(column):
-                    seen[name] = True
+                seen[name] = seen[name] or column.null_count < len(column)
+                nulls[name] = nulls[name] or column.null_count > 0
                 candidates[name] = [t for t in candidates[name] if _castable(column, t)]
-    # a column with no value at all is text: nothing says it holds numbers
-    return {name: candidates[name][0] if seen[name] and candidates[name] else pa.string() for name in names}
+    types = {}
+    for name in names:
+        chosen = candidates[name][0] if seen[name] and candidates[name] else pa.string()  # no value at all: text
+        # pandas made an integer column with empty fields double: tables loaded so keep their type (a frozen
+        # data_type contract would stop the table otherwise)
+        types[name] = pa.float64() if chosen == pa.int64() and nulls[name] else chosen
+    return types
 
 
 def read_csv_chunks(item: Any, chunk_size: int, delimiter: str = ",") -> Iterator[pa.RecordBatch]:

@@ -533,7 +533,22 @@ def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )
+    if table.format in ("csv", "parquet"):
+        # dlt's dict readers gave every row a random _dlt_id (NOT NULL in the tables they created), Arrow batches
+        # get none: add it, so that tables loaded before keep loading and every file table keeps the same columns
+        resource.add_map(_with_row_ids)
     return resource
+
+
+def _with_row_ids(batch: Any) -> Any:
+    """The batch with dlt's random ``_dlt_id`` row ids, as dlt gives dict rows."""
+    import pyarrow as pa
+    from dlt.common.normalizers.utils import generate_dlt_ids
+
+    if not isinstance(batch, pa.Table | pa.RecordBatch) or "_dlt_id" in batch.schema.names:
+        return batch
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    return table.append_column("_dlt_id", pa.array(generate_dlt_ids(table.num_rows), type=pa.string()))
 
 
 def _fs_credentials(pipeline: PipelineDecl, url: str) -> dict[str, Any]:
