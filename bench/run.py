@@ -12,7 +12,9 @@ demo source in it, then measures in one run:
    share of the first prod build (the datamart alone) and, with the load, of the full load + first build (end to end);
 7. a run with no change at all;
 8. key-set delete detection over the biggest table's keys (stats_events), as the runner does it (the comparison
-   itself is also timed inside its process, without Python's start, for its target).
+   itself is also timed inside its process, without Python's start, for its target);
+9. file loads into DuckDB (``dlt pipeline bench_files run``): one CSV and one Parquet file of about 200 MB each
+   at scale 500 (2.6 M rows; the size follows the scale).
 
 Every measured command runs as its own subprocess tree: wall time, and peak RSS of the biggest process in it
 (``ru_maxrss`` of the waited-for children). The table is printed and written as Markdown and JSON
@@ -62,7 +64,40 @@ STEPS = (
     ("sqlmesh_after_incremental", "SQLMesh promotion after the incremental load"),
     ("no_change_postgres", "no-change run → PostgreSQL"),
     ("key_set_deletes", "key-set delete detection, stats_events keys"),
+    ("file_csv_duckdb", "file load, CSV → DuckDB (dlt pipeline bench_files run)"),
+    ("file_parquet_duckdb", "file load, Parquet → DuckDB (dlt pipeline bench_files run)"),
 )
+FILE_ROWS_AT_500 = 2_600_000  # rows of each benchmark file at scale 500: a CSV of about 200 MB
+# The benchmark files: a CSV export as partners send them (numbers, timestamps as text, e-mails to hash), and the
+# same rows in Parquet with a random token, uncompressed, so that the file is about as big as the CSV (263 MB).
+FILE_ROWS_SQL = """
+SELECT i AS id, TIMESTAMP '2024-01-01' + INTERVAL (i) SECOND AS created_at, 'user' || i || '@example.org' AS email,
+       'Name ' || (i * 7919 % 100000) AS name, round((i * 37 % 100000) / 100.0, 2) AS amount,
+       ['Paris', 'Lyon', 'Marseille', 'Lille', 'Nantes'][1 + i % 5] AS city,
+       CASE WHEN i % 3 = 0 THEN 'active' WHEN i % 3 = 1 THEN 'pending' ELSE 'closed' END AS status{extra}
+FROM range({rows}) t(i)
+"""
+FILES_DECLARATION = """\
+name: bench_files
+source:
+  kind: filesystem
+dataset: raw_bench_files
+tables:
+  csv_rows:
+    files: csv/*.csv
+    format: csv
+    write_disposition: merge
+    primary_key: id
+    cursor: modification_date
+    personal: {email: hash}
+  parquet_rows:
+    files: parquet/*.parquet
+    format: parquet
+    write_disposition: merge
+    primary_key: id
+    cursor: modification_date
+    personal: {email: hash}
+"""
 
 _WRAPPER = """
 import resource, subprocess, sys, json, time
@@ -104,6 +139,7 @@ class Bench:
         self.server = ThrowawayPostgres()
         self.bin = self.server.bin_dir
         self.counts: dict[str, int] = {}
+        self.file_sizes: dict[str, int] = {}  # bytes of the benchmark files (file_loads)
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -368,6 +404,43 @@ class Bench:
         """Rows of a source table now."""
         return int(self.psql(self.source_url, f"SELECT count(*) FROM {table}"))
 
+    def file_loads(self) -> None:
+        """A CSV and a Parquet file of about 200 MB (scale 500) loaded into a fresh DuckDB file, each table checked
+        against the file's rows."""
+        import duckdb
+
+        rows = max(1000, round(FILE_ROWS_AT_500 * self.scale / 500))
+        bucket = self.work / "file_bucket"
+        declarations = self.work / "file_declarations"
+        for folder in (bucket / "csv", bucket / "parquet", declarations):
+            folder.mkdir(parents=True)
+        (declarations / "bench_files.yaml").write_text(FILES_DECLARATION)
+        self.say(f"writing the benchmark files ({rows:,} rows each) …")
+        with duckdb.connect() as conn:
+            csv_path, parquet_path = bucket / "csv" / "rows.csv", bucket / "parquet" / "rows.parquet"
+            conn.execute(f"COPY ({FILE_ROWS_SQL.format(rows=rows, extra='')}) TO '{csv_path}' (HEADER)")
+            token = ", md5(i::VARCHAR) AS token"
+            conn.execute(
+                f"COPY ({FILE_ROWS_SQL.format(rows=rows, extra=token)}) TO '{parquet_path}' "
+                "(FORMAT parquet, COMPRESSION uncompressed)"
+            )
+        self.file_sizes = {"csv": csv_path.stat().st_size, "parquet": parquet_path.stat().st_size}
+        dlt = str(Path(sys.executable).parent / "dlt")
+        env = self.env("duckdb")
+        env.update(
+            DATAMART_DECLARATIONS_DIR=str(declarations),
+            SOURCES__BENCH_FILES__BUCKET_URL=str(bucket),
+            DESTINATION__DUCKDB__CREDENTIALS=str(self.work / "files.duckdb"),
+        )
+        for key, table in (("file_csv_duckdb", "csv_rows"), ("file_parquet_duckdb", "parquet_rows")):
+            step = self.measure(key, [dlt, "pipeline", "bench_files", "run", "--table", table], rows, env=env)
+            size = self.file_sizes["csv" if table == "csv_rows" else "parquet"]
+            step.note = f"{size / 1e6:.0f} MB file"
+            with duckdb.connect(str(self.work / "files.duckdb"), read_only=True) as conn:
+                loaded = conn.execute(f"SELECT count(DISTINCT id) FROM raw_bench_files.{table}").fetchone()[0]
+            if loaded != rows:
+                raise RuntimeError(f"raw_bench_files.{table} holds {loaded:,} rows, the file {rows:,}")
+
     def run(self) -> dict[str, Any]:
         """Every step; the report as a dict."""
         self.setup()
@@ -377,6 +450,7 @@ class Bench:
         self.sqlmesh_steps_before()
         self.incremental()
         self.key_set_deletes()
+        self.file_loads()
         return self.report()
 
     def report(self) -> dict[str, Any]:
@@ -409,6 +483,13 @@ class Bench:
                 / full.seconds,
                 "<=",
                 0.05,
+            ),
+            target(
+                "peak RSS of a file load (CSV, Parquet) ≤ 1 GiB",
+                max(self.steps[k].peak_rss_mb for k in ("file_csv_duckdb", "file_parquet_duckdb")) / 1024,
+                "<=",
+                1.0,
+                " GiB",
             ),
         ]
         return {
@@ -494,6 +575,7 @@ def markdown(report: dict[str, Any]) -> str:
         ratio = f"{step['ratio_to_copy']:.2f}" if step["ratio_to_copy"] else "—"
         rate = f"{step['rows_per_s']:,.0f}" if step["rows_per_s"] else "—"
         profile = ", ".join(f"{k} {v:.1f}s" for k, v in step["profile"].items())
+        profile = "; ".join(p for p in (step["note"], profile) if p)  # e.g. the size of a benchmark file
         label = step["label"].replace("|", "\\|")  # a pipe inside a Markdown cell
         lines.append(
             f"| {label} | {step['seconds']:.1f} s | {step['cpu_seconds']:.1f} s | {step['rows']:,} | {rate} | "

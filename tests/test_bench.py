@@ -53,7 +53,10 @@ def test_bench_at_a_tiny_scale_writes_every_row_and_removes_its_cluster(tmp_path
     assert 0 < by_key["incremental_postgres"]["rows"] < source_rows / 10
     for key in ("full_postgres", "incremental_postgres", "no_change_postgres"):
         assert {"extract", "normalize", "load"} <= set(by_key[key]["profile"]), key
-    assert len(report["targets"]) == 8 and all(isinstance(t["met"], bool) for t in report["targets"])
+    for key in ("file_csv_duckdb", "file_parquet_duckdb"):  # the files' rows, each checked in the warehouse
+        assert by_key[key]["rows"] >= 1000 and by_key[key]["peak_rss_mb"] > 0, key
+        assert re.fullmatch(r"\d+ MB file", by_key[key]["note"]), by_key[key]["note"]
+    assert len(report["targets"]) == 9 and all(isinstance(t["met"], bool) for t in report["targets"])
     # the datamart's cost after 1 % changed: alone, and end to end with its load
     targets = {t["target"]: t["value"] for t in report["targets"]}
     alone = next(v for k, v in targets.items() if k.startswith("datamart after 1 % changed"))

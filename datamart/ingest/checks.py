@@ -30,18 +30,17 @@ from dlt.common.storages.fsspec_filesystem import FileItemDict
 from dlt.extract.items_transform import ItemTransform
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.declarations import PipelineDecl, TableDecl
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, closest
 
 
 class BadInputError(ValueError):
     """Source data the pipeline refuses to load; the message names pipeline, table, file or column and the fix."""
 
 
-def checked_file_reader(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
-    """A transformer reading each listed file with dlt's reader of the table's format, naming the file on error."""
-    from dlt.sources.filesystem.readers import _read_csv, _read_jsonl, _read_parquet
-
-    read = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}[str(table.format)]
+def checked_file_reader(pipeline: PipelineDecl, table: TableDecl, chunk_size: int) -> DltResource:
+    """A transformer reading each listed file in record batches of at most ``chunk_size`` rows (CSV and Parquet:
+    :mod:`datamart.ingest.readers`; JSONL: dlt's reader), naming the file on error."""
+    from datamart.ingest.readers import read_file_chunks
 
     @dlt.transformer(name=f"read_{table.format}")
     def read_files(items: Iterable[FileItemDict]) -> Iterator[Any]:
@@ -57,16 +56,44 @@ def checked_file_reader(pipeline: PipelineDecl, table: TableDecl) -> DltResource
             if table.format == "csv":
                 check_csv(item, where, fix, pipeline, table)
             try:
-                yield from read([item], **reader_options(table))
+                yield from read_file_chunks(item, str(table.format), chunk_size, table.delimiter)
             except Exception as exc:  # noqa: BLE001 - any reader failure names the file, then stops the run
                 raise BadInputError(f"{where} cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
 
     return read_files
 
 
-def reader_options(table: TableDecl) -> dict[str, Any]:
-    """Keyword arguments of dlt's file reader for the table (pandas' ``sep`` for a declared CSV delimiter)."""
-    return {"sep": table.delimiter} if table.format == "csv" and table.delimiter else {}
+def check_personal_columns(pipeline: PipelineDecl, table: TableDecl, files: Iterable[FileItemDict]) -> None:
+    """Refuse, before any row is read, a ``personal:`` column that none of the table's CSV or Parquet files has
+    (their headers or footers only): a misspelt name would load the real column in clear. A column some files
+    lack (older exports) is fine: the treatment applies where it exists."""
+    from datamart.ingest.readers import file_columns
+
+    if not table.personal or table.format not in ("csv", "parquet"):
+        return
+    missing, seen, read = set(table.personal), set(), []
+    for item in files:
+        if item.get("size_in_bytes") == 0:
+            continue
+        try:
+            names = file_columns(item, str(table.format), table.delimiter)
+        except Exception:  # noqa: BLE001, S112 - an unreadable file is named by the load itself (checked_file_reader)
+            continue
+        read.append(item["file_name"])
+        seen.update(names)
+        missing -= set(names)
+        if not missing:
+            return
+    if not read:
+        return  # no file to read: nothing can load in clear
+    declared = sorted(missing)[0]
+    shown = ", ".join(read[:3]) + (f" and {len(read) - 3} more" if len(read) > 3 else "")
+    raise DeclarationError(
+        f"{pipeline.path.name}: tables.{table.name}.personal.{declared}: no file of table {table.name} has a column "
+        f"{declared!r}{closest(declared, seen)} (files: {shown}; their columns: {', '.join(sorted(seen))}). "
+        "Nothing was read: correct the name (as the file's header spells it), or remove the entry if the column "
+        "is gone. A misspelt personal column would load the real one in clear."
+    )
 
 
 #: Separators a CSV export uses instead of the comma (French spreadsheets write ";").

@@ -106,7 +106,7 @@ CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
 # source: keys per kind besides ``kind`` (rest_api's are checked by datamart/ingest/rest.py)
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "sql_database": ("schema", "backend", "chunk_size", "changes", "slot", "publication"),
-    "filesystem": (),
+    "filesystem": ("chunk_size",),
 }
 
 

@@ -10,7 +10,13 @@ from typing import Any
 import dlt
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.checks import KeyCheck, PageLoopGuard, checked_file_reader, is_child_endpoint
+from datamart.ingest.checks import (
+    KeyCheck,
+    PageLoopGuard,
+    check_personal_columns,
+    checked_file_reader,
+    is_child_endpoint,
+)
 from datamart.ingest.declarations import SQL_BACKENDS, DeclarationError, PipelineDecl, TableDecl, closest
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.history import apply_history_hints
@@ -516,16 +522,35 @@ def _file_resource(pipeline: PipelineDecl, table: TableDecl) -> DltResource:
     from dlt.sources.filesystem import filesystem
 
     url = bucket_url(pipeline)
-    files = filesystem(bucket_url=url, file_glob=str(table.files), **_fs_credentials(pipeline, url))
+    listing = {"bucket_url": url, "file_glob": str(table.files), **_fs_credentials(pipeline, url)}
+    check_personal_columns(pipeline, table, filesystem(**listing))  # a misspelt personal column: refused here
+    files = filesystem(**listing)
     if table.cursor:
         files.apply_hints(incremental=dlt.sources.incremental(table.cursor))
-    # dlt's readers, one file at a time: a file that cannot be read is named in the error (see checks.py)
-    resource = (files | checked_file_reader(pipeline, table)).with_name(table.name)
+    # one file at a time, in record batches of chunk_size rows (readers.py): memory stays flat whatever the file's
+    # size; a file that cannot be read is named in the error (see checks.py)
+    chunk_size = int(pipeline.options.get("chunk_size", CHUNK_SIZE))
+    resource = (files | checked_file_reader(pipeline, table, chunk_size)).with_name(table.name)
     resource.apply_hints(
         write_disposition=table.write_disposition,
         primary_key=list(table.primary_key) or None,
     )
+    if table.format in ("csv", "parquet"):
+        # dlt's dict readers gave every row a random _dlt_id (NOT NULL in the tables they created), Arrow batches
+        # get none: add it, so that tables loaded before keep loading and every file table keeps the same columns
+        resource.add_map(_with_row_ids)
     return resource
+
+
+def _with_row_ids(batch: Any) -> Any:
+    """The batch with dlt's random ``_dlt_id`` row ids, as dlt gives dict rows."""
+    import pyarrow as pa
+    from dlt.common.normalizers.utils import generate_dlt_ids
+
+    if not isinstance(batch, pa.Table | pa.RecordBatch) or "_dlt_id" in batch.schema.names:
+        return batch
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    return table.append_column("_dlt_id", pa.array(generate_dlt_ids(table.num_rows), type=pa.string()))
 
 
 def _fs_credentials(pipeline: PipelineDecl, url: str) -> dict[str, Any]:

@@ -441,11 +441,10 @@ def _sql_chunks(decl: PipelineDecl, table: TableDecl, plan: _Plan, chunk_size: i
 
 def _file_records(decl: PipelineDecl, table: TableDecl) -> Iterator[dict[str, Any]]:
     """Every row of the files now in the bucket (column names normalised as dlt does), oldest file first."""
-    import dlt
-    from dlt.sources.filesystem import filesystem, read_csv, read_jsonl, read_parquet
+    from dlt.sources.filesystem import filesystem
 
-    from datamart.ingest.checks import reader_options
-    from datamart.ingest.sources import _fs_credentials, bucket_url
+    from datamart.ingest.readers import read_file_chunks
+    from datamart.ingest.sources import CHUNK_SIZE, _fs_credentials, bucket_url
 
     url = bucket_url(decl)
     files = sorted(
@@ -454,10 +453,10 @@ def _file_records(decl: PipelineDecl, table: TableDecl) -> Iterator[dict[str, An
     )
     if not files:
         return
-    reader = {"csv": read_csv, "parquet": read_parquet, "jsonl": read_jsonl}[str(table.format)]
-    for item in dlt.resource([files], name=f"verify_{table.name}") | reader(**reader_options(table)):
-        for record in item.to_pylist() if hasattr(item, "to_pylist") else [item]:
-            yield {_normalize(k): v for k, v in record.items()}
+    for file in files:  # read as the load reads them (datamart/ingest/readers.py): the same types
+        for chunk in read_file_chunks(file, str(table.format), CHUNK_SIZE, table.delimiter):
+            for record in chunk.to_pylist() if hasattr(chunk, "to_pylist") else chunk:
+                yield {_normalize(k): v for k, v in record.items()}
 
 
 def _file_chunks(decl: PipelineDecl, table: TableDecl, plan: _Plan, chunk_size: int) -> Iterator[list[SourceRow]]:

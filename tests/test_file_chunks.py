@@ -1,0 +1,117 @@
+"""File tables read in chunks (datamart/ingest/readers.py) load every row and value as the files hold them, and a
+misspelt personal column of a file table is refused before anything is read. Through `dlt pipeline <name> run`,
+into DuckDB and PostgreSQL. Memory itself is measured by `make bench` (file-load rows), not here.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from datamart.ingest.personal import pseudonym
+from datamart.settings import PROJECT_ROOT, Warehouse
+
+DLT = str(Path(sys.executable).parent / "dlt")
+KEY = "file-chunks-test-key"
+ROWS = 57  # with source.chunk_size 10: six chunks per file, the last one short
+
+
+def _declare(folder: Path, personal: dict[str, str]) -> None:
+    table = {"write_disposition": "merge", "primary_key": "id", "cursor": "modification_date", "personal": personal}
+    declaration = {
+        "name": "files",
+        "source": {"kind": "filesystem", "chunk_size": 10},
+        "dataset": "raw_files",
+        "tables": {
+            "from_csv": {"files": "csv/*.csv", "format": "csv", **table},
+            "from_parquet": {"files": "parquet/*.parquet", "format": "parquet", **table},
+        },
+    }
+    folder.mkdir(exist_ok=True)
+    (folder / "files.yaml").write_text(yaml.safe_dump(declaration, sort_keys=False))
+
+
+def _write_files(bucket: Path) -> list[dict[str, object]]:
+    """A CSV and a Parquet file of the same rows; the rows as the warehouse must hold them (email hashed)."""
+    rows = []
+    for i in range(ROWS):
+        rows.append(
+            {
+                "id": i,
+                "email": f"person{i}@example.org",
+                "count": i * 3,  # integers
+                "score": None if i % 7 == 0 else i * 3,  # integers with empty fields: double, as pandas read them
+                "amount": round(i * 1.25, 2),
+                "active": i % 2 == 0,
+                "day": f"2024-01-{1 + i % 28:02d}",  # a date stays text, as pandas read it
+                "label": None if i % 5 == 0 else f"label {i}",
+            }
+        )
+    (bucket / "csv").mkdir(parents=True)
+    with open(bucket / "csv" / "rows.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: "" if v is None else str(v).lower() if isinstance(v, bool) else v for k, v in row.items()}
+            )
+    (bucket / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), bucket / "parquet" / "rows.parquet", row_group_size=25)
+    return [{**row, "email": pseudonym(KEY.encode(), row["email"])} for row in rows]
+
+
+def _run(tmp_path: Path, warehouse: Warehouse, declarations: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_"))}
+    env.update(
+        warehouse.environment_variables(),
+        DATAMART_DECLARATIONS_DIR=str(declarations),
+        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
+        SOURCES__FILES__BUCKET_URL=str(tmp_path / "bucket"),
+        DATAMART__PII_HMAC_KEY=KEY,
+    )
+    return subprocess.run(
+        [DLT, "pipeline", "files", "run"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_chunked_file_loads_equal_the_files_row_for_row(warehouse: Warehouse, tmp_path: Path) -> None:
+    expected = _write_files(tmp_path / "bucket")
+    _declare(tmp_path / "declarations", {"email": "hash"})
+
+    result = _run(tmp_path, warehouse, tmp_path / "declarations")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    columns = list(expected[0])
+    for table in ("from_csv", "from_parquet"):
+        loaded = warehouse.query(f"SELECT {', '.join(columns)} FROM raw_files.{table} ORDER BY id")
+        assert [dict(zip(columns, row, strict=True)) for row in loaded] == expected, table
+    types = dict(
+        warehouse.query(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'raw_files' AND table_name = 'from_csv'"
+        )
+    )
+    assert types["count"].lower() == "bigint" and types["score"].lower() in ("double", "double precision"), types
+    assert types["day"].lower() in ("varchar", "text", "character varying"), types
+
+
+def test_misspelt_personal_column_of_a_csv_table_is_refused_before_anything_is_read(
+    warehouse: Warehouse, tmp_path: Path
+) -> None:
+    _write_files(tmp_path / "bucket")
+    _declare(tmp_path / "declarations", {"emial": "hash"})
+
+    result = _run(tmp_path, warehouse, tmp_path / "declarations")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "files.yaml: tables.from_csv.personal.emial" in result.stderr, result.stderr
+    assert "did you mean 'email'?" in result.stderr and "rows.csv" in result.stderr, result.stderr
+    assert not warehouse.table_exists("raw_files", "from_csv") and not warehouse.table_exists(
+        "raw_files", "from_parquet"
+    ), "nothing loaded"
