@@ -11,9 +11,9 @@ import psycopg2
 from sqlmesh.utils.errors import SQLMeshError
 
 from datamart.environments import check_environment
+from datamart.errors import root_cause
 from datamart.flow import RunFailed
 from datamart.ingest.declarations import DeclarationError
-from datamart.ingest.runner import root_cause
 from datamart.redact import redact
 from datamart.review.gate import GateError
 from datamart.settings import (

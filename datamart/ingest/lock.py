@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from datamart.ingest.ops import running_holder
 from datamart.settings import Warehouse
 
 POLL_SECONDS = 0.5
@@ -175,8 +176,6 @@ def _pg_lock(warehouse: Warehouse, pipeline: str, wait: float, me: Holder) -> It
 
 def _pg_holder(warehouse: Warehouse, cur: Any, pipeline: str) -> Holder:
     """The holder from ops.pipeline_runs (host, pid, start), else from the server's view of the locking session."""
-    from datamart.ingest.ops import running_holder
-
     recorded = running_holder(warehouse, pipeline)
     if recorded:
         return Holder(**recorded)

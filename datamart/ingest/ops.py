@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from datamart.errors import root_cause
 from datamart.redact import redact
 from datamart.settings import Warehouse
 
@@ -158,8 +159,6 @@ class RunRecord:
 
     def failed(self, exc: BaseException) -> None:
         """Mark the run failed with its root cause, secrets redacted."""
-        from datamart.ingest.runner import root_cause
-
         self._end("failed", redact(root_cause(exc))[:2000], _now())
 
     def _end(self, status: str, error: str | None, ended: datetime) -> None:
@@ -299,8 +298,6 @@ def recorded_refresh(warehouse: Warehouse, command: str) -> Iterator[RefreshReco
     try:
         yield record
     except BaseException as exc:
-        from datamart.ingest.runner import root_cause
-
         try:
             _end_refresh(record, "failed", redact(root_cause(exc))[:2000])
         except Exception as ops_error:  # noqa: BLE001 - the warehouse may be the thing that failed
