@@ -1,6 +1,7 @@
 """Shared errors of the datamart, at the ground floor: what every floor asks of an exception.
 
-Whether a failure is worth a retry (:func:`is_transient`), whether a server refused the credentials
+The error of a wrong declaration (:class:`DeclarationError`, with :func:`closest` for its "did you mean"), whether a
+failure is worth a retry (:func:`is_transient`), whether a server refused the credentials
 (:func:`refused_credentials`), what is in an exception's cause chain (:func:`in_chain`) and its one-line root cause
 (:func:`root_cause`). The ingestion, the scheduled run, the promotion and the command line all ask; none of these
 helpers imports anything of ``datamart``, so any module may import them without a loop.
@@ -8,8 +9,21 @@ helpers imports anything of ``datamart``, so any module may import them without 
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
+from typing import Any
+
+
+class DeclarationError(ValueError):
+    """A declaration is wrong; the message names the file, the key and the fix."""
+
+
+def closest(name: str, valid: Any) -> str:
+    """`` (did you mean 'x'?)`` when ``name`` looks like a typo of one of ``valid``, else empty."""
+    match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
 
 #: PEP 249 errors a database reports about the data or the statement, whatever the driver (psycopg2, ADBC,
 #: SQLAlchemy): rerunning does not fix them.

@@ -6,7 +6,6 @@ A declaration says what to load and how; the connection itself is a secret looke
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from datamart.errors import DeclarationError, closest
+from datamart.ingest.rest import REST_TABLE_KEYS, validate_rest_declaration
 from datamart.settings import declarations_dir
 
 SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
@@ -21,10 +22,6 @@ WRITE_DISPOSITIONS = ("append", "merge", "replace")
 PERSONAL_TREATMENTS = ("hash", "drop", "year", "keep")
 FILE_FORMATS = ("csv", "parquet", "jsonl")
 SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
-
-
-class DeclarationError(ValueError):
-    """A declaration is wrong; the message names the file, the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +99,6 @@ def _fail(path: Path, key: str, message: str) -> DeclarationError:
     return DeclarationError(f"{path.name}: {key}: {message}")
 
 
-def closest(name: str, valid: Any) -> str:
-    """`` (did you mean 'x'?)`` when ``name`` looks like a typo of one of ``valid``, else empty."""
-    match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def refuse_unknown(path: Path, where: str, keys: Any, allowed: Any) -> None:
     """Refuse the first key of ``keys`` that is not in ``allowed``, naming the closest allowed one."""
     unknown = sorted(set(map(str, keys)) - set(allowed))
@@ -158,8 +149,6 @@ def load_declaration(path: Path) -> PipelineDecl:
     tables = tuple(_load_table(path, kind, tname, tdecl or {}) for tname, tdecl in tables_raw.items())
     raw_tables = {str(tname): dict(tdecl or {}) for tname, tdecl in tables_raw.items()}
     if kind == "rest_api":
-        from datamart.ingest.rest import validate_rest_declaration  # here: rest.py imports this module
-
         validate_rest_declaration(path, source, raw_tables)
     options = {k: v for k, v in source.items() if k != "kind"}
     if not isinstance(raw.get("verify", False), bool):
@@ -186,8 +175,6 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     where = f"tables.{name}"
     allowed = _TABLE_KEYS
     if kind == "rest_api":
-        from datamart.ingest.rest import REST_TABLE_KEYS  # here: rest.py imports this module
-
         allowed = (_TABLE_KEYS - {"files", "format", "delimiter"}) | REST_TABLE_KEYS
     refuse_unknown(path, where, decl, allowed)
     disposition = decl.get("write_disposition", "append")
