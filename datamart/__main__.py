@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.grants is not None:
                 print(result.grants.format())
         elif args.command == "review":
-            from datamart.review.run import review_command
+            from datamart.review.cli import review_command
 
             return review_command(warehouse, args.env, args.project, args.output, args.forward_only)
         elif args.command == "query":
