@@ -13,9 +13,9 @@ from sqlmesh.utils.errors import SQLMeshError
 from datamart.environments import check_environment
 from datamart.errors import root_cause
 from datamart.flow import RunFailed
+from datamart.gate.checks import GateError
 from datamart.ingest.declarations import DeclarationError
 from datamart.redact import redact
-from datamart.review.gate import GateError
 from datamart.settings import (
     PROJECT_ROOT,
     TARGETS,

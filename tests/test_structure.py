@@ -52,7 +52,7 @@ def _imported(module: str, path: Path) -> set[str]:
                     package = package[:-1]
                 package = package[: len(package) - (node.level - 1)]
                 base = ".".join(package + ([base] if base else []))
-            # ``from datamart.privacy import lineage`` imports the submodule datamart.privacy.lineage (the package's
+            # ``from datamart.gate import lineage`` imports the submodule datamart.gate.lineage (the package's
             # ``__init__`` runs first, as it does for any submodule: that is no edge of its own)
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)

@@ -87,7 +87,7 @@ def privacy_command(args: argparse.Namespace, warehouse: Warehouse, out: TextIO 
 def check_command(context: Any, out: TextIO | None = None) -> int:
     """Print every published column deriving from personal data; 1 if any is not allowed."""
     out = out or sys.stdout
-    from datamart.privacy.lineage import check_published_lineage, dropped_columns_loaded, violations
+    from datamart.gate.lineage import check_published_lineage, dropped_columns_loaded, violations
 
     findings = check_published_lineage(context)
     leaks = dropped_columns_loaded(context)

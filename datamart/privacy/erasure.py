@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamart.gate.lineage import LineageIndex, PersonalColumn, short_name
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_named
 from datamart.ingest.personal import pseudonym, require_hmac_key
-from datamart.privacy.lineage import LineageIndex, PersonalColumn, short_name
 from datamart.settings import Warehouse, quote_identifier
+from datamart.transform import sqlmesh_context
 
 _SYSTEM_SCHEMAS = ("information_schema", "pg_catalog", "pg_toast")
 _TEXT_TYPES = ("text", "varchar", "character varying", "string")
@@ -79,8 +80,6 @@ def find_traces(
                 f"hashed columns: {', '.join(hashed)}"
             )
     if context is None:
-        from datamart.transform import sqlmesh_context
-
         context = sqlmesh_context(warehouse)
         try:
             return _find_traces(warehouse, decl, table_decl, key, values, context, pipelines_dir)

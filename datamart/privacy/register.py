@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from datamart.privacy.lineage import (
+from datamart.gate.lineage import (
     ALLOW_TAG_PREFIX,
     LineageIndex,
     check_published_lineage,

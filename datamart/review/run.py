@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamart.review.contract import is_published, short_name
-from datamart.review.gate import CHECKS, Violation, gate_input, run_checks
+from datamart.gate.checks import CHECKS, Violation, gate_input, run_checks
+from datamart.gate.contract import is_published, short_name
 from datamart.settings import DATA_DIR, PROJECT_ROOT, Warehouse
+from datamart.transform import sqlmesh_context
 
 DEFAULT_OUTPUT = DATA_DIR / "review" / "review.md"
 SAMPLE_ROWS = 5
@@ -138,8 +139,6 @@ def run_review(
 ) -> ReviewResult:
     """Plan the project against prod in ``environment``, run the gate, build it, diff the data, run the tests."""
     from sqlmesh.utils.errors import SQLMeshError
-
-    from datamart.transform import sqlmesh_context
 
     started = time.monotonic()
     project = project or PROJECT_ROOT

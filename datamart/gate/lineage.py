@@ -27,9 +27,9 @@ from typing import Any
 
 from sqlglot import exp
 
+from datamart.gate.base import GateInput, Violation
 from datamart.ingest.declarations import PipelineDecl, load_all
 from datamart.ingest.personal import year_column
-from datamart.review.base import GateInput, Violation
 from datamart.settings import PUBLISHED_SCHEMA
 
 ALLOW_TAG_PREFIX = "personal:"
