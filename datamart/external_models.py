@@ -39,7 +39,7 @@ from dlt.common.schema import Schema
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_all
 from datamart.ingest.deletes import DELETED_MARKER
 from datamart.ingest.personal import HMAC_KEY_SECRET, year_column
-from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, keep_files_private
+from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, duckdb_warehouse, keep_files_private
 
 EXTERNAL_MODELS_PATH = PROJECT_ROOT / "external_models.yaml"
 COMMAND = "python -m datamart.external_models"
@@ -300,7 +300,7 @@ def dlt_schemas_from_declarations(
     if source is None:
         raise ExternalModelsError("demo pipelines need a generated demo source")
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir))  # always from scratch: no earlier state
-    warehouse = Warehouse(target="duckdb", duckdb_path=run_dir / "warehouse.duckdb")
+    warehouse = duckdb_warehouse(run_dir / "warehouse.duckdb")
     env = {"DATAMART__PII_HMAC_KEY": "external-models-generation"}  # pseudonyms are thrown away with the run
     for decl in declarations:
         prefix = f"SOURCES__{decl.name.upper()}__"

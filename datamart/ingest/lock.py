@@ -79,7 +79,7 @@ def _refusal(pipeline: str, holder: Holder, wait: float) -> PipelineLocked:
 def pipeline_lock(warehouse: Warehouse, pipeline: str, wait: float = 0.0) -> Iterator[Holder]:
     """Hold the lock of ``pipeline`` for the block; wait up to ``wait`` seconds, then raise :class:`PipelineLocked`."""
     me = Holder(host=socket.gethostname(), pid=os.getpid(), started_at=datetime.now(UTC))
-    if warehouse.target == "postgres":
+    if warehouse.is_server:
         with _pg_lock(warehouse, pipeline, wait, me):
             yield me
     else:
@@ -139,15 +139,7 @@ def _lock_key(pipeline: str) -> tuple[str, tuple[Any, ...]]:
 
 @contextmanager
 def _pg_lock(warehouse: Warehouse, pipeline: str, wait: float, me: Holder) -> Iterator[None]:
-    import psycopg2
-
-    pg = warehouse.pg
-    conn = psycopg2.connect(
-        host=pg.host,
-        port=pg.port,
-        user=pg.username,
-        password=pg.password,
-        dbname=pg.database,
+    conn = warehouse.connect(
         application_name=f"datamart lock {pipeline}"[:63],
         # a dead peer (machine gone) is noticed in about a minute, and its lock released by the server
         keepalives=1,

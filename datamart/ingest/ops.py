@@ -100,19 +100,10 @@ def ensure_ops_tables(warehouse: Warehouse) -> None:
         _ddl(RUN_TABLES_TABLE, RUN_TABLES_COLUMNS, "run_id, table_name"),
         _ddl(REFRESHES_TABLE, REFRESHES_COLUMNS, "refresh_id"),
     ]
-    if warehouse.target == "postgres":
-        conn = warehouse.pg_connect()
-        try:
-            with conn, conn.cursor() as cur:
-                # two first runs at once: serialise the CREATEs (PostgreSQL's IF NOT EXISTS is not race-free)
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext('datamart.ops.ddl'))")
-                for statement in statements:
-                    cur.execute(statement)
-        finally:
-            conn.close()
-        return
-    for statement in statements:
-        warehouse.query(statement)
+    with warehouse.transaction() as cur:
+        warehouse.serialise(cur, "datamart.ops.ddl")  # two first runs at once: one creates, the other waits
+        for statement in statements:
+            cur.execute(statement)
 
 
 def _now() -> datetime:
@@ -120,9 +111,7 @@ def _now() -> datetime:
 
 
 def _execute(warehouse: Warehouse, statement: str, params: tuple[Any, ...]) -> None:
-    if warehouse.target == "postgres":
-        statement = statement.replace("?", "%s")
-    warehouse.query(statement, params)
+    warehouse.query(statement.replace("?", warehouse.placeholder), params)
 
 
 @dataclass

@@ -265,7 +265,7 @@ def build_deletions(
     url = source_credentials(pipeline)
     # PostgreSQL warehouses: the tables side by side (the time is spent in the two servers and in connectorx, outside
     # the GIL). A DuckDB file is read by one connection at a time.
-    workers = min(4, len(compared)) if warehouse.target == "postgres" else 1
+    workers = min(4, len(compared)) if warehouse.is_server else 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         found = list(pool.map(lambda t: gone_keys(pipeline, t, url, warehouse, (sizes or {}).get(t.name)), compared))
     deletions = []

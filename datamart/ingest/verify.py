@@ -280,8 +280,8 @@ def _order_by(warehouse: Warehouse, keys: list[str], types: dict[str, str]) -> s
     parts = []
     for key in keys:
         column = quote_identifier(key)
-        if warehouse.target == "postgres" and value_kind(types[key]) == "text":
-            column += ' COLLATE "C"'
+        if value_kind(types[key]) == "text":
+            column = warehouse.text_in_byte_order(column)
         parts.append(column)
     return ", ".join(parts)
 
@@ -305,22 +305,7 @@ def _warehouse_rows(
 
 def _stream(warehouse: Warehouse, statement: str, batch: int = 10_000) -> Iterator[tuple[Any, ...]]:
     """Rows of one query, fetched in batches through a server-side cursor (PostgreSQL) or DuckDB's fetchmany."""
-    if warehouse.target == "postgres":
-        conn = warehouse.pg_connect()
-        try:
-            with conn, conn.cursor(name="datamart_verify") as cur:
-                cur.itersize = batch
-                cur.execute(statement)
-                yield from cur
-        finally:
-            conn.close()
-        return
-    import duckdb
-
-    with duckdb.connect(str(warehouse.duckdb_path), read_only=False) as conn:
-        result = conn.execute(statement)
-        while rows := result.fetchmany(batch):
-            yield from rows
+    return warehouse.stream(statement, batch)
 
 
 # --- the source side ----------------------------------------------------------------------------------------------
