@@ -38,7 +38,7 @@ from dlt.common.schema import Schema
 
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_all
 from datamart.ingest.deletes import DELETED_MARKER
-from datamart.ingest.personal import HMAC_KEY_SECRET, year_column
+from datamart.ingest.personal import DROP, HASH, HMAC_KEY_SECRET, YEAR, year_column
 from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, duckdb_warehouse, keep_files_private
 
 EXTERNAL_MODELS_PATH = PROJECT_ROOT / "external_models.yaml"
@@ -138,7 +138,7 @@ def table_description(decl: PipelineDecl, table: TableDecl) -> str:
         text += f"; incremental on {table.cursor}"
         if decl.kind == "filesystem":
             text += " (only files new or changed since the last run are read)"
-    dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
+    dropped = [c for c, treatment in table.personal.items() if treatment == DROP]
     if dropped:
         text += f". Personal columns never loaded ({', '.join(dropped)})"
     return text + "."
@@ -148,12 +148,12 @@ def column_descriptions(table: TableDecl, columns: list[str]) -> dict[str, str]:
     """Descriptions of the columns with a declared treatment: personal data, soft-delete marker, dlt's load id."""
     described: dict[str, str] = {}
     for source_column, treatment in table.personal.items():
-        if treatment == "hash":
+        if treatment == HASH:
             described[source_column] = (
                 f"Pseudonymised: keyed HMAC-SHA256 (hex) of the {source_column} with the secret {HMAC_KEY_SECRET}; "
                 "same value, same pseudonym."
             )
-        elif treatment == "year":
+        elif treatment == YEAR:
             described[year_column(source_column)] = (
                 f"Year of {source_column} (coarsened at extraction: the date never leaves the source)."
             )

@@ -209,3 +209,19 @@ def test_connections_are_opened_by_the_adapter() -> None:
     assert found <= CONNECTION_EXCEPTIONS, (
         f"connections opened outside the adapter: {sorted(found - CONNECTION_EXCEPTIONS)}"
     )
+
+
+def test_personal_treatments_are_named_in_one_place() -> None:
+    """Every reader compares a column's treatment with ``datamart.ingest.personal``'s names (HASH, DROP, YEAR, KEEP),
+    never with a literal of its own: one table of the treatments, read the same way everywhere."""
+    from datamart.ingest.personal import TREATMENTS
+
+    found = set()
+    for module, path in MODULES.items():
+        if module == "datamart.ingest.personal":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            operands = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
+            if any(isinstance(n, ast.Constant) and n.value in TREATMENTS for n in operands):
+                found.add(f"{module}: {ast.unparse(node)}")
+    assert not found, f"treatments compared with a literal: {sorted(found)}"

@@ -14,12 +14,13 @@ from typing import Any
 import yaml
 
 from datamart.errors import DeclarationError, closest
+from datamart.ingest.personal import TREATMENTS
 from datamart.ingest.rest import REST_TABLE_KEYS, validate_rest_declaration
 from datamart.settings import declarations_dir
 
 SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
 WRITE_DISPOSITIONS = ("append", "merge", "replace")
-PERSONAL_TREATMENTS = ("hash", "drop", "year", "keep")
+PERSONAL_TREATMENTS = TREATMENTS
 FILE_FORMATS = ("csv", "parquet", "jsonl")
 SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
 

@@ -52,7 +52,7 @@ from typing import Any
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl
 from datamart.ingest.lock import pipeline_lock
-from datamart.ingest.personal import year_column
+from datamart.ingest.personal import KEEP, year_column
 from datamart.settings import Warehouse, quote_identifier
 
 DEFAULT_CHUNK = 50_000
@@ -555,7 +555,7 @@ def _excluded(table: TableDecl) -> set[str]:
     """Warehouse columns never compared: personal ones (as loaded) and the soft-delete marker."""
     names = set()
     for column, treatment in table.personal.items():
-        if treatment != "keep":
+        if treatment != KEEP:
             names |= {_normalize(column), _normalize(year_column(column))}
     if table.deletes.get("soft"):
         names.add(_normalize(table.deletes["soft"]))

@@ -27,7 +27,7 @@ from typing import Any
 
 from datamart.gate.lineage import LineageIndex, PersonalColumn, short_name
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_named
-from datamart.ingest.personal import pseudonym, require_hmac_key
+from datamart.ingest.personal import HASH, pseudonym, require_hmac_key
 from datamart.settings import Warehouse, quote_identifier
 from datamart.transform import sqlmesh_context
 
@@ -73,8 +73,8 @@ def find_traces(
         )
     values = values or {}
     for column in values:
-        if table_decl.personal.get(column) != "hash":
-            hashed = [c for c, t in table_decl.personal.items() if t == "hash"] or ["none"]
+        if table_decl.personal.get(column) != HASH:
+            hashed = [c for c, t in table_decl.personal.items() if t == HASH] or ["none"]
             raise DeclarationError(
                 f"--value {column}=…: {pipeline}.{table}.{column} is not a hashed personal column; "
                 f"hashed columns: {', '.join(hashed)}"
