@@ -179,6 +179,10 @@ class Warehouse:
         writer at a time: nothing to wait for."""
         self.engine.serialise(cursor, name)
 
+    def ensure_schema(self, cursor: Any, schema: str) -> None:
+        """Create ``schema`` inside :meth:`transaction` unless it exists."""
+        self.engine.ensure_schema(cursor, schema)
+
     def query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run one SQL statement on the warehouse in its own short connection and return the rows."""
         return self.query_with_columns(statement, params)[1]
@@ -271,6 +275,9 @@ class DuckDBEngine:
     def serialise(self, cursor: Any, name: str) -> None:
         return None
 
+    def ensure_schema(self, cursor: Any, schema: str) -> None:
+        cursor.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}")
+
     def stream(self, statement: str, batch: int) -> Iterator[tuple[Any, ...]]:
         with self.connect(read_only=False) as conn:
             result = conn.execute(statement)
@@ -339,6 +346,11 @@ class PostgresEngine:
 
     def serialise(self, cursor: Any, name: str) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
+
+    def ensure_schema(self, cursor: Any, schema: str) -> None:
+        cursor.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        if cursor.fetchone() is None:  # IF NOT EXISTS alone still needs CREATE on the database
+            cursor.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}")
 
     def stream(self, statement: str, batch: int) -> Iterator[tuple[Any, ...]]:
         conn = self.connect()

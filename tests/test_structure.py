@@ -164,15 +164,12 @@ ADAPTER = "datamart.settings"  # Warehouse and its engines (DuckDBEngine, Postgr
 TARGET_NAMES = {"duckdb", "postgres"}
 #: Left to do, each named with why it is still here (issue 19): a new one fails the test.
 TARGET_EXCEPTIONS = {
-    # the first-run mark: DuckDB's and PostgreSQL's statements (LOCK TABLE, pg_namespace) still written side by side
-    ("datamart.environments", "warehouse.target == 'duckdb'"),
     # asks dlt's pipeline (not a Warehouse) whether its destination records view dependencies in pg_depend
     ("datamart.ingest.runner", "pipeline.destination.destination_name != 'postgres'"),
 }
 #: Modules that open a connection of their own: the demo's source database and the tests' throwaway servers are no
-#: warehouse; the rest is left to do (see TARGET_EXCEPTIONS).
+#: warehouse.
 CONNECTION_EXCEPTIONS = {"datamart.demo.source", "datamart.testing.postgres", "datamart.testing.sources"}
-CONNECTION_EXCEPTIONS |= {"datamart.environments"}
 
 
 def _is_target_name(node: ast.AST) -> bool:
