@@ -11,11 +11,11 @@ import psycopg2
 from sqlmesh.utils.errors import SQLMeshError
 
 from datamart.environments import check_environment
+from datamart.errors import root_cause
 from datamart.flow import RunFailed
+from datamart.gate.checks import GateError
 from datamart.ingest.declarations import DeclarationError
-from datamart.ingest.runner import root_cause
 from datamart.redact import redact
-from datamart.review.gate import GateError
 from datamart.settings import (
     PROJECT_ROOT,
     TARGETS,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.grants is not None:
                 print(result.grants.format())
         elif args.command == "review":
-            from datamart.review.run import review_command
+            from datamart.review.cli import review_command
 
             return review_command(warehouse, args.env, args.project, args.output, args.forward_only)
         elif args.command == "query":

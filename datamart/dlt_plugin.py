@@ -25,6 +25,7 @@ from dlt.common.runtime.run_context import RunContext
 from datamart.settings import (
     DATA_DIR,
     PROJECT_ROOT,
+    TARGETS,
     SettingsError,
     keep_files_private,
     pipelines_dir_for,
@@ -85,7 +86,7 @@ class RunCommand:
             action="store_true",
             help="drop the selected tables (all without --table) and their incremental state, then reload them",
         )
-        parser.add_argument("--target", choices=("duckdb", "postgres"), help="warehouse (default: DATAMART_TARGET)")
+        parser.add_argument("--target", choices=TARGETS, help="warehouse (default: DATAMART_TARGET)")
         parser.add_argument("--dry-run", action="store_true", help="print what would be loaded; load nothing")
         parser.add_argument("--retries", type=int, default=3, help="attempts on transient errors (default 3)")
         parser.add_argument(
@@ -134,7 +135,7 @@ class VerifyCommand:
     def configure_parser(self, parser: argparse.ArgumentParser) -> None:
         """Options of ``dlt pipeline <name> verify``."""
         parser.add_argument("--table", action="append", dest="tables", metavar="TABLE", help="only this table")
-        parser.add_argument("--target", choices=("duckdb", "postgres"), help="warehouse (default: DATAMART_TARGET)")
+        parser.add_argument("--target", choices=TARGETS, help="warehouse (default: DATAMART_TARGET)")
         parser.add_argument(
             "--full-compare",
             action="store_true",

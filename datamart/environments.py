@@ -43,40 +43,22 @@ def check_environment(warehouse: Warehouse) -> str:
         "environment VARCHAR NOT NULL, marked_at TIMESTAMP NOT NULL, marked_by VARCHAR)"
     )
     insert = f"INSERT INTO {OPS_SCHEMA}.{MARKER_TABLE} (environment, marked_at, marked_by) VALUES "
-    if warehouse.target == "duckdb":
-        import duckdb
-
+    if warehouse.duckdb_path is not None:  # the first command on a new DuckDB file makes its folder
         warehouse.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
-        with duckdb.connect(str(warehouse.duckdb_path)) as conn:
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {OPS_SCHEMA}")
-            conn.execute(create)
-            row = conn.execute(
-                f"SELECT environment FROM {OPS_SCHEMA}.{MARKER_TABLE} ORDER BY marked_at LIMIT 1"
-            ).fetchone()
-            if row is None:
-                conn.execute(insert + "(?, current_timestamp, ?)", [warehouse.environment, _marked_by()])
-                marked = warehouse.environment
-            else:
-                marked = str(row[0])
-    else:
-        conn = warehouse.pg_connect()
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (OPS_SCHEMA,))
-                if cur.fetchone() is None:  # IF NOT EXISTS alone still needs CREATE on the database
-                    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {OPS_SCHEMA}")
-                cur.execute(create)
-                # two first runs at once: the second waits, then reads the first one's mark
-                cur.execute(f"LOCK TABLE {OPS_SCHEMA}.{MARKER_TABLE} IN SHARE ROW EXCLUSIVE MODE")
-                cur.execute(f"SELECT environment FROM {OPS_SCHEMA}.{MARKER_TABLE} ORDER BY marked_at LIMIT 1")
-                row = cur.fetchone()
-                if row is None:
-                    cur.execute(insert + "(%s, now(), %s)", (warehouse.environment, _marked_by()))
-                    marked = warehouse.environment
-                else:
-                    marked = str(row[0])
-        finally:
-            conn.close()
+    with warehouse.transaction() as cur:
+        # two first runs at once: the second waits (PostgreSQL's IF NOT EXISTS is not race-free), then reads the
+        # first one's mark
+        warehouse.serialise(cur, f"{OPS_SCHEMA}.{MARKER_TABLE}")
+        warehouse.ensure_schema(cur, OPS_SCHEMA)
+        cur.execute(create)
+        cur.execute(f"SELECT environment FROM {OPS_SCHEMA}.{MARKER_TABLE} ORDER BY marked_at LIMIT 1")
+        row = cur.fetchone()
+        if row is None:
+            p = warehouse.placeholder
+            cur.execute(insert + f"({p}, current_timestamp, {p})", (warehouse.environment, _marked_by()))
+            marked = warehouse.environment
+        else:
+            marked = str(row[0])
     if marked != warehouse.environment:
         raise EnvironmentMismatch(mismatch_message(warehouse, marked))
     return marked

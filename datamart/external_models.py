@@ -39,8 +39,8 @@ from dlt.common.schema import Schema
 from datamart.ingest.declarations import VALID_FROM, VALID_TO, DeclarationError, PipelineDecl, TableDecl, load_all
 from datamart.ingest.deletes import DELETED_MARKER
 from datamart.ingest.history import ROW_VERSION
-from datamart.ingest.personal import HMAC_KEY_SECRET, year_column
-from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, keep_files_private
+from datamart.ingest.personal import DROP, HASH, HMAC_KEY_SECRET, YEAR, year_column
+from datamart.settings import PROJECT_ROOT, Warehouse, configure_environment, duckdb_warehouse, keep_files_private
 
 EXTERNAL_MODELS_PATH = PROJECT_ROOT / "external_models.yaml"
 COMMAND = "python -m datamart.external_models"
@@ -151,7 +151,7 @@ def table_description(decl: PipelineDecl, table: TableDecl) -> str:
         text += f"; incremental on {table.cursor}"
         if decl.kind == "filesystem":
             text += " (only files new or changed since the last run are read)"
-    dropped = [c for c, treatment in table.personal.items() if treatment == "drop"]
+    dropped = [c for c, treatment in table.personal.items() if treatment == DROP]
     if dropped:
         text += f". Personal columns never loaded ({', '.join(dropped)})"
     return text + "."
@@ -161,12 +161,12 @@ def column_descriptions(table: TableDecl, columns: list[str]) -> dict[str, str]:
     """Descriptions of the columns with a declared treatment: personal data, soft-delete marker, dlt's load id."""
     described: dict[str, str] = {}
     for source_column, treatment in table.personal.items():
-        if treatment == "hash":
+        if treatment == HASH:
             described[source_column] = (
                 f"Pseudonymised: keyed HMAC-SHA256 (hex) of the {source_column} with the secret {HMAC_KEY_SECRET}; "
                 "same value, same pseudonym."
             )
-        elif treatment == "year":
+        elif treatment == YEAR:
             described[year_column(source_column)] = (
                 f"Year of {source_column} (coarsened at extraction: the date never leaves the source)."
             )
@@ -322,7 +322,7 @@ def dlt_schemas_from_declarations(
     if source is None:
         raise ExternalModelsError("demo pipelines need a generated demo source")
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir))  # always from scratch: no earlier state
-    warehouse = Warehouse(target="duckdb", duckdb_path=run_dir / "warehouse.duckdb")
+    warehouse = duckdb_warehouse(run_dir / "warehouse.duckdb")
     env = {"DATAMART__PII_HMAC_KEY": "external-models-generation"}  # pseudonyms are thrown away with the run
     for decl in declarations:
         prefix = f"SOURCES__{decl.name.upper()}__"

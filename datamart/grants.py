@@ -96,7 +96,7 @@ def metabase_password() -> str | None:
 
 def apply_metabase_grants(warehouse: Warehouse) -> GrantReport | None:
     """Create or check Metabase's role and grant it the published views only; None on DuckDB (a file has no roles)."""
-    if warehouse.target != "postgres":
+    if not warehouse.is_server:
         return None
     import psycopg2
 

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TextIO
 
 from datamart.alerts import AlertError, post_alert, redact, webhook_url
+from datamart.errors import is_transient, root_cause
 from datamart.flow import run_pipelines
 from datamart.ingest.declarations import DeclarationError, load_all, load_named
-from datamart.ingest.runner import PipelineRun, format_loads, is_transient, root_cause
+from datamart.ingest.runner import PipelineRun, format_loads
 from datamart.settings import SettingsError, Warehouse
 
 

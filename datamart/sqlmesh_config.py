@@ -53,21 +53,7 @@ def state_schema() -> str:
 
 def gateway(warehouse: Warehouse) -> tuple[str, dict[str, Any]]:
     """The name and settings of the one gateway reaching ``warehouse``."""
-    if warehouse.target == "duckdb":
-        # The embedded warehouse: one DuckDB file, SQLMesh's state in the same file.
-        return "local", {"connection": {"type": "duckdb", "database": str(warehouse.duckdb_path)}}
-    pg = warehouse.pg
-    connection = {
-        "type": "postgres",
-        "host": str(pg.host),
-        "port": int(pg.port or 5432),
-        "user": str(pg.username),
-        "password": str(pg.password or ""),
-        "database": str(pg.database),
-        "application_name": "datamart-sqlmesh",
-    }
-    # A dedicated datamart database, never the production one; SQLMesh's state in the same database, own schema.
-    return "postgres", {"connection": connection, "state_schema": state_schema()}
+    return warehouse.sqlmesh_gateway(state_schema())
 
 
 def sqlmesh_config(warehouse: Warehouse | None = None) -> Any:

@@ -13,9 +13,9 @@ from typing import Any
 
 from sqlmesh.utils.errors import AuditError, NodeAuditsErrors, PlanError, SQLMeshError
 
+from datamart.gate.checks import enforce
 from datamart.grants import GrantReport, apply_metabase_grants
 from datamart.ingest.ops import ensure_ops_tables, last_refresh, recorded_refresh
-from datamart.review.gate import enforce
 from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, quote_identifier
 
 
@@ -60,7 +60,7 @@ def sqlmesh_context(warehouse: Warehouse, project: Path | None = None, **kwargs:
 def apply_prod(warehouse: Warehouse, project: Path | None = None, command: str = "promote") -> TransformRun:
     """Apply model changes to prod, then rebuild what reads raw data loaded since the published views last did.
 
-    First the review gate (``datamart.review.gate.CHECKS``, the contract of the published views) runs against what
+    First the review gate (``datamart.gate.checks.CHECKS``, the contract of the published views) runs against what
     prod serves: a refused change raises ``GateError`` before anything is planned, and prod is not touched. Then a
     prod plan builds the changed models, and :func:`refresh_prod` restates what the loads since the last refresh
     changed. A failing audit raises a :class:`PromotionError` naming the model and the audit, before the views are

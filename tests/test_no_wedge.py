@@ -242,7 +242,7 @@ def test_an_object_depending_on_a_table_is_not_a_lost_connection(pg_database: st
     import psycopg2
     from dlt.destinations.exceptions import DatabaseTransientException
 
-    from datamart.ingest.runner import is_transient
+    from datamart.errors import is_transient
 
     conn = psycopg2.connect(pg_database)
     try:

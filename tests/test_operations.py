@@ -452,7 +452,7 @@ def test_each_environment_resolves_its_own_credentials(monkeypatch: pytest.Monke
     with pytest.raises(Exception, match="DATAMART_ENV='staging' is not a known environment; use one of dev"):
         resolve_warehouse()
     # dlt's local working directories are kept apart per environment too
-    from datamart.ingest.runner import default_pipelines_dir
+    from datamart.ingest.loading import default_pipelines_dir
 
     monkeypatch.setenv("DATAMART_PIPELINES_DIR", str(tmp_path))
     assert default_pipelines_dir(prod) == tmp_path / "prod" / "postgres"

@@ -25,11 +25,11 @@ from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
 from datamart import demo
 from datamart.__main__ import main
 from datamart.flow import run_flow
+from datamart.gate.lineage import check_published_lineage, violations
 from datamart.grants import metabase_role_name
 from datamart.ingest.personal import pseudonym
 from datamart.privacy.cli import check_command
 from datamart.privacy.erasure import find_traces
-from datamart.privacy.lineage import check_published_lineage, violations
 from datamart.privacy.register import REGISTER_PATH, render_register
 from datamart.settings import PIPELINES_DIR, PROJECT_ROOT, Warehouse
 from datamart.testing.postgres import create_database, drop_database

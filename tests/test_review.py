@@ -20,7 +20,7 @@ import yaml
 from datamart import demo
 from datamart.__main__ import main
 from datamart.flow import run_flow
-from datamart.review.gate import GateError, gate_input, run_checks
+from datamart.gate.checks import GateError, gate_input, run_checks
 from datamart.review.run import DEFAULT_OUTPUT
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.postgres import create_database, drop_database

@@ -8,22 +8,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from datamart.environments import check_environment
+from datamart.errors import in_chain, is_transient, refused_credentials, root_cause
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
 from datamart.ingest.dropped import TablesStopped
 from datamart.ingest.evolution import RetypeRefused
 from datamart.ingest.lock import PipelineLocked
-from datamart.ingest.runner import (
-    Carried,
-    PipelineRun,
-    TablesFailed,
-    format_loads,
-    in_chain,
-    is_transient,
-    make_pipeline,
-    refused_credentials,
-    root_cause,
-    run_pipeline,
-)
+from datamart.ingest.runner import Carried, PipelineRun, TablesFailed, format_loads, make_pipeline, run_pipeline
 from datamart.redact import redact
 from datamart.settings import SettingsError, Warehouse, configure_environment, resolve_warehouse
 

@@ -6,7 +6,6 @@ A declaration says what to load and how; the connection itself is a secret looke
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,20 +13,19 @@ from typing import Any
 
 import yaml
 
+from datamart.errors import DeclarationError, closest
+from datamart.ingest.personal import KEEP, TREATMENTS
+from datamart.ingest.rest import REST_TABLE_KEYS, validate_rest_declaration
 from datamart.settings import declarations_dir
 
 SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
 WRITE_DISPOSITIONS = ("append", "merge", "replace")
-PERSONAL_TREATMENTS = ("hash", "drop", "year", "keep")
+PERSONAL_TREATMENTS = TREATMENTS
 FILE_FORMATS = ("csv", "parquet", "jsonl")
 SQL_BACKENDS = ("connectorx", "pyarrow", "sqlalchemy")
 HISTORY_KINDS = ("scd2",)
 #: dlt's validity columns of a ``history: scd2`` table (its defaults); the current version has no valid_to
 VALID_FROM, VALID_TO = "_dlt_valid_from", "_dlt_valid_to"
-
-
-class DeclarationError(ValueError):
-    """A declaration is wrong; the message names the file, the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -114,12 +112,6 @@ def _fail(path: Path, key: str, message: str) -> DeclarationError:
     return DeclarationError(f"{path.name}: {key}: {message}")
 
 
-def closest(name: str, valid: Any) -> str:
-    """`` (did you mean 'x'?)`` when ``name`` looks like a typo of one of ``valid``, else empty."""
-    match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def refuse_unknown(path: Path, where: str, keys: Any, allowed: Any) -> None:
     """Refuse the first key of ``keys`` that is not in ``allowed``, naming the closest allowed one."""
     unknown = sorted(set(map(str, keys)) - set(allowed))
@@ -171,8 +163,6 @@ def load_declaration(path: Path) -> PipelineDecl:
     _check_changes(path, source, tables_raw)
     raw_tables = {str(tname): dict(tdecl or {}) for tname, tdecl in tables_raw.items()}
     if kind == "rest_api":
-        from datamart.ingest.rest import validate_rest_declaration  # here: rest.py imports this module
-
         validate_rest_declaration(path, source, raw_tables)
     options = {k: v for k, v in source.items() if k != "kind"}
     verify = raw.get("verify", False)
@@ -206,8 +196,6 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
     where = f"tables.{name}"
     allowed = _TABLE_KEYS
     if kind == "rest_api":
-        from datamart.ingest.rest import REST_TABLE_KEYS  # here: rest.py imports this module
-
         allowed = (_TABLE_KEYS - {"files", "format", "delimiter"}) | REST_TABLE_KEYS
     refuse_unknown(path, where, decl, allowed)
     disposition = decl.get("write_disposition", "append")
@@ -272,7 +260,7 @@ def _load_table(path: Path, kind: str, name: str, decl: dict[str, Any]) -> Table
                 f"{where}.history",
                 "history keeps the versions of each key: it needs write_disposition: merge and a primary_key",
             )
-        treated = sorted(c for c, t in (decl.get("personal") or {}).items() if t != "keep")
+        treated = sorted(c for c, t in (decl.get("personal") or {}).items() if t != KEEP)
         if treated:
             raise _fail(
                 path,

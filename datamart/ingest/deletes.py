@@ -272,23 +272,7 @@ def _warehouse_keys(
         relation = f"(SELECT * FROM {relation} WHERE {table.current_only}) AS current_versions"
     statement = f"SELECT {columns} FROM {relation}"
     statement += _in_buckets(quote_identifier(warehouse_name(table.primary_key[0])), only, width)
-    if warehouse.target == "duckdb":
-        import duckdb
-
-        with duckdb.connect(str(warehouse.duckdb_path)) as conn:
-            return conn.execute(statement).fetch_arrow_table()
-    if _has_connectorx():
-        return _read_arrow(warehouse_url(warehouse), statement)
-    return _to_arrow(table.primary_key, [warehouse.query(statement)])
-
-
-def warehouse_url(warehouse: Warehouse) -> str:
-    """A libpq URL of the PostgreSQL warehouse (password included: never print it)."""
-    from urllib.parse import quote
-
-    pg = warehouse.pg
-    password = f":{quote(str(pg.password), safe='')}" if pg.password else ""
-    return f"postgresql://{quote(str(pg.username), safe='')}{password}@{pg.host}:{pg.port or 5432}/{pg.database}"
+    return warehouse.read_arrow(statement, KEY_BATCH)
 
 
 def _has_connectorx() -> bool:

@@ -23,7 +23,7 @@ import io
 from typing import Any
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl, warehouse_name
-from datamart.ingest.personal import year_column
+from datamart.ingest.personal import YEAR, year_column
 from datamart.settings import Warehouse, quote_identifier
 
 INTERNAL_PREFIXES = ("_dlt_", "_datamart")
@@ -99,7 +99,7 @@ def _data_column(column: str, table: TableDecl) -> bool:
 def _expected(table: TableDecl, source_columns: list[str]) -> set[str]:
     """The warehouse names the source's columns load into (a coarsened date loads as its year)."""
     names = {warehouse_name(c) for c in source_columns}
-    names |= {warehouse_name(year_column(c)) for c, t in table.personal.items() if t == "year" and c in source_columns}
+    names |= {warehouse_name(year_column(c)) for c, t in table.personal.items() if t == YEAR and c in source_columns}
     return names
 
 

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from datamart.ingest.ops import running_holder
 from datamart.settings import Warehouse
 
 POLL_SECONDS = 0.5
@@ -78,7 +79,7 @@ def _refusal(pipeline: str, holder: Holder, wait: float) -> PipelineLocked:
 def pipeline_lock(warehouse: Warehouse, pipeline: str, wait: float = 0.0) -> Iterator[Holder]:
     """Hold the lock of ``pipeline`` for the block; wait up to ``wait`` seconds, then raise :class:`PipelineLocked`."""
     me = Holder(host=socket.gethostname(), pid=os.getpid(), started_at=datetime.now(UTC))
-    if warehouse.target == "postgres":
+    if warehouse.is_server:
         with _pg_lock(warehouse, pipeline, wait, me):
             yield me
     else:
@@ -138,15 +139,7 @@ def _lock_key(pipeline: str) -> tuple[str, tuple[Any, ...]]:
 
 @contextmanager
 def _pg_lock(warehouse: Warehouse, pipeline: str, wait: float, me: Holder) -> Iterator[None]:
-    import psycopg2
-
-    pg = warehouse.pg
-    conn = psycopg2.connect(
-        host=pg.host,
-        port=pg.port,
-        user=pg.username,
-        password=pg.password,
-        dbname=pg.database,
+    conn = warehouse.connect(
         application_name=f"datamart lock {pipeline}"[:63],
         # a dead peer (machine gone) is noticed in about a minute, and its lock released by the server
         keepalives=1,
@@ -175,8 +168,6 @@ def _pg_lock(warehouse: Warehouse, pipeline: str, wait: float, me: Holder) -> It
 
 def _pg_holder(warehouse: Warehouse, cur: Any, pipeline: str) -> Holder:
     """The holder from ops.pipeline_runs (host, pid, start), else from the server's view of the locking session."""
-    from datamart.ingest.ops import running_holder
-
     recorded = running_holder(warehouse, pipeline)
     if recorded:
         return Holder(**recorded)

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from datamart.errors import root_cause
 from datamart.redact import redact
 from datamart.settings import Warehouse
 
 if TYPE_CHECKING:
-    from datamart.ingest.runner import PipelineRun
+    from datamart.ingest.loading import PipelineRun
 
 OPS_SCHEMA = "ops"
 RUNS_TABLE = "pipeline_runs"
@@ -99,19 +100,10 @@ def ensure_ops_tables(warehouse: Warehouse) -> None:
         _ddl(RUN_TABLES_TABLE, RUN_TABLES_COLUMNS, "run_id, table_name"),
         _ddl(REFRESHES_TABLE, REFRESHES_COLUMNS, "refresh_id"),
     ]
-    if warehouse.target == "postgres":
-        conn = warehouse.pg_connect()
-        try:
-            with conn, conn.cursor() as cur:
-                # two first runs at once: serialise the CREATEs (PostgreSQL's IF NOT EXISTS is not race-free)
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext('datamart.ops.ddl'))")
-                for statement in statements:
-                    cur.execute(statement)
-        finally:
-            conn.close()
-        return
-    for statement in statements:
-        warehouse.query(statement)
+    with warehouse.transaction() as cur:
+        warehouse.serialise(cur, "datamart.ops.ddl")  # two first runs at once: one creates, the other waits
+        for statement in statements:
+            cur.execute(statement)
 
 
 def _now() -> datetime:
@@ -119,9 +111,7 @@ def _now() -> datetime:
 
 
 def _execute(warehouse: Warehouse, statement: str, params: tuple[Any, ...]) -> None:
-    if warehouse.target == "postgres":
-        statement = statement.replace("?", "%s")
-    warehouse.query(statement, params)
+    warehouse.query(statement.replace("?", warehouse.placeholder), params)
 
 
 @dataclass
@@ -158,8 +148,6 @@ class RunRecord:
 
     def failed(self, exc: BaseException) -> None:
         """Mark the run failed with its root cause, secrets redacted."""
-        from datamart.ingest.runner import root_cause
-
         self._end("failed", redact(root_cause(exc))[:2000], _now())
 
     def _end(self, status: str, error: str | None, ended: datetime) -> None:
@@ -299,8 +287,6 @@ def recorded_refresh(warehouse: Warehouse, command: str) -> Iterator[RefreshReco
     try:
         yield record
     except BaseException as exc:
-        from datamart.ingest.runner import root_cause
-
         try:
             _end_refresh(record, "failed", redact(root_cause(exc))[:2000])
         except Exception as ops_error:  # noqa: BLE001 - the warehouse may be the thing that failed

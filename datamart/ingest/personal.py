@@ -22,6 +22,12 @@ from datamart.settings import SettingsError
 
 HMAC_KEY_SECRET = "datamart.pii_hmac_key"
 
+#: The treatments a declaration may give a personal column (``personal: {column: treatment}``): every reader (the
+#: extract, the declarations, verify, the external models, the lineage check, erasure, the register) compares with
+#: these names, never with a literal of its own.
+HASH, DROP, YEAR, KEEP = "hash", "drop", "year", "keep"
+TREATMENTS = (HASH, DROP, YEAR, KEEP)
+
 
 def require_hmac_key(pipeline: str) -> bytes:
     """The HMAC key, or a stop before extraction naming the secret to set."""
@@ -47,9 +53,14 @@ def year_column(name: str) -> str:
     return (name[: -len("_date")] if name.endswith("_date") else name) + "_year"
 
 
+def loaded_column(column: str, treatment: str) -> str | None:
+    """The warehouse column that source column ``column`` becomes under ``treatment``; None when it is never loaded."""
+    return {HASH: column, YEAR: year_column(column), KEEP: column}.get(treatment)
+
+
 def personal_data_map(pipeline: str, table: str, policy: dict[str, str]) -> Callable[[Any], Any]:
     """A dlt ``add_map`` function applying ``policy`` to arrow tables or dict rows."""
-    key = require_hmac_key(pipeline) if "hash" in policy.values() else b""
+    key = require_hmac_key(pipeline) if HASH in policy.values() else b""
 
     def apply(item: Any) -> Any:
         if isinstance(item, pa.Table | pa.RecordBatch):
@@ -61,12 +72,12 @@ def personal_data_map(pipeline: str, table: str, policy: dict[str, str]) -> Call
             if column not in tbl.column_names:
                 continue
             index = tbl.column_names.index(column)
-            if treatment == "drop":
+            if treatment == DROP:
                 tbl = tbl.remove_column(index)
-            elif treatment == "hash":
+            elif treatment == HASH:
                 values = [pseudonym(key, v) for v in tbl.column(index).to_pylist()]
                 tbl = tbl.set_column(index, column, pa.array(values, type=pa.string()))
-            elif treatment == "year":
+            elif treatment == YEAR:
                 years = pc.year(tbl.column(index)).cast(pa.int64())
                 tbl = tbl.set_column(index, year_column(column), years)
         return tbl
@@ -76,9 +87,9 @@ def personal_data_map(pipeline: str, table: str, policy: dict[str, str]) -> Call
             if column not in row:
                 continue
             value = row.pop(column)
-            if treatment == "hash":
+            if treatment == HASH:
                 row[column] = pseudonym(key, value)
-            elif treatment == "year":
+            elif treatment == YEAR:
                 row[year_column(column)] = None if value is None else int(str(value)[:4])
         return row
 

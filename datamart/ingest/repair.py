@@ -100,8 +100,8 @@ def repair_pipeline(
     Holds the pipeline's lock throughout (waiting up to ``wait`` seconds; ``PipelineLocked`` otherwise).
     """
     from datamart.environments import check_environment
+    from datamart.ingest.loading import PipelineRun
     from datamart.ingest.ops import recorded_run
-    from datamart.ingest.runner import PipelineRun
 
     with pipeline_lock(warehouse, decl.name, wait=wait):
         before = verify_pipeline(decl, warehouse, tables, chunk_size, lock=False)
@@ -147,7 +147,7 @@ def _reload(
     import time
 
     from datamart.ingest.deletes import deletion_marker, deletion_resource
-    from datamart.ingest.runner import TableLoad, count_rows, loader_file_format, make_pipeline
+    from datamart.ingest.loading import TableLoad, count_rows, loader_file_format, make_pipeline
     from datamart.ingest.sources import build_resources
 
     started = time.monotonic()

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, warehouse_name
 from datamart.ingest.deletes import DELETED_MARKER
-from datamart.ingest.personal import personal_data_map, year_column
+from datamart.ingest.personal import DROP, YEAR, personal_data_map, year_column
 from datamart.settings import Warehouse, quote_identifier
 
 #: pgoutput's marker of a TOASTed value an update left unchanged (it sends no value for it).
@@ -507,9 +507,9 @@ def _treated(
         clean = treat({c: v for c, v in row.items() if v is not UNCHANGED})
         for column in unchanged:  # the warehouse column that holds the treated value
             treatment = table.personal.get(column)
-            if treatment == "drop":
+            if treatment == DROP:
                 continue
-            clean[year_column(column) if treatment == "year" else column] = UNCHANGED
+            clean[year_column(column) if treatment == YEAR else column] = UNCHANGED
         treated.append(clean)
     return treated
 
@@ -624,7 +624,7 @@ def run_replication(
     """One replication run of ``decl`` (see the module's docstring); returns the runner's ``PipelineRun``."""
     import os
 
-    from datamart.ingest.runner import (
+    from datamart.ingest.loading import (
         PipelineRun,
         TableLoad,
         _build_each,

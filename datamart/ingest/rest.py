@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dlt
 from dlt.common.exceptions import DictValidationException
@@ -32,8 +32,11 @@ from dlt.sources.rest_api.typing import (
     PaginatorTypeConfig,
 )
 
-from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, closest
+from datamart.errors import DeclarationError, closest
 from datamart.settings import SettingsError
+
+if TYPE_CHECKING:  # declarations.py calls this module to check the rest_api parts of a declaration
+    from datamart.ingest.declarations import PipelineDecl, TableDecl
 
 REST_TABLE_KEYS: set[str] = {"endpoint", "include_from_parent", "max_table_nesting"}
 

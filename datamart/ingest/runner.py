@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,50 +11,25 @@ import dlt
 from dlt.common import logger
 
 from datamart.environments import check_environment
+from datamart.errors import is_transient, refused_credentials, root_cause
 from datamart.ingest.declarations import VALID_FROM, VALID_TO, PipelineDecl, warehouse_name
 from datamart.ingest.dropped import TablesStopped, dropped_columns
 from datamart.ingest.evolution import RetypeRefused, SchemaChange, retype_columns, source_changes
+from datamart.ingest.loading import (
+    PipelineRun,
+    TableLoad,
+    TablesFailed,
+    _build_each,
+    count_rows,
+    failed_table,
+    finish_or_abort_pending,
+    loader_file_format,
+    make_pipeline,
+)
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
-from datamart.ingest.sources import build_deletions, build_resources, check_secrets
-from datamart.settings import Warehouse, pipelines_dir_for
-
-
-@dataclass(frozen=True)
-class TableLoad:
-    """What one run did to one table."""
-
-    table: str
-    rows_loaded: int
-    rows_in_warehouse: int
-    rows_deleted: int = 0  # hard deletes found by comparing key sets
-    new_columns: tuple[str, ...] = ()
-    held_back: tuple[str, ...] = ()
-    inserted: int = 0
-    updated: int = 0
-    soft_deleted: int = 0  # rows read with their soft-delete marker set, hence removed (or never inserted)
-    change: str = ""  # the source's schema change this run applied by reloading the table (see evolution.py)
-
-
-@dataclass
-class PipelineRun:
-    """What one run of one pipeline did."""
-
-    pipeline: str
-    dataset: str
-    elapsed: float
-    tables: list[TableLoad] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # e.g. a load left pending by a killed run, finished first
-    # tables not loaded because their source dropped a column: table -> which column, where (see dropped.py)
-    stopped: dict[str, str] = field(default_factory=dict)
-    # seconds per part of the run: dlt's extract, normalize and load steps (from its trace), key-set delete
-    # detection and the row counts taken in the warehouse
-    profile: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rows_loaded(self) -> int:
-        """Rows written or deleted this run, all tables together."""
-        return sum(t.rows_loaded + t.rows_deleted for t in self.tables)
+from datamart.ingest.sources import build_deletions, check_secrets
+from datamart.settings import Warehouse
 
 
 @dataclass
@@ -68,30 +40,6 @@ class Carried:
 
     loads: list[str] = field(default_factory=list)
     before: dict[str, int] | None = None
-
-
-PROGRESS_SECONDS = 15.0
-
-
-def default_pipelines_dir(warehouse: Warehouse) -> Path:
-    """dlt's local working dirs (``DATAMART_PIPELINES_DIR`` or under data/), one per warehouse target.
-
-    One folder per target (and per environment other than dev) so that switching target or ``DATAMART_ENV`` never
-    mixes two warehouses' incremental states. dlt's own CLI finds the same folder (``datamart/dlt_plugin.py``).
-    """
-    return pipelines_dir_for(warehouse.target, warehouse.environment)
-
-
-def make_pipeline(decl: PipelineDecl, warehouse: Warehouse, pipelines_dir: Path | None = None) -> dlt.Pipeline:
-    """The dlt pipeline of a declaration, bound to the warehouse; its state lives in the warehouse too."""
-    return dlt.pipeline(
-        pipeline_name=decl.name,
-        destination=warehouse.dlt_destination(),
-        dataset_name=decl.dataset,
-        pipelines_dir=str(pipelines_dir or default_pipelines_dir(warehouse)),
-        # progress of long loads (rows and files per step) on stderr, every PROGRESS_SECONDS
-        progress=dlt.progress.log(log_period=PROGRESS_SECONDS, logger=sys.stderr, dump_system_stats=False),
-    )
 
 
 def run_pipeline(
@@ -361,67 +309,6 @@ def _reload(
     )
 
 
-class TablesFailed(Exception):
-    """Some tables of a pipeline could not be read; ``run`` is what the others loaded (None: no table loaded)."""
-
-    def __init__(self, pipeline: str, errors: dict[str, BaseException], run: PipelineRun | None) -> None:
-        self.errors = errors
-        self.run = run
-        loaded = f"; the other tables loaded ({', '.join(t.table for t in run.tables)})" if run else ""
-        causes = "; ".join(f"{table}: {error}" for table, error in errors.items())
-        super().__init__(f"pipeline '{pipeline}': table(s) {', '.join(errors)} not loaded{loaded}. {causes}")
-
-
-def _build_each(
-    decl: PipelineDecl,
-    names: list[str],
-    known: dict[str, list[str]],
-    held_back: dict[str, list[str]],
-    failed: dict[str, BaseException],
-    notes: list[str] | None = None,
-) -> list[Any]:
-    """The resources of ``names``. SQL tables are reflected table by table: a table the source does not have
-    (renamed, dropped) is put in ``failed`` and the others are built. Wrong declarations and unreachable sources
-    stop the run. REST endpoints and file tables are built together (a child endpoint needs its parent's resource).
-    """
-    from datamart.ingest.declarations import DeclarationError
-    from datamart.settings import SettingsError
-
-    for name in names:  # built again after a failed extract: the columns held back are listed again
-        held_back.pop(name, None)
-    if decl.kind != "sql_database":
-        return build_resources(decl, names, known_columns=known, held_back=held_back, notes=notes) if names else []
-    resources = []
-    for name in names:
-        try:
-            resources += build_resources(decl, [name], known_columns=known, held_back=held_back, notes=notes)
-        except (DeclarationError, SettingsError):
-            raise
-        except Exception as exc:
-            if is_transient(exc) or refused_credentials(exc) is not None:
-                raise  # the source as a whole: every table would fail the same way
-            failed[name] = exc
-    return resources
-
-
-def failed_table(exc: BaseException, decl: PipelineDecl, names: list[str]) -> str | None:
-    """The declared table (among ``names``) whose extract failed for a reason of its own, or None: a failure of
-    another step, a transient one, or one that names no table stops the whole run."""
-    from dlt.common.schema.exceptions import DataValidationError
-    from dlt.extract.exceptions import PipeException
-    from dlt.pipeline.exceptions import PipelineStepFailed
-
-    step = in_chain(exc, PipelineStepFailed)
-    if step is None or getattr(step, "step", None) != "extract" or is_transient(exc):
-        return None
-    contract, pipe = in_chain(exc, DataValidationError), in_chain(exc, PipeException)
-    named = getattr(contract, "table_name", None) or getattr(pipe, "pipe_name", None)
-    for name in names:
-        if named in (name, warehouse_name(name)):
-            return name
-    return None
-
-
 def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any], names: list[str]) -> str | None:
     """How a full refresh replaces the tables ``names``: dlt's refresh mode for ``pipeline.run``, or None when the
     resources were turned into a replace through staging here.
@@ -509,18 +396,6 @@ def _read_by_views(pipeline: dlt.Pipeline, names: list[str]) -> bool:
     return bool(rows and rows[0][0])
 
 
-def loader_file_format(decl: PipelineDecl, warehouse: Warehouse) -> str | None:
-    """Parquet for arrow-extracted pipelines (SQL, files) into PostgreSQL when the ADBC driver is installed (dlt
-    then loads with COPY through ADBC: measured ≈ 2.7× faster than its csv default), else dlt's default."""
-    if warehouse.target != "postgres" or decl.kind not in ("sql_database", "filesystem"):
-        return None
-    try:
-        import adbc_driver_postgresql  # noqa: F401
-    except ImportError:
-        return None
-    return "parquet"
-
-
 def _save_whole_trace(pipeline: dlt.Pipeline, rows_trace: Any) -> None:
     """Keep one trace for the whole run: the rows' extract/normalize/load, then the deletions' (two dlt runs).
 
@@ -600,34 +475,6 @@ def new_versions(pipeline: dlt.Pipeline, decl: PipelineDecl, tables: list[str], 
     return counts
 
 
-def finish_or_abort_pending(pipeline: dlt.Pipeline) -> tuple[str, bool]:
-    """Load what a previous run left pending; if it fails for good, abort it so this run re-reads the source.
-
-    A run killed after its extract (during normalize or load) leaves its package in the working directory, with
-    the incremental state that goes with it: finishing it loads exactly those rows, then this run reads what
-    changed since. Returns a line for the summary.
-
-    dlt would otherwise retry the same broken package at every run and skip every new extract (a type change, a
-    value the warehouse refuses…). Aborting restores the incremental state of before that package, so the rows
-    are read again from the source, this time through the fixed declaration or data: nothing is lost.
-    The boolean says whether the pending load was completed (False: aborted).
-    """
-    try:
-        pipeline.run().raise_on_failed_jobs()
-    except Exception as exc:
-        if is_transient(exc):
-            raise
-        logger.warning(
-            "%s: a previous run left a load that fails (%s); aborting it and re-reading from the source",
-            pipeline.pipeline_name,
-            root_cause(exc),
-        )
-        pipeline.abort_packages()
-        return f"aborted a failing load left by an earlier run ({root_cause(exc)}): its rows were read again", False
-    note = "completed a load left pending by an earlier run or attempt (interrupted or killed) before reading the "
-    return note + "source; its rows are counted in this run's", True
-
-
 def refuse_history_on_plain_table(pipeline: dlt.Pipeline, decl: PipelineDecl, names: list[str]) -> None:
     """Stop before anything is read when a table declared ``history: scd2`` was loaded without it: its rows have
     no validity nor row version, so dlt's scd2 would leave each as a second current version of its key."""
@@ -657,149 +504,6 @@ def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:
         t: [c for c in schema_tables.get(warehouse_name(t), {}).get("columns", {}) if not c.startswith(internal)]
         for t in tables
     }
-
-
-#: PEP 249 errors a database reports about the data or the statement, whatever the driver (psycopg2, ADBC,
-#: SQLAlchemy): rerunning does not fix them.
-_REFUSED = frozenset({"IntegrityError", "DataError", "ProgrammingError"})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for lost connections and timeouts anywhere in the exception chain; never for data or declaration errors.
-
-    dlt files every failed ADBC load job as transient (the driver's errors are not psycopg2's): a row the warehouse
-    refuses (a constraint, a value out of range) would be retried and reported as a connection problem, so a
-    refusal anywhere in the chain wins."""
-    import psycopg2
-    import sqlalchemy.exc
-    from dlt.common.destination.exceptions import DestinationTransientException
-
-    transient = (
-        ConnectionError,
-        TimeoutError,
-        psycopg2.OperationalError,
-        sqlalchemy.exc.OperationalError,
-        DestinationTransientException,
-    )
-    if _refused(exc) or refused_credentials(exc) is not None or _local_file_error(exc):
-        return False
-    return in_chain(exc, transient) is not None
-
-
-#: SQLSTATE classes of a server that may answer differently later: connection exception, transaction rollback
-#: (deadlock, serialization), insufficient resources, operator intervention (shutdown, cancel), system error; and
-#: a lock timeout. Any other SQLSTATE is the server's answer about the statement or the data: rerunning gives it again.
-_TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58", "55P03")
-
-
-#: What a server answers to a connection whose settings are wrong: rerunning does not fix them.
-_CREDENTIALS_REFUSED = re.compile(
-    r"password authentication failed|no password supplied|no pg_hba\.conf entry|"
-    r"(role|database) \"[^\"]*\" does not exist|authentication failed",
-    re.IGNORECASE,
-)
-
-
-def refused_credentials(exc: BaseException) -> tuple[str, str] | None:
-    """``(side, reason)`` when a server refused the connection's credentials (a wrong password or user, a database
-    that does not exist): ``side`` is ``source`` (read through SQLAlchemy or connectorx, during extract) or
-    ``warehouse``; None for anything else."""
-    from dlt.pipeline.exceptions import PipelineStepFailed
-
-    refused = _first_in_chain(exc, lambda e: bool(_CREDENTIALS_REFUSED.search(str(e))))
-    if refused is None:
-        return None
-    text = " ".join(str(refused).split())
-    match = _CREDENTIALS_REFUSED.search(text)
-    assert match is not None
-    reason = text[match.start() :].split(" [SQL", 1)[0].split("(Background on this error", 1)[0].strip()
-    step = in_chain(exc, PipelineStepFailed)
-    from_source = _first_in_chain(exc, lambda e: type(e).__module__.startswith(("sqlalchemy", "connectorx")))
-    side = "source" if from_source is not None or getattr(step, "step", None) == "extract" else "warehouse"
-    return side, reason
-
-
-def _local_file_error(exc: BaseException) -> bool:
-    """A SQLite source that cannot be opened (a missing folder, a locked or corrupt file): a local file does not come
-    back by waiting."""
-    import sqlite3
-
-    return in_chain(exc, sqlite3.Error) is not None
-
-
-def _refused(exc: BaseException) -> bool:
-    """A refusal anywhere in the chain: a PEP 249 data/statement error by its class name, or a server error whose
-    SQLSTATE is not a transient one — e.g. ``DependentObjectsStillExist`` (2BP01), which psycopg2 files under
-    InternalError and dlt therefore as transient."""
-
-    def refused(e: BaseException) -> bool:
-        if any(k.__name__ in _REFUSED for k in type(e).__mro__):
-            return True
-        for candidate in (e, getattr(e, "dbapi_exception", None)):
-            code = getattr(candidate, "pgcode", None) or getattr(candidate, "sqlstate", None)
-            if isinstance(code, str) and len(code) == 5 and code != "00000":
-                return not code.startswith(_TRANSIENT_SQLSTATES)
-        return False
-
-    return _first_in_chain(exc, refused) is not None
-
-
-def in_chain(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first exception of type ``kind`` in ``exc``'s cause/context chain, or None."""
-    return _first_in_chain(exc, lambda e: isinstance(e, kind))
-
-
-def _first_in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> BaseException | None:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if test(current):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def root_cause(exc: BaseException) -> str:
-    """``Type: first line`` of the innermost cause."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def count_rows(
-    pipeline: dlt.Pipeline,
-    tables: list[str],
-    load_ids: list[str] | None = None,
-    written_in: list[str] | None = None,
-    history: set[str] | frozenset[str] = frozenset(),
-) -> tuple[dict[str, int], dict[str, int]]:
-    """Row counts read from the warehouse itself (dlt's trace counts are not trusted for totals), and for the
-    tables of ``written_in`` the rows the loads ``load_ids`` wrote, counted in the same scan. Tables of
-    ``history`` count their current versions only (one per key, as the source)."""
-
-    from dlt.destinations.exceptions import DatabaseUndefinedRelation
-
-    counts: dict[str, int] = {}
-    written: dict[str, int] = {}
-    # ids dlt generated (epoch seconds): safe to inline
-    loads = ", ".join(f"'{i}'" for i in load_ids or [])
-    with pipeline.sql_client() as client:
-        for table in tables:
-            of_loads = table in (written_in or []) and loads
-            written_column = f", count(CASE WHEN _dlt_load_id IN ({loads}) THEN 1 END)" if of_loads else ""
-            qualified = client.make_qualified_table_name(warehouse_name(table))
-            try:
-                current = f" WHERE {VALID_TO} IS NULL" if table in history else ""
-                with client.execute_query(f"SELECT count(*){written_column} FROM {qualified}{current}") as cursor:
-                    row = cursor.fetchone()
-            except DatabaseUndefinedRelation:  # nothing ever loaded into it (e.g. no file yet)
-                row = (0, 0)
-            counts[table] = int(row[0])
-            if of_loads:
-                written[table] = int(row[1])
-    return counts, written
 
 
 def format_loads(runs: list[PipelineRun]) -> str:

@@ -20,7 +20,7 @@ from datamart.ingest.checks import (
 from datamart.ingest.declarations import SQL_BACKENDS, DeclarationError, PipelineDecl, TableDecl, closest
 from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
 from datamart.ingest.history import apply_history_hints
-from datamart.ingest.personal import personal_data_map, require_hmac_key, year_column
+from datamart.ingest.personal import DROP, HASH, YEAR, personal_data_map, require_hmac_key, year_column
 from datamart.ingest.rest import build_rest_resources
 from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
 
@@ -239,7 +239,7 @@ def check_columns_exist(pipeline: PipelineDecl, table: TableDecl, resource: DltR
     columns = resource.columns if isinstance(resource.columns, dict) else {}
     if not columns:
         return  # minimal reflection (variant mode): the source is checked by the query itself
-    available = set(columns) | {year_column(c) for c, t in table.personal.items() if t == "year"}
+    available = set(columns) | {year_column(c) for c, t in table.personal.items() if t == YEAR}
     checked = (
         ("cursor", [table.cursor] if table.cursor else []),
         ("primary_key", list(table.primary_key)),
@@ -256,7 +256,7 @@ def check_columns_exist(pipeline: PipelineDecl, table: TableDecl, resource: DltR
 
 def check_secrets(pipeline: PipelineDecl, tables: list[str] | None = None) -> None:
     """Stop before anything is read or written when a secret the declaration needs is missing."""
-    if any("hash" in t.personal.values() for t in _selected(pipeline, tables)):
+    if any(HASH in t.personal.values() for t in _selected(pipeline, tables)):
         require_hmac_key(pipeline.name)
     if pipeline.kind == "sql_database":
         source_credentials(pipeline)
@@ -287,7 +287,7 @@ def build_deletions(
     url = source_credentials(pipeline)
     # PostgreSQL warehouses: the tables side by side (the time is spent in the two servers and in connectorx, outside
     # the GIL). A DuckDB file is read by one connection at a time.
-    workers = min(4, len(compared)) if warehouse.target == "postgres" else 1
+    workers = min(4, len(compared)) if warehouse.is_server else 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         found = list(pool.map(lambda t: gone_keys(pipeline, t, url, warehouse, (sizes or {}).get(t.name)), compared))
     deletions = []
@@ -320,7 +320,7 @@ def _rewrite_column_hints(resource: DltResource, policy: dict[str, str]) -> None
         return
     for column, treatment in policy.items():
         columns.pop(column, None)  # a coarsened column (birth_date -> birth_year) is typed from its data
-        if treatment == "hash":
+        if treatment == HASH:
             columns[column] = {"name": column, "data_type": "text", "nullable": True}
 
 
@@ -471,8 +471,8 @@ def _select_adapter(pipeline: PipelineDecl, table: TableDecl, known: list[str], 
     of a table with personal data (listed in ``held_back``)."""
     import sqlalchemy as sa
 
-    dropped = {c for c, treatment in table.personal.items() if treatment == "drop"}
-    coarsened = [c for c, treatment in table.personal.items() if treatment == "year"]
+    dropped = {c for c, treatment in table.personal.items() if treatment == DROP}
+    coarsened = [c for c, treatment in table.personal.items() if treatment == YEAR]
 
     def adapt(source: sa.Table) -> Any:
         names = [column.name for column in source.columns]

@@ -56,7 +56,7 @@ from typing import Any
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl
 from datamart.ingest.lock import pipeline_lock
-from datamart.ingest.personal import year_column
+from datamart.ingest.personal import KEEP, year_column
 from datamart.settings import Warehouse, quote_identifier
 
 DEFAULT_CHUNK = 50_000
@@ -319,8 +319,8 @@ def _order_by(warehouse: Warehouse, keys: list[str], types: dict[str, str]) -> s
     parts = []
     for key in keys:
         column = quote_identifier(key)
-        if warehouse.target == "postgres" and value_kind(types[key]) == "text":
-            column += ' COLLATE "C"'
+        if value_kind(types[key]) == "text":
+            column = warehouse.text_in_byte_order(column)
         parts.append(column)
     return ", ".join(parts)
 
@@ -351,22 +351,7 @@ def _warehouse_rows(
 
 def _stream(warehouse: Warehouse, statement: str, batch: int = 10_000) -> Iterator[tuple[Any, ...]]:
     """Rows of one query, fetched in batches through a server-side cursor (PostgreSQL) or DuckDB's fetchmany."""
-    if warehouse.target == "postgres":
-        conn = warehouse.pg_connect()
-        try:
-            with conn, conn.cursor(name="datamart_verify") as cur:
-                cur.itersize = batch
-                cur.execute(statement)
-                yield from cur
-        finally:
-            conn.close()
-        return
-    import duckdb
-
-    with duckdb.connect(str(warehouse.duckdb_path), read_only=False) as conn:
-        result = conn.execute(statement)
-        while rows := result.fetchmany(batch):
-            yield from rows
+    return warehouse.stream(statement, batch)
 
 
 # --- the source side ----------------------------------------------------------------------------------------------
@@ -646,7 +631,7 @@ def _excluded(table: TableDecl) -> set[str]:
     """Warehouse columns never compared: personal ones (as loaded) and the soft-delete marker."""
     names = set()
     for column, treatment in table.personal.items():
-        if treatment != "keep":
+        if treatment != KEEP:
             names |= {_normalize(column), _normalize(year_column(column))}
     if table.deletes.get("soft"):
         names.add(_normalize(table.deletes["soft"]))

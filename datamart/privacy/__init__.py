@@ -1,1 +1,1 @@
-"""Privacy guarantees: lineage of personal columns to the published marts, erasure checks, the processing register."""
+"""Privacy guarantees: erasure checks and the processing register, read from the gate's lineage of personal columns."""

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from datamart.settings import Warehouse
+from datamart.settings import Warehouse, duckdb_warehouse
 
 
 def add_privacy_parser(commands: Any) -> None:
@@ -36,7 +36,7 @@ def offline_context() -> Any:
     from datamart.transform import sqlmesh_context
 
     folder = Path(tempfile.mkdtemp(prefix="datamart-privacy-"))
-    return sqlmesh_context(Warehouse(target="duckdb", duckdb_path=folder / "warehouse.duckdb"))
+    return sqlmesh_context(duckdb_warehouse(folder / "warehouse.duckdb"))
 
 
 def privacy_command(args: argparse.Namespace, warehouse: Warehouse, out: TextIO | None = None) -> int:
@@ -87,7 +87,7 @@ def privacy_command(args: argparse.Namespace, warehouse: Warehouse, out: TextIO 
 def check_command(context: Any, out: TextIO | None = None) -> int:
     """Print every published column deriving from personal data; 1 if any is not allowed."""
     out = out or sys.stdout
-    from datamart.privacy.lineage import check_published_lineage, dropped_columns_loaded, violations
+    from datamart.gate.lineage import check_published_lineage, dropped_columns_loaded, violations
 
     findings = check_published_lineage(context)
     leaks = dropped_columns_loaded(context)

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamart.gate.lineage import LineageIndex, PersonalColumn, short_name
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_named
-from datamart.ingest.personal import pseudonym, require_hmac_key
-from datamart.privacy.lineage import LineageIndex, PersonalColumn, short_name
+from datamart.ingest.personal import HASH, pseudonym, require_hmac_key
 from datamart.settings import Warehouse, quote_identifier
+from datamart.transform import sqlmesh_context
 
 _SYSTEM_SCHEMAS = ("information_schema", "pg_catalog", "pg_toast")
 _TEXT_TYPES = ("text", "varchar", "character varying", "string")
@@ -72,15 +73,13 @@ def find_traces(
         )
     values = values or {}
     for column in values:
-        if table_decl.personal.get(column) != "hash":
-            hashed = [c for c, t in table_decl.personal.items() if t == "hash"] or ["none"]
+        if table_decl.personal.get(column) != HASH:
+            hashed = [c for c, t in table_decl.personal.items() if t == HASH] or ["none"]
             raise DeclarationError(
                 f"--value {column}=…: {pipeline}.{table}.{column} is not a hashed personal column; "
                 f"hashed columns: {', '.join(hashed)}"
             )
     if context is None:
-        from datamart.transform import sqlmesh_context
-
         context = sqlmesh_context(warehouse)
         try:
             return _find_traces(warehouse, decl, table_decl, key, values, context, pipelines_dir)
@@ -191,7 +190,7 @@ def _load_package_files(
     pipeline: str, tables: list[str], warehouse: Warehouse, pipelines_dir: Path | None
 ) -> list[Trace]:
     """Data files of the tables kept in the pipeline's working dir (load packages loaded, pending or extracted)."""
-    from datamart.ingest.runner import default_pipelines_dir
+    from datamart.ingest.loading import default_pipelines_dir
 
     working_dir = (pipelines_dir or default_pipelines_dir(warehouse)) / pipeline
     if not working_dir.exists():

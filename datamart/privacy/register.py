@@ -9,23 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from datamart.privacy.lineage import (
+from datamart.gate.lineage import (
     ALLOW_TAG_PREFIX,
     LineageIndex,
     check_published_lineage,
     personal_columns,
     short_name,
 )
+from datamart.ingest.personal import DROP, HASH, KEEP, YEAR
 from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA
 
 REGISTER_PATH = PROJECT_ROOT / "docs" / "personal-data.md"
 
 _TREATMENTS = {
-    "hash": "pseudonymised at extraction: keyed HMAC-SHA256 with the secret `datamart.pii_hmac_key` (same value, "
+    HASH: "pseudonymised at extraction: keyed HMAC-SHA256 with the secret `datamart.pii_hmac_key` (same value, "
     "same pseudonym; irreversible without the key)",
-    "drop": "never read from the source",
-    "year": "coarsened at extraction: only the year leaves the source",
-    "keep": "classified as not personal: loaded as is",
+    DROP: "never read from the source",
+    YEAR: "coarsened at extraction: only the year leaves the source",
+    KEEP: "classified as not personal: loaded as is",
     "key": "identifies the person's row (a technical key, loaded as is: pseudonymous data)",
 }
 
@@ -75,8 +76,8 @@ def render_register(context: Any, metabase_role: str = "metabase") -> str:
         "|---|---|---|---|---|",
     ]
     for p in personal:
-        raw = f"`{p.raw_table}.{p.raw_column}`" if p.raw_column and p.treatment != "drop" else "never loaded"
-        if p.treatment == "keep":
+        raw = f"`{p.raw_table}.{p.raw_column}`" if p.raw_column and p.treatment != DROP else "never loaded"
+        if p.treatment == KEEP:
             derived, shown = "not followed (not personal)", "—"
         else:
             derived = ", ".join(derivatives.get(p.source_name, [])) or "none"

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamart.review.contract import is_published, short_name
-from datamart.review.gate import CHECKS, Violation, gate_input, run_checks
+from datamart.gate.checks import CHECKS, Violation, gate_input, run_checks
+from datamart.gate.contract import is_published, short_name
 from datamart.settings import DATA_DIR, PROJECT_ROOT, Warehouse
+from datamart.transform import sqlmesh_context
 
 DEFAULT_OUTPUT = DATA_DIR / "review" / "review.md"
 SAMPLE_ROWS = 5
@@ -138,8 +139,6 @@ def run_review(
 ) -> ReviewResult:
     """Plan the project against prod in ``environment``, run the gate, build it, diff the data, run the tests."""
     from sqlmesh.utils.errors import SQLMeshError
-
-    from datamart.transform import sqlmesh_context
 
     started = time.monotonic()
     project = project or PROJECT_ROOT
@@ -362,33 +361,3 @@ def _side(column: str, environment: str) -> str:
 def _cell(value: Any) -> str:
     text = "" if value is None else str(value)
     return "∅" if text in ("None", "nan", "NaT", "<NA>") else text.replace("|", "\\|")
-
-
-def review_command(
-    warehouse: Warehouse,
-    environment: str | None = None,
-    project: Path | None = None,
-    output: Path | None = None,
-    forward_only: bool = False,
-) -> int:
-    """``python -m datamart review``: print the Markdown report, write it to ``output``; 1 when refused, else 0."""
-    import sys
-
-    from datamart.review.report import render
-
-    result = run_review(warehouse, environment, project, forward_only)
-    report = render(result)
-    output = output or DEFAULT_OUTPUT
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report)
-    sys.stdout.write(report)
-    verdict = "passes" if result.passed else "REFUSED"
-    shown = output.resolve()
-    if shown.is_relative_to(Path.cwd()):
-        shown = shown.relative_to(Path.cwd())
-    print(
-        f"review: {result.environment} {verdict} in {result.elapsed:.1f}s; report written to {shown}", file=sys.stderr
-    )
-    for violation in result.violations:
-        print(f"error: {violation.message}", file=sys.stderr)
-    return 0 if result.passed else 1

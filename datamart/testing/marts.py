@@ -29,7 +29,7 @@ def differences_from_scratch(context: Any, warehouse: Warehouse, view: str) -> t
     columns = [name for name in warehouse.columns(*view.split(".")) if name not in CLOCK_COLUMNS]
     assert columns, f"{view} has no columns: does it exist?"
     selected = ", ".join(f'"{c}"' for c in columns)
-    dialect = "postgres" if warehouse.target == "postgres" else "duckdb"
+    dialect = warehouse.dialect
     scratch = warehouse.query(f"SELECT {selected} FROM ({from_scratch_query(context, view, dialect)}) AS scratch")
     served = warehouse.query(f"SELECT {selected} FROM {view}")
     return _minus(scratch, served), _minus(served, scratch)

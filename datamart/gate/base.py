@@ -1,7 +1,7 @@
 """What a gate check receives and returns; a module of its own so that checks import it without a cycle.
 
-A check module (``datamart/review/contract.py``, ``datamart/privacy/lineage.py``) imports :class:`GateInput` and
-:class:`Violation` from here; ``datamart/review/gate.py`` imports the checks into its ``CHECKS`` list.
+A check module (``datamart/gate/contract.py``, ``datamart/gate/lineage.py``) imports :class:`GateInput` and
+:class:`Violation` from here; ``datamart/gate/checks.py`` imports the checks into its ``CHECKS`` list.
 """
 
 from __future__ import annotations

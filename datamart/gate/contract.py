@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from datamart.review.base import GateInput, Violation
+from datamart.gate.base import GateInput, Violation
 from datamart.settings import PUBLISHED_SCHEMA, SettingsError
 
 TITLE = "Contract of the published views"

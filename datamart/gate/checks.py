@@ -5,7 +5,7 @@
 Adding a check is one line in :data:`CHECKS`: ``Check("Personal data", my_check)``, where
 ``my_check(gate: GateInput) -> list[Violation]``; the report then has a "## Personal data" section listing its
 violations (and ``details(gate) -> str`` Markdown if given), and promotion refuses what it refuses. A check module
-imports :class:`GateInput` and :class:`Violation` from :mod:`datamart.review.base`.
+imports :class:`GateInput` and :class:`Violation` from :mod:`datamart.gate.base`.
 
 The same checks run inside SQLMesh: the project's linter rule ``reviewgate`` (``linter/gate.py``, an error-level rule
 of ``datamart/sqlmesh_config.py``) reports :func:`violations_by_model`, and SQLMesh lints before every plan, so a
@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from datamart.privacy import lineage
-from datamart.review import contract
-from datamart.review.base import Check, GateInput, Violation
-from datamart.review.contract import short_name
+from datamart.gate import contract, lineage
+from datamart.gate.base import Check, GateInput, Violation
+from datamart.gate.contract import short_name
 from datamart.settings import PROJECT_ROOT, Warehouse
 
 __all__ = [

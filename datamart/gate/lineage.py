@@ -27,14 +27,14 @@ from typing import Any
 
 from sqlglot import exp
 
+from datamart.gate.base import GateInput, Violation
 from datamart.ingest.declarations import PipelineDecl, load_all
-from datamart.ingest.personal import year_column
-from datamart.review.base import GateInput, Violation
+from datamart.ingest.personal import DROP, HASH, YEAR, loaded_column
 from datamart.settings import PUBLISHED_SCHEMA
 
 ALLOW_TAG_PREFIX = "personal:"
 COUNTING = (exp.Count, exp.ApproxDistinct)
-TRACKED_TREATMENTS = ("hash", "year", "key")
+TRACKED_TREATMENTS = (HASH, YEAR, "key")  # "key": a primary key column not declared personal
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def personal_columns(declarations: Iterable[PipelineDecl] | None = None) -> list
                 if key not in table.personal:
                     found.append(PersonalColumn(decl.name, table.name, key, "key", decl.dataset, key))
             for column, treatment in table.personal.items():
-                raw = {"hash": column, "year": year_column(column), "keep": column}.get(treatment)
+                raw = loaded_column(column, treatment)
                 found.append(PersonalColumn(decl.name, table.name, column, treatment, decl.dataset, raw))
     return found
 
@@ -253,8 +253,8 @@ def _finding(model: str, column: str, origin: Origin, counted: bool, declared: b
 
 def _describe(personal: PersonalColumn) -> str:
     return {
-        "hash": f"pseudonymised, raw column {personal.raw_column}",
-        "year": f"coarsened to a year, raw column {personal.raw_column}",
+        HASH: f"pseudonymised, raw column {personal.raw_column}",
+        YEAR: f"coarsened to a year, raw column {personal.raw_column}",
         "key": "key of a person's row",
     }.get(personal.treatment, personal.treatment)
 
@@ -264,7 +264,7 @@ def dropped_columns_loaded(context: Any, personal: list[PersonalColumn] | None =
     models = {short_name(m.fqn): m for m in context.models.values() if m.kind.is_external}
     problems = []
     for p in personal if personal is not None else personal_columns():
-        if p.treatment != "drop":
+        if p.treatment != DROP:
             continue
         model = models.get(p.raw_table)
         if model is not None and p.column in (model.columns_to_types or {}):
