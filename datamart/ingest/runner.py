@@ -267,7 +267,8 @@ def _reload(
     reads what changed after them). A table that cannot be reloaded goes into ``failed`` (None is returned)."""
     name = change.table
     started = time.monotonic()
-    before = count_rows(pipeline, [name])[0][name]
+    history = {name} if decl.table(name).history else set()  # counted by its current versions, as a run does
+    before = count_rows(pipeline, [name], history=history)[0][name]
     try:
         if change.retyped:
             retype_columns(pipeline, name, change, resource)
@@ -295,7 +296,7 @@ def _reload(
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
     read = int((dict(normalized.row_counts) if normalized else {}).get(warehouse_name(name), 0))
-    after = count_rows(pipeline, [name])[0][name]
+    after = count_rows(pipeline, [name], history=history)[0][name]
     seconds = time.monotonic() - started
     return TableLoad(
         table=name,
