@@ -294,14 +294,19 @@ class Bench:
 
     def check_counts(self, target: str) -> None:
         """Stop when a warehouse table does not hold exactly the source's rows."""
+        from datamart.ingest.declarations import load_named
+
+        declared = load_named("app_db")
         for table in TABLES:
+            # a history table (history: scd2) holds every version: its current versions are the source's rows
+            current = f" WHERE {declared.table(table).current_only}"
             if target == "postgres":
-                loaded = int(self.psql(self.warehouse_url, f"SELECT count(*) FROM raw_app_db.{table}"))
+                loaded = int(self.psql(self.warehouse_url, f"SELECT count(*) FROM raw_app_db.{table}{current}"))
             else:
                 import duckdb
 
                 with duckdb.connect(str(self.work / "warehouse.duckdb"), read_only=True) as conn:
-                    loaded = conn.execute(f"SELECT count(*) FROM raw_app_db.{table}").fetchone()[0]
+                    loaded = conn.execute(f"SELECT count(*) FROM raw_app_db.{table}{current}").fetchone()[0]
             live = " WHERE deleted_at IS NULL" if table in SOFT_DELETED else ""  # soft-deleted rows are removed
             expected = int(self.psql(self.source_url, f"SELECT count(*) FROM {table}{live}"))
             if loaded != expected:

@@ -46,7 +46,8 @@ def test_make_runs_command_works_on_a_fresh_copy_with_nothing_set(tmp_path: Path
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo: generating the demo source of pipeline(s) app_db, bucket" in result.stdout
-    assert "Models built: 15" in result.stdout
+    models = len(list((copy / "models").rglob("*.sql")))  # a first run builds every model of the project
+    assert f"Models built: {models} " in result.stdout
     assert (copy / ".dlt" / "secrets.toml").stat().st_mode & 0o077 == 0
     with duckdb.connect(str(copy / "data" / "warehouse.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(*) FROM marts.missions_v1").fetchone()[0] > 0

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from datamart.ingest.declarations import load_declaration
 from datamart.ingest.runner import format_loads, run_pipeline
 from datamart.settings import Warehouse
-from datamart.testing.sources import Source
+from datamart.testing.sources import Source, source_rows
 
 pytestmark = pytest.mark.postgres
 
@@ -58,16 +57,6 @@ tables:
 """
 
 
-def _source_rows(url: str, statement: str) -> list[tuple]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 def test_a_tsvector_table_falls_back_to_pyarrow_and_every_value_matches(
     warehouse: Warehouse, pg_database_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,7 +78,7 @@ def test_a_tsvector_table_falls_back_to_pyarrow_and_every_value_matches(
     documents = warehouse.query(
         "SELECT id, title, search, tags, status, pages, code, updated_at FROM raw_real_app.documents ORDER BY id"
     )
-    expected = _source_rows(
+    expected = source_rows(
         source.url,
         "SELECT id, title, search::text, tags, status::text, pages, code, updated_at FROM documents ORDER BY id",
     )
@@ -99,9 +88,9 @@ def test_a_tsvector_table_falls_back_to_pyarrow_and_every_value_matches(
         assert (got[0], got[1], got[2], tags, got[4], got[5], got[6]) == want[:7]
         assert got[7] == want[7]
     visits = warehouse.query("SELECT id, visited_on, page FROM raw_real_app.visits ORDER BY id")
-    assert visits == _source_rows(source.url, "SELECT id, visited_on, page FROM visits ORDER BY id")
+    assert visits == source_rows(source.url, "SELECT id, visited_on, page FROM visits ORDER BY id")
     budgets = warehouse.query("SELECT region, year, amount FROM raw_real_app.budgets ORDER BY region, year")
-    assert budgets == _source_rows(source.url, "SELECT region, year, amount FROM budgets ORDER BY region, year")
+    assert budgets == source_rows(source.url, "SELECT region, year, amount FROM budgets ORDER BY region, year")
 
 
 def test_a_declared_backend_is_used_and_checked(tmp_path: Path) -> None:

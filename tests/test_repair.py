@@ -19,7 +19,7 @@ from datamart.ingest.personal import pseudonym
 from datamart.ingest.repair import repair_pipeline
 from datamart.ingest.verify import state_cursor, stored_state, verify_pipeline
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
-from datamart.testing.sources import Source
+from datamart.testing.sources import Source, source_rows
 
 pytestmark = pytest.mark.postgres
 
@@ -56,32 +56,15 @@ tables:
 """
 
 
-def _rows(url: str, statement: str) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 def _env(warehouse: Warehouse, source: Source, folder: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_TARGET"))}
     env.update(
         SOURCES__REPAIR_APP__CREDENTIALS=source.url,
         DATAMART__PII_HMAC_KEY=KEY,
         DATAMART_DECLARATIONS_DIR=str(folder / "declarations"),
         DATAMART_PIPELINES_DIR=str(folder / "pipelines"),
     )
-    if warehouse.target == "duckdb":
-        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        pg = warehouse.pg
-        env["DATAMART_TARGET"] = "postgres"
-        env["DESTINATION__POSTGRES__CREDENTIALS"] = (
-            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
-        )
+    env.update(warehouse.environment_variables())
     return env
 
 
@@ -106,7 +89,7 @@ def _assert_equal_to_source(warehouse: Warehouse, source: Source) -> None:
     )
     expected = [
         (i, pseudonym(KEY.encode(), email), birth.year, amount, paid)
-        for i, email, birth, amount, paid in _rows(
+        for i, email, birth, amount, paid in source_rows(
             source.url, "SELECT id, payer_email, payer_birth_date, amount, paid_on FROM payments ORDER BY id"
         )
     ]
@@ -114,7 +97,7 @@ def _assert_equal_to_source(warehouse: Warehouse, source: Source) -> None:
     assert "payer_name" not in warehouse.columns("raw_repair_app", "payments")
     assert "payer_birth_date" not in warehouse.columns("raw_repair_app", "payments")
     orders = warehouse.query("SELECT id, status, total, updated_at FROM raw_repair_app.orders ORDER BY id")
-    assert [(r[0], r[1], Decimal(r[2]), r[3]) for r in orders] == _rows(
+    assert [(r[0], r[1], Decimal(r[2]), r[3]) for r in orders] == source_rows(
         source.url, "SELECT id, status, total, updated_at FROM orders ORDER BY id"
     )
 

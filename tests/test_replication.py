@@ -20,14 +20,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 import yaml
 
 from datamart.ingest.personal import pseudonym
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.postgres import PostgresUnavailable, ThrowawayPostgres, create_database
-from datamart.testing.sources import Source
+from datamart.testing.sources import Source, source_rows
 
 DLT = str(Path(sys.executable).parent / "dlt")
 KEY = "replication-test-key"
@@ -109,16 +108,6 @@ def run(env: dict[str, str], **extra: str) -> str:
     result = dlt(env, "pipeline", "shop", "run", **extra)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def source_rows(url: str, statement: str) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def normal(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -14,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from datamart.settings import PROJECT_ROOT, Warehouse
-from datamart.testing.sources import Source
+from datamart.testing.sources import Source, source_rows
 
 pytestmark = pytest.mark.postgres
 
@@ -91,16 +90,6 @@ WAREHOUSE_QUERIES = {
 }
 
 
-def source_rows(url: str, statement: str) -> list[tuple]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement + " ORDER BY 1, 2")
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 def normalised(rows: list[tuple]) -> list[tuple]:
     """Arrays arrive as JSON (a list in PostgreSQL's driver, a string in DuckDB's), numbers compare by value."""
     out = []
@@ -118,7 +107,7 @@ def assert_equal_to_source(warehouse: Warehouse, url: str, extra: dict[str, str]
     """Compare, don't count: every non-personal value of every table, row for row."""
     for table, statement in SOURCE_QUERIES.items():
         added = extra.get(table, "")
-        want = source_rows(url, statement.format(extra=added))
+        want = source_rows(url, statement.format(extra=added) + " ORDER BY 1, 2")
         got = warehouse.query(WAREHOUSE_QUERIES[table].format(extra=added) + " ORDER BY 1, 2")
         assert normalised(got) == normalised(want), table
 
@@ -134,14 +123,7 @@ def command_env(warehouse: Warehouse, tmp_path: Path, source_url: str) -> dict[s
         DATAMART_DECLARATIONS_DIR=str(declarations),
         SOURCES__EVOLVING__CREDENTIALS=source_url,
     )
-    if warehouse.target == "duckdb":
-        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        pg = warehouse.pg
-        env["DATAMART_TARGET"] = "postgres"
-        env["DESTINATION__POSTGRES__CREDENTIALS"] = (
-            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
-        )
+    env.update(warehouse.environment_variables())
     return env
 
 

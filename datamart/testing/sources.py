@@ -29,3 +29,21 @@ class Source:
                     cur.executemany(statement, rows) if rows else cur.execute(statement)
         finally:
             conn.close()
+
+    def query(self, statement: str) -> list[tuple[object, ...]]:
+        """The rows of one query, as the driver returns them."""
+        if self.is_sqlite:
+            with sqlite3.connect(self.url[len("sqlite:///") :]) as conn:
+                return conn.execute(statement).fetchall()
+        conn = psycopg2.connect(self.url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+
+def source_rows(url: str, statement: str) -> list[tuple[object, ...]]:
+    """The rows of one query on the source at ``url``."""
+    return Source(url).query(statement)
