@@ -289,7 +289,7 @@ def test_scheduled_reconciliation_fails_on_drift(demo: Demo) -> None:
 def test_scheduled_run_bad_input_exits_2(demo: Demo) -> None:
     result = _run(demo.env, "-m", "datamart", "scheduled", "--only", "no_such_step", check=False)
     assert result.returncode == 2
-    assert "unknown step(s) no_such_step; the steps are pipelines, refresh" in result.stderr
+    assert "unknown step(s) no_such_step; the steps are pipelines, repair, refresh" in result.stderr
 
 
 def _make_dry_run(target: str) -> subprocess.CompletedProcess[str]:
