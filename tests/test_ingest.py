@@ -206,7 +206,7 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
         ),
         (
             "name: bad\nsource: {kind: filesystem, bucket: s3://x}\ndataset: raw\ntables: {t: {}}\n",
-            "source.bucket: unknown key; allowed: kind",
+            "source.bucket: unknown key; allowed: chunk_size, kind",
         ),
         (
             "name: bad\nsource: {kind: sql_database}\ndataset: raw\ntables: {t: {personnal: {email: hash}}}\n",
