@@ -11,7 +11,6 @@ import hmac
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.privacy import OTHER, expected_volunteer_activity
+from datamart.testing.sources import source_rows
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +38,7 @@ class Stack:
 
     def source(self, statement: str) -> list[tuple[Any, ...]]:
         """Rows of a query on the demo source (SQLite file or PostgreSQL database)."""
-        if self.source_url.startswith("sqlite:///"):
-            with sqlite3.connect(self.source_url[len("sqlite:///") :]) as conn:
-                return conn.execute(statement).fetchall()
-        conn = psycopg2.connect(self.source_url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(statement)
-                return cur.fetchall()
-        finally:
-            conn.close()
+        return source_rows(self.source_url, statement)
 
     def scalar(self, statement: str) -> int:
         """One integer from the source."""

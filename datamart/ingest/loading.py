@@ -184,11 +184,11 @@ def count_rows(
     tables: list[str],
     load_ids: list[str] | None = None,
     written_in: list[str] | None = None,
-    history: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Row counts read from the warehouse itself (dlt's trace counts are not trusted for totals), and for the
-    tables of ``written_in`` the rows the loads ``load_ids`` wrote, counted in the same scan. Tables of
-    ``history`` count their current versions only (one per key, as the source)."""
+    tables of ``written_in`` the rows the loads ``load_ids`` wrote, counted in the same scan. A history table
+    (``history: scd2``: dlt's schema gives it validity columns) counts its current versions only (one per key, as
+    the source), whoever asks."""
 
     from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
@@ -196,13 +196,15 @@ def count_rows(
     written: dict[str, int] = {}
     # ids dlt generated (epoch seconds): safe to inline
     loads = ", ".join(f"'{i}'" for i in load_ids or [])
+    schema_tables = pipeline.default_schema.tables if pipeline.default_schema_name else {}
     with pipeline.sql_client() as client:
         for table in tables:
             of_loads = table in (written_in or []) and loads
             written_column = f", count(CASE WHEN _dlt_load_id IN ({loads}) THEN 1 END)" if of_loads else ""
             qualified = client.make_qualified_table_name(warehouse_name(table))
             try:
-                current = f" WHERE {VALID_TO} IS NULL" if table in history else ""
+                history = VALID_TO in schema_tables.get(warehouse_name(table), {}).get("columns", {})
+                current = f" WHERE {VALID_TO} IS NULL" if history else ""
                 with client.execute_query(f"SELECT count(*){written_column} FROM {qualified}{current}") as cursor:
                     row = cursor.fetchone()
             except DatabaseUndefinedRelation:  # nothing ever loaded into it (e.g. no file yet)

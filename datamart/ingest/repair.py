@@ -176,8 +176,7 @@ def _reload(
             # an append table's insert-only merge would skip the keys it holds, a replace would empty the table
             resource.apply_hints(write_disposition={"disposition": "merge", "strategy": "delete-insert"})
     file_format = loader_file_format(decl, warehouse)
-    history = {n for n in names if decl.table(n).history}  # counted by their current versions, as a run does
-    before = count_rows(pipeline, names, history=history)[0]
+    before = count_rows(pipeline, names)[0]
     deletions = []
     for resource in resources:
         gone = by_name[resource.name].gone
@@ -186,10 +185,10 @@ def _reload(
             deletions.append(deletion_resource(table, _keys_table(table, gone), deletion_marker(resource, table)))
     if deletions:
         pipeline.run(deletions, loader_file_format=file_format).raise_on_failed_jobs()
-    between = count_rows(pipeline, names, history=history)[0]
+    between = count_rows(pipeline, names)[0]
     info = pipeline.run(resources, loader_file_format=file_format)
     info.raise_on_failed_jobs()
-    after, written = count_rows(pipeline, names, list(info.loads_ids), names, history=history)
+    after, written = count_rows(pipeline, names, list(info.loads_ids), names)
     repairs = []
     for name in names:
         deleted = before[name] - between[name]

@@ -116,7 +116,7 @@ def _run_pipeline(
     merged = [n for n in names if decl.table(n).write_disposition == "merge"]
     before = {n: 0 for n in names}
     if not full_refresh:  # counted before a pending load is finished: its rows are this run's
-        before.update(count_rows(pipeline, merged, history={n for n in merged if decl.table(n).history})[0])
+        before.update(count_rows(pipeline, merged)[0])
     if carried is not None:  # an earlier attempt of this command counted them before it loaded anything
         carried.before = {**before, **(carried.before or {})}
         before = {n: carried.before[n] for n in names}
@@ -199,7 +199,7 @@ def _run_pipeline(
     written_in = [n for n in keyed if row_counts.get(warehouse_name(n)) or from_pending.get(n)]
     history = {n for n in names if decl.table(n).history}
     load_ids = [*pending_ids, *info.loads_ids]
-    after, written = count_rows(pipeline, names, load_ids, written_in, history=history)
+    after, written = count_rows(pipeline, names, load_ids, written_in)
     versions = new_versions(pipeline, decl, [n for n in history if n in written], load_ids)
     profile["counts"] = time.monotonic() - counted
     detecting = time.monotonic()
@@ -267,8 +267,7 @@ def _reload(
     reads what changed after them). A table that cannot be reloaded goes into ``failed`` (None is returned)."""
     name = change.table
     started = time.monotonic()
-    history = {name} if decl.table(name).history else set()  # counted by its current versions, as a run does
-    before = count_rows(pipeline, [name], history=history)[0][name]
+    before = count_rows(pipeline, [name])[0][name]
     try:
         if change.retyped:
             retype_columns(pipeline, name, change, resource)
@@ -296,7 +295,7 @@ def _reload(
     _add_steps(profile, pipeline)
     normalized = pipeline.last_trace.last_normalize_info
     read = int((dict(normalized.row_counts) if normalized else {}).get(warehouse_name(name), 0))
-    after = count_rows(pipeline, [name], history=history)[0][name]
+    after = count_rows(pipeline, [name])[0][name]
     seconds = time.monotonic() - started
     return TableLoad(
         table=name,
