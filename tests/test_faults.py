@@ -323,6 +323,11 @@ def extracting(stack: Stack) -> bool:
     return any(p.parent.parent.parent.name != "extracted" for p in packages(stack, "normalize/*/*/new_jobs/*"))
 
 
+# the load's write into raw_app_db.stats_events, held by a brake: a COPY (csv, or ADBC's binary COPY of parquet)
+# or, for a keyed append table loaded through dlt's staging, the INSERT … SELECT from staging
+LOAD_WRITE = "%stats_events%"
+
+
 def waiting_statements(url: str, like: str) -> list[tuple[int, str]]:
     """Statements of other sessions waiting for a lock whose text matches ``like``: (pid, query)."""
     return [
@@ -384,9 +389,10 @@ def test_sigkill_during_load(stack: Stack) -> None:
         brake = locked(stack.warehouse_url, "raw_app_db.stats_events")
         try:
             run = stack.spawn("dlt", "pipeline", "app_db", "run")
-            copy = "COPY %stats_events%"  # dlt's csv COPY or ADBC's binary COPY (parquet)
             wait_until(
-                "the COPY into raw_app_db.stats_events", lambda: waiting_statements(stack.warehouse_url, copy), run
+                "the load's write into raw_app_db.stats_events",
+                lambda: waiting_statements(stack.warehouse_url, LOAD_WRITE),
+                run,
             )
             # the merge tables' jobs of the same package went through meanwhile: the package is half loaded
             missions_done = "load/normalized/*/completed_jobs/missions.*"
@@ -426,13 +432,10 @@ def test_warehouse_goes_away_mid_load(stack: Stack) -> None:
     with MartsReader(stack.warehouse_url) as reader:
         brake = locked(stack.warehouse_url, "raw_app_db.stats_events")
         run = stack.spawn("dlt", "pipeline", "app_db", "run", "--retries", "1")
-        # the load's write into raw_app_db.stats_events, held by the brake: a COPY (csv, or ADBC's binary COPY of
-        # parquet) or, for a keyed append table loaded through dlt's staging, the INSERT … SELECT from staging
-        write = "%stats_events%"
         try:
             wait_until(
                 "the load's write into raw_app_db.stats_events",
-                lambda: waiting_statements(stack.warehouse_url, write),
+                lambda: waiting_statements(stack.warehouse_url, LOAD_WRITE),
                 run,
             )
             # the warehouse refuses new connections and the loader's are cut (Metabase's open one stays)
