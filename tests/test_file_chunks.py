@@ -1,11 +1,13 @@
 """File tables read in chunks (datamart/ingest/readers.py) load every row and value as the files hold them, and a
-misspelt personal column of a file table is refused before anything is read. Through `dlt pipeline <name> run`,
+misspelt personal column of a file table (CSV and Parquet: by their headers; JSONL: by their records' keys, even
+when the column first appears late in the file) is refused before anything is loaded. Through `dlt pipeline <name> run`,
 into DuckDB and PostgreSQL. Memory itself is measured by `make bench` (file-load rows), not here.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -16,14 +18,16 @@ import pyarrow.parquet as pq
 import yaml
 
 from datamart.ingest.personal import pseudonym
+from datamart.ingest.readers import JSONL_SAMPLE
 from datamart.settings import PROJECT_ROOT, Warehouse
 
 DLT = str(Path(sys.executable).parent / "dlt")
 KEY = "file-chunks-test-key"
 ROWS = 57  # with source.chunk_size 10: six chunks per file, the last one short
+FILLER_IDS = 10_000  # the JSONL file's first records, without an e-mail
 
 
-def _declare(folder: Path, personal: dict[str, str]) -> None:
+def _declare(folder: Path, personal: dict[str, str], only: str | None = None) -> None:
     table = {"write_disposition": "merge", "primary_key": "id", "cursor": "modification_date", "personal": personal}
     declaration = {
         "name": "files",
@@ -32,8 +36,11 @@ def _declare(folder: Path, personal: dict[str, str]) -> None:
         "tables": {
             "from_csv": {"files": "csv/*.csv", "format": "csv", **table},
             "from_parquet": {"files": "parquet/*.parquet", "format": "parquet", **table},
+            "from_jsonl": {"files": "jsonl/*.jsonl", "format": "jsonl", **table},
         },
     }
+    if only:
+        declaration["tables"] = {only: declaration["tables"][only]}
     folder.mkdir(exist_ok=True)
     (folder / "files.yaml").write_text(yaml.safe_dump(declaration, sort_keys=False))
 
@@ -64,6 +71,10 @@ def _write_files(bucket: Path) -> list[dict[str, object]]:
             )
     (bucket / "parquet").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), bucket / "parquet" / "rows.parquet", row_group_size=25)
+    (bucket / "jsonl").mkdir()
+    # JSON records have only the keys they have: the e-mail first appears after the records a first check reads
+    filler = [{"id": FILLER_IDS + i, "count": i} for i in range(JSONL_SAMPLE)]
+    (bucket / "jsonl" / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in filler + rows))
     return [{**row, "email": pseudonym(KEY.encode(), row["email"])} for row in rows]
 
 
@@ -89,9 +100,10 @@ def test_chunked_file_loads_equal_the_files_row_for_row(warehouse: Warehouse, tm
     assert result.returncode == 0, result.stdout + result.stderr
 
     columns = list(expected[0])
-    for table in ("from_csv", "from_parquet"):
-        loaded = warehouse.query(f"SELECT {', '.join(columns)} FROM raw_files.{table} ORDER BY id")
+    for table in ("from_csv", "from_parquet", "from_jsonl"):
+        loaded = warehouse.query(f"SELECT {', '.join(columns)} FROM raw_files.{table} WHERE id < {ROWS} ORDER BY id")
         assert [dict(zip(columns, row, strict=True)) for row in loaded] == expected, table
+    assert warehouse.query(f"SELECT count(*) FROM raw_files.from_jsonl WHERE id >= {FILLER_IDS}") == [(JSONL_SAMPLE,)]
     types = dict(
         warehouse.query(
             "SELECT column_name, data_type FROM information_schema.columns "
@@ -102,7 +114,7 @@ def test_chunked_file_loads_equal_the_files_row_for_row(warehouse: Warehouse, tm
     assert types["day"].lower() in ("varchar", "text", "character varying"), types
 
 
-def test_misspelt_personal_column_of_a_csv_table_is_refused_before_anything_is_read(
+def test_misspelt_personal_column_of_a_file_table_is_refused_before_anything_is_read(
     warehouse: Warehouse, tmp_path: Path
 ) -> None:
     _write_files(tmp_path / "bucket")
@@ -112,6 +124,13 @@ def test_misspelt_personal_column_of_a_csv_table_is_refused_before_anything_is_r
     assert result.returncode == 2, result.stdout + result.stderr
     assert "files.yaml: tables.from_csv.personal.emial" in result.stderr, result.stderr
     assert "did you mean 'email'?" in result.stderr and "rows.csv" in result.stderr, result.stderr
-    assert not warehouse.table_exists("raw_files", "from_csv") and not warehouse.table_exists(
-        "raw_files", "from_parquet"
-    ), "nothing loaded"
+    for table in ("from_csv", "from_parquet", "from_jsonl"):
+        assert not warehouse.table_exists("raw_files", table), f"nothing loaded ({table})"
+
+    # a JSONL table alone: its records' keys are read (all of them, the e-mail appearing late), none loaded
+    _declare(tmp_path / "declarations", {"emial": "hash"}, only="from_jsonl")
+    result = _run(tmp_path, warehouse, tmp_path / "declarations")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "files.yaml: tables.from_jsonl.personal.emial" in result.stderr, result.stderr
+    assert "did you mean 'email'?" in result.stderr and "rows.jsonl" in result.stderr, result.stderr
+    assert not warehouse.table_exists("raw_files", "from_jsonl"), "nothing loaded"

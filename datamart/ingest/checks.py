@@ -64,17 +64,18 @@ def checked_file_reader(pipeline: PipelineDecl, table: TableDecl, chunk_size: in
 
 
 def check_personal_columns(pipeline: PipelineDecl, table: TableDecl, files: Iterable[FileItemDict]) -> None:
-    """Refuse, before any row is read, a ``personal:`` column that none of the table's CSV or Parquet files has
-    (their headers or footers only): a misspelt name would load the real column in clear. A column some files
-    lack (older exports) is fine: the treatment applies where it exists."""
+    """Refuse, before any row is loaded, a ``personal:`` column that none of the table's files has: a misspelt
+    name would load the real column in clear. CSV and Parquet files: their headers or footers only; JSONL files:
+    the keys of their first records, then of all their records if a declared column is still missing (a JSON
+    record has only the keys it has). A column some files lack (older exports) is fine: the treatment applies
+    where it exists."""
     from datamart.ingest.readers import file_columns
 
-    if not table.personal or table.format not in ("csv", "parquet"):
+    if not table.personal or table.format not in ("csv", "parquet", "jsonl"):
         return
+    items = [item for item in files if item.get("size_in_bytes") != 0]
     missing, seen, read = set(table.personal), set(), []
-    for item in files:
-        if item.get("size_in_bytes") == 0:
-            continue
+    for item in items:
         try:
             names = file_columns(item, str(table.format), table.delimiter)
         except Exception:  # noqa: BLE001, S112 - an unreadable file is named by the load itself (checked_file_reader)
@@ -84,6 +85,16 @@ def check_personal_columns(pipeline: PipelineDecl, table: TableDecl, files: Iter
         missing -= set(names)
         if not missing:
             return
+    if table.format == "jsonl":  # the first records of each file lacked a declared key: read every record's keys
+        for item in items:
+            try:
+                names = file_columns(item, "jsonl", records=None)
+            except Exception:  # noqa: BLE001, S112 - named by the load itself, as above
+                continue
+            seen.update(names)
+            missing -= set(names)
+            if not missing:
+                return
     if not read:
         return  # no file to read: nothing can load in clear
     declared = sorted(missing)[0]
@@ -91,7 +102,7 @@ def check_personal_columns(pipeline: PipelineDecl, table: TableDecl, files: Iter
     raise DeclarationError(
         f"{pipeline.path.name}: tables.{table.name}.personal.{declared}: no file of table {table.name} has a column "
         f"{declared!r}{closest(declared, seen)} (files: {shown}; their columns: {', '.join(sorted(seen))}). "
-        "Nothing was read: correct the name (as the file's header spells it), or remove the entry if the column "
+        "Nothing was loaded: correct the name (as the files spell it), or remove the entry if the column "
         "is gone. A misspelt personal column would load the real one in clear."
     )
 

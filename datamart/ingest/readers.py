@@ -16,6 +16,7 @@ null markers (empty, ``NA``, ``NULL``, ``nan``…) are nulls.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,9 @@ CSV_BLOCK_SIZE = 8 << 20
 CSV_TYPES = (pa.int64(), pa.float64(), pa.bool_())
 #: Read-ahead of a Parquet file: the file is read in pieces of this size, never whole.
 PARQUET_BUFFER_SIZE = 8 << 20
+#: Records of a JSONL file whose keys are checked against the declared personal columns first; the whole file's
+#: keys are read only when a declared column is in none of these.
+JSONL_SAMPLE = 1000
 
 
 def _csv_reader(file: Any, names: list[str] | None, delimiter: str) -> pacsv.CSVStreamingReader:
@@ -108,12 +112,33 @@ def read_file_chunks(item: Any, file_format: str, chunk_size: int, delimiter: st
         yield from _read_jsonl([item], chunksize=chunk_size)
 
 
-def file_columns(item: Any, file_format: str, delimiter: str | None = None) -> list[str]:
-    """The column names of a CSV file (its header) or a Parquet file (its footer), without reading any row."""
+def file_columns(
+    item: Any, file_format: str, delimiter: str | None = None, records: int | None = JSONL_SAMPLE
+) -> list[str]:
+    """The column names of a CSV file (its header) or a Parquet file (its footer), without reading any row; of a
+    JSONL file, the keys of its first ``records`` records (all of them when ``records`` is None): a JSON record
+    has only the keys it has, so a column may first appear further down the file."""
+    if file_format == "jsonl":
+        return _jsonl_keys(item, records)
     with item.open(mode="rb") as file:
         if file_format == "csv":
             return list(_csv_reader(file, None, delimiter or ",").schema.names)
         return list(pq.ParquetFile(file).schema_arrow.names)
+
+
+def _jsonl_keys(item: Any, records: int | None) -> list[str]:
+    """The top-level keys of a JSONL file's records, in order of first appearance (opened as dlt's reader opens
+    it: compressed files are decompressed)."""
+    keys: dict[str, None] = {}
+    with item.open() as file:
+        for number, line in enumerate(file):
+            if records is not None and number >= records:
+                break
+            if line.strip():
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    keys.update(dict.fromkeys(record))
+    return list(keys)
 
 
 def _sliced(batch: pa.RecordBatch, size: int) -> Iterator[pa.RecordBatch]:
