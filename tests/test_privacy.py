@@ -9,10 +9,7 @@ from __future__ import annotations
 import gc
 import io
 import logging
-import os
 import sqlite3
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +19,6 @@ from typing import Any
 import pytest
 from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
 
-from datamart import demo
 from datamart.__main__ import main
 from datamart.flow import run_flow
 from datamart.gate.lineage import check_published_lineage, violations
@@ -31,7 +27,8 @@ from datamart.ingest.personal import pseudonym
 from datamart.privacy.cli import check_command
 from datamart.privacy.erasure import find_traces
 from datamart.privacy.register import REGISTER_PATH, render_register
-from datamart.settings import PIPELINES_DIR, PROJECT_ROOT, Warehouse
+from datamart.settings import PIPELINES_DIR, Warehouse
+from datamart.testing.commands import PYTHON, demo_settings, environment, run, set_environment
 from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.privacy import OTHER, expected_volunteer_activity
 from datamart.testing.project import copy_project, edit
@@ -204,18 +201,9 @@ def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         admin = request.getfixturevalue("pg_admin_url")
         database = f"t_privacy_{uuid.uuid4().hex[:8]}"
         warehouse = postgres_warehouse(create_database(admin, database))
-    source = tmp / "app.sqlite"
-    demo.generate(source_url=f"sqlite:///{source}", bucket=tmp / "bucket", scale=0.1)
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "SOURCES__APP_DB__CREDENTIALS": f"sqlite:///{source}",
-            "SOURCES__BUCKET__BUCKET_URL": str(tmp / "bucket"),
-            "DATAMART__PII_HMAC_KEY": KEY,
-            "DATAMART_PIPELINES_DIR": str(tmp / "pipelines"),
-            **warehouse.environment_variables(),
-        }.items():
-            mp.setenv(key, value)
-        state = Flow(warehouse, source, tmp / "pipelines" / warehouse.target, tmp)
+        set_environment(mp, demo_settings(tmp, KEY, warehouse, scale=0.1))
+        state = Flow(warehouse, tmp / "app.sqlite", tmp / "pipelines" / warehouse.target, tmp)
         state.run()
         yield state
     if database is not None:
@@ -421,21 +409,9 @@ def test_an_erasure_reaches_the_review_environments(
     code, output = _erased_command(flow, volunteer_id, email, monkeypatch, capsys)
     assert code == 1 and "intermediate__pr_materialise.int_volunteer_applications" in output, output
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART_TARGET"))}
-    env["DATAMART_TARGET"] = flow.warehouse.target
-    if flow.warehouse.target == "duckdb":
-        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(flow.warehouse.duckdb_path)
-    else:
-        env["DESTINATION__POSTGRES__CREDENTIALS"] = flow.warehouse.pg.to_native_representation()
+    env = environment(("DESTINATION__", "DATAMART_TARGET"), **flow.warehouse.environment_variables())
     _release_duckdb()
-    scheduled = subprocess.run(
-        [sys.executable, "-m", "datamart", "scheduled", "--only", "environments", "--no-alert"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    scheduled = run([PYTHON, "-m", "datamart", "scheduled", "--only", "environments", "--no-alert"], env)
     assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
     assert "pr_main (merged: every version is prod's)" in scheduled.stdout
     assert "pr_materialise (holds its own copy of int_volunteer_applications" in scheduled.stdout

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamart import demo
 from datamart.__main__ import main
 from datamart.flow import run_flow
 from datamart.gate.checks import GateError, gate_input, run_checks
 from datamart.review.run import DEFAULT_OUTPUT
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.testing.commands import demo_settings, set_environment
 from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.project import copy_project, edit
 from datamart.testing.views import view_checksum
@@ -73,27 +73,13 @@ def prod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     database = None
     if request.param == "duckdb":
         warehouse = Warehouse(target="duckdb", duckdb_path=root / "warehouse.duckdb")
-        credentials = {"DESTINATION__DUCKDB__CREDENTIALS": str(warehouse.duckdb_path)}
     else:
         admin_url = request.getfixturevalue("pg_admin_url")
         database = f"t_review_{root.name.replace('-', '_')[-12:]}"
         url = create_database(admin_url, database)
         warehouse = postgres_warehouse(url)
-        credentials = {"DESTINATION__POSTGRES__CREDENTIALS": url}
-    source_url = f"sqlite:///{root / 'app.sqlite'}"
-    demo.generate(source_url=source_url, bucket=root / "bucket", scale=0.05)
-    env = {
-        "SOURCES__APP_DB__CREDENTIALS": source_url,
-        "SOURCES__BUCKET__BUCKET_URL": str(root / "bucket"),
-        "DATAMART__PII_HMAC_KEY": "review-test-key",
-        "DATAMART_PIPELINES_DIR": str(root / "pipelines"),
-        "DATAMART_TARGET": request.param,
-        **credentials,
-        **warehouse.environment_variables(),
-    }
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
+        set_environment(patch, demo_settings(root, "review-test-key", warehouse, scale=0.05))
         run_flow(warehouse, pipelines_dir=root / "pipelines", out=io.StringIO())
         yield Prod(warehouse, root)
     if database is not None:
