@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
+from sqlmesh.utils.errors import PlanError
 
 from datamart.flow import run_flow
 from datamart.settings import Warehouse
 from datamart.testing.commands import demo_settings, set_environment
-from datamart.testing.project import copy_project
+from datamart.testing.project import copy_project, failed_audits
 from datamart.testing.views import view_checksum
 from datamart.transform import published_views, sqlmesh_context
 
@@ -94,18 +94,6 @@ def test_dev_environment_leaves_prod_identical(
     assert _prod_snapshots(context) == prod_before
 
 
-def _failed_audits(records: list[logging.LogRecord]) -> set[str]:
-    """The audits SQLMesh's scheduler logged as failed (a plan's error only says "Plan application failed.")."""
-    names = set()
-    for record in records:
-        error = record.exc_info[1] if record.exc_info else None
-        while error is not None:
-            if isinstance(error, NodeAuditsErrors):
-                names.update(audit.audit_name for audit in error.errors)
-            error = error.__cause__
-    return names
-
-
 def test_failing_audit_blocks_promotion_and_prod_stays(
     warehouse: Warehouse, prod: tuple[list[str], Snapshot], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -121,7 +109,7 @@ def test_failing_audit_blocks_promotion_and_prod_stays(
     with pytest.raises(PlanError, match="Plan application failed"):
         # Unit tests skipped so that the audit, run on the warehouse's data, is what stops the promotion.
         context.plan("prod", auto_apply=True, no_prompts=True, skip_tests=True)
-    assert "not_null" in _failed_audits(caplog.records)
+    assert "not_null" in failed_audits(caplog.records)
 
     assert _snapshot(warehouse, views) == before, "prod views serve exactly what they served before"
     assert _prod_snapshots(context) == prod_before, "prod's snapshot of every model is unchanged"

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,9 +22,8 @@ from datamart.__main__ import main
 from datamart.flow import run_flow
 from datamart.gate.checks import GateError, gate_input, run_checks
 from datamart.review.run import DEFAULT_OUTPUT
-from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.settings import PROJECT_ROOT, Warehouse
 from datamart.testing.commands import demo_settings, set_environment
-from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.project import copy_project, edit
 from datamart.testing.views import view_checksum
 from datamart.transform import apply_prod, sqlmesh_context
@@ -67,23 +67,18 @@ class Prod:
 
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
-def prod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prod]:
+def prod(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fresh_warehouse: Any
+) -> Iterator[Prod]:
     """The whole flow run once on a small demo source, into a DuckDB file or a fresh PostgreSQL database."""
     root = tmp_path_factory.mktemp(f"review-{request.param}")
-    database = None
-    if request.param == "duckdb":
-        warehouse = Warehouse(target="duckdb", duckdb_path=root / "warehouse.duckdb")
-    else:
-        admin_url = request.getfixturevalue("pg_admin_url")
-        database = f"t_review_{root.name.replace('-', '_')[-12:]}"
-        url = create_database(admin_url, database)
-        warehouse = postgres_warehouse(url)
-    with pytest.MonkeyPatch.context() as patch:
+    with (
+        fresh_warehouse(request.param, root, "t_review") as warehouse,
+        pytest.MonkeyPatch.context() as patch,
+    ):
         set_environment(patch, demo_settings(root, "review-test-key", warehouse, scale=0.05))
         run_flow(warehouse, pipelines_dir=root / "pipelines", out=io.StringIO())
         yield Prod(warehouse, root)
-    if database is not None:
-        drop_database(admin_url, database)
 
 
 def _copy_project(root: Path, name: str) -> Path:
