@@ -87,6 +87,7 @@ def metabase_role_name() -> str:
 
 def metabase_password() -> str | None:
     """The role's password from the secret ``datamart.metabase_password``, or None when it is not set."""
+    configure_environment()
     password = secret("datamart.metabase_password")
     return None if password is None else str(password)
 

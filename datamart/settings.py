@@ -57,7 +57,6 @@ def secret(key: str) -> Any:
     """
     import dlt
 
-    configure_environment()
     value = dlt.secrets.get(key)
     return None if value is None or value == "" else value
 
