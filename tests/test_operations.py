@@ -25,7 +25,7 @@ import yaml
 from datamart.alerts import redact
 from datamart.environments import EnvironmentMismatch, check_environment, warehouse_environment
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse, resolve_warehouse
-from datamart.testing.commands import BIN, PYTHON, clone_environment, run
+from datamart.testing.commands import BIN, MAKE_VARIABLES, PYTHON, clone_environment, environment, run
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -276,7 +276,7 @@ def test_scheduled_run_bad_input_exits_2(demo: Demo) -> None:
 
 def _make_dry_run(target: str) -> subprocess.CompletedProcess[str]:
     """``make -n target`` as a person would type it (not as a sub-make of ``make test``, which adds its own lines)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    env = environment(MAKE_VARIABLES)
     command = ["make", "--no-print-directory", "-n", target]
     return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=True)
 
