@@ -1,7 +1,7 @@
 """Commands run as a user types them: an environment holding only what the test gives, the venv's executables, and
 the demo source and warehouse handed over the dlt way (``SOURCES__…``, ``DESTINATION__…``).
 
-One place for what ten test files used to build each its own way: the caller's settings left out (a developer's own
+One place for what the test files used to build each its own way: the caller's settings left out (a developer's own
 warehouse or key must never reach a test's command), a dlt project folder with the committed ``config.toml`` only,
 and a subprocess run from the project root with its output captured.
 """
