@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
+from sqlmesh.cli.main import cli as sqlmesh_cli
 from sqlmesh.utils.errors import SQLMeshError
 
+from datamart import scheduled
+from datamart.alerts import redact as alert_redact
 from datamart.environments import check_environment
 from datamart.errors import root_cause
-from datamart.flow import RunFailed
+from datamart.flow import RunFailed, run_flow
 from datamart.gate.checks import GateError
 from datamart.ingest.declarations import DeclarationError
+from datamart.privacy.cli import add_privacy_parser, privacy_command
 from datamart.redact import redact
+from datamart.review.cli import review_command
 from datamart.settings import (
     PROJECT_ROOT,
     TARGETS,
@@ -25,10 +31,11 @@ from datamart.settings import (
     keep_files_private,
     resolve_warehouse,
 )
+from datamart.transform import apply_prod
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the chosen command; returns the exit code."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per entry of :data:`COMMANDS` (and ``scheduled``)."""
     parser = argparse.ArgumentParser(prog="python -m datamart", description=__doc__)
     parser.add_argument("--target", choices=TARGETS, help="warehouse (default: DATAMART_TARGET or duckdb)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,13 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     query = commands.add_parser("query", help="run one SQL query on the selected warehouse and print the rows")
     query.add_argument("sql")
     commands.add_parser("env", help="print the selected warehouse and how dlt and SQLMesh reach it (no password)")
-    from datamart.privacy.cli import add_privacy_parser
-
     add_privacy_parser(commands)
     passthrough = commands.add_parser("sqlmesh", help="run the sqlmesh CLI against the selected warehouse")
     passthrough.add_argument("args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen command; returns the exit code.
+
+    Each command returns its exit code or raises; a failure it raises is reported by :data:`FAILURES` (message on
+    stderr, exit code), and any other exception propagates (Python's traceback, exit 1): no path ends in 0 unless the
+    command returned 0.
+    """
+    args = _parser().parse_args(argv)
     keep_files_private()
     configure_environment()
     if args.command == "scheduled":
@@ -72,77 +86,101 @@ def main(argv: list[str] | None = None) -> int:
         warehouse = resolve_warehouse(args.target)
         if args.command != "env":
             check_environment(warehouse)
-        if args.command == "run":
-            from datamart.flow import run_flow
+        return COMMANDS[args.command](args, warehouse)
+    except REPORTED as exc:
+        code, message = _failure(exc, warehouse)
+        print(message, file=sys.stderr)
+        return code
 
-            run_flow(warehouse, demo=args.demo)
-        elif args.command == "promote":
-            from datamart.transform import apply_prod
 
-            result = apply_prod(warehouse)
-            print(f"Promoted to prod in {result.elapsed:.1f}s. Warehouse: {warehouse.describe()}")
-            print(result.built_line())
-            print(f"Audits passed: {result.audits_passed}")
-            print(f"Published views (what Metabase reads): {', '.join(result.published_views)}")
-            if result.grants is not None:
-                print(result.grants.format())
-        elif args.command == "review":
-            from datamart.review.cli import review_command
-
-            return review_command(warehouse, args.env, args.project, args.output, args.forward_only)
-        elif args.command == "query":
-            return _query(warehouse, args.sql)
-        elif args.command == "privacy":
-            from datamart.privacy.cli import privacy_command
-
-            return privacy_command(args, warehouse)
-        elif args.command == "env":
-            print(f"DATAMART_TARGET={warehouse.target}")
-            print(f"DATAMART_ENV={warehouse.environment}")
-            print(f"warehouse: {warehouse.describe()}")
-            print("dlt and plain `sqlmesh` (config.py) both resolve it from dlt's configuration and secrets")
-        else:
-            # plain `sqlmesh` from the project root does the same: config.py resolves this warehouse
-            os.environ.update(warehouse.environment_variables())
-            os.chdir(PROJECT_ROOT)
-            from sqlmesh.cli.main import cli
-
-            return int(cli.main(args=args.args, prog_name="sqlmesh", standalone_mode=False) or 0)
-    except GateError as exc:
-        print(f"error: {exc}\nRun `make review` for the full report.", file=sys.stderr)
-        return 1
-    except (SettingsError, DeclarationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RunFailed as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except WAREHOUSE_UNREACHABLE as exc:
-        print(
-            redact(
-                f"error: the warehouse could not be reached ({warehouse.describe() if warehouse else '?'}): "
-                f"{root_cause(exc)}\n"
-                "Check its credentials (DESTINATION__POSTGRES__CREDENTIALS or [destination.postgres] in "
-                ".dlt/secrets.toml) and that it is up, then rerun the same command; prod views were not changed."
-            ),
-            file=sys.stderr,
-        )
-        return 1
-    except SQLMeshError as exc:
-        print(
-            f"error: SQLMesh stopped, prod views were not changed: {exc}\n"
-            'Inspect with `make sqlmesh ARGS="plan"` (or `ARGS=test`, `ARGS=audit`).',
-            file=sys.stderr,
-        )
-        return 1
+def _run(args: argparse.Namespace, warehouse: Warehouse) -> int:
+    """``run``: every pipeline, then the prod plan (a failure raises RunFailed)."""
+    run_flow(warehouse, demo=args.demo)
     return 0
+
+
+def _promote(args: argparse.Namespace, warehouse: Warehouse) -> int:
+    """``promote``: the prod plan and Metabase's grants, then what Metabase reads."""
+    result = apply_prod(warehouse)
+    print(f"Promoted to prod in {result.elapsed:.1f}s. Warehouse: {warehouse.describe()}")
+    print(result.built_line())
+    print(f"Audits passed: {result.audits_passed}")
+    print(f"Published views (what Metabase reads): {', '.join(result.published_views)}")
+    if result.grants is not None:
+        print(result.grants.format())
+    return 0
+
+
+def _review(args: argparse.Namespace, warehouse: Warehouse) -> int:
+    return review_command(warehouse, args.env, args.project, args.output, args.forward_only)
+
+
+def _env(args: argparse.Namespace, warehouse: Warehouse) -> int:
+    """``env``: the selected warehouse, password left out."""
+    print(f"DATAMART_TARGET={warehouse.target}")
+    print(f"DATAMART_ENV={warehouse.environment}")
+    print(f"warehouse: {warehouse.describe()}")
+    print("dlt and plain `sqlmesh` (config.py) both resolve it from dlt's configuration and secrets")
+    return 0
+
+
+def _sqlmesh(args: argparse.Namespace, warehouse: Warehouse) -> int:
+    """``sqlmesh …``: the sqlmesh CLI on the selected warehouse (plain `sqlmesh` from the project root does the same:
+    config.py resolves this warehouse)."""
+    os.environ.update(warehouse.environment_variables())
+    os.chdir(PROJECT_ROOT)
+    return int(sqlmesh_cli.main(args=args.args, prog_name="sqlmesh", standalone_mode=False) or 0)
+
+
+def _unreachable(exc: BaseException, warehouse: Warehouse | None) -> str:
+    return redact(
+        f"error: the warehouse could not be reached ({warehouse.describe() if warehouse else '?'}): "
+        f"{root_cause(exc)}\n"
+        "Check its credentials (DESTINATION__POSTGRES__CREDENTIALS or [destination.postgres] in "
+        ".dlt/secrets.toml) and that it is up, then rerun the same command; prod views were not changed."
+    )
+
+
+# A refused login or a server that is down, as psycopg2 reports it (directly or from inside SQLMesh).
+WAREHOUSE_UNREACHABLE = (psycopg2.OperationalError,)
+
+#: The commands that run on a resolved warehouse: each returns its exit code.
+COMMANDS: dict[str, Callable[[argparse.Namespace, Warehouse], int]] = {
+    "run": _run,
+    "promote": _promote,
+    "review": _review,
+    "query": lambda args, warehouse: _query(warehouse, args.sql),
+    "privacy": lambda args, warehouse: privacy_command(args, warehouse),
+    "env": _env,
+    "sqlmesh": _sqlmesh,
+}
+
+#: The failures a command reports, first match wins: (exception types, exit code, the message on stderr).
+FAILURES: list[tuple[tuple[type[BaseException], ...], int, Callable[[BaseException, Warehouse | None], str]]] = [
+    ((GateError,), 1, lambda exc, _: f"error: {exc}\nRun `make review` for the full report."),
+    ((SettingsError, DeclarationError), 2, lambda exc, _: f"error: {exc}"),
+    ((RunFailed,), 1, lambda exc, _: str(exc)),
+    (WAREHOUSE_UNREACHABLE, 1, _unreachable),
+    (
+        (SQLMeshError,),
+        1,
+        lambda exc, _: (
+            f"error: SQLMesh stopped, prod views were not changed: {exc}\n"
+            'Inspect with `make sqlmesh ARGS="plan"` (or `ARGS=test`, `ARGS=audit`).'
+        ),
+    ),
+]
+REPORTED = tuple(kind for kinds, _, _ in FAILURES for kind in kinds)
+
+
+def _failure(exc: BaseException, warehouse: Warehouse | None) -> tuple[int, str]:
+    """The exit code and message of a reported failure (one of :data:`REPORTED`)."""
+    code, message = next((code, message) for kinds, code, message in FAILURES if isinstance(exc, kinds))
+    return code, message(exc, warehouse)
 
 
 def _scheduled(args: argparse.Namespace) -> int:
     """``python -m datamart scheduled``: exit 0 ok, 1 a step failed, 2 bad input; the summary on stdout."""
-    from datamart import scheduled
-    from datamart.alerts import redact
-
     environment = os.environ.get("DATAMART_ENV") or "dev"
     try:
         names = scheduled.step_names()
@@ -169,7 +207,7 @@ def _scheduled(args: argparse.Namespace) -> int:
                 pipeline_names=args.pipeline,
             )
     except (SettingsError, DeclarationError) as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        print(f"error: {alert_redact(str(exc))}", file=sys.stderr)
         sent = "alert not posted (--no-alert)" if args.no_alert else scheduled.send_input_alert(environment, exc)
         print(f"result: FAILED before any step, {sent}", file=sys.stderr)
         return 2
@@ -179,10 +217,6 @@ def _scheduled(args: argparse.Namespace) -> int:
         scheduled.send_alert(run)
     print(scheduled.summary(run))
     return 1 if run.failures else 0
-
-
-# A refused login or a server that is down, as psycopg2 reports it (directly or from inside SQLMesh).
-WAREHOUSE_UNREACHABLE = (psycopg2.OperationalError,)
 
 
 def _query(warehouse: Warehouse, sql: str) -> int:

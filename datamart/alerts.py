@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterable
 
 from datamart.redact import redact as redact_secrets
+from datamart.settings import secret
 
 WEBHOOK_KEY = "datamart.alert_webhook_url"
 
@@ -24,9 +25,7 @@ class AlertError(RuntimeError):
 
 def webhook_url() -> str | None:
     """The alert webhook URL from dlt's secrets or ``DATAMART__ALERT_WEBHOOK_URL``; None when alerts are off."""
-    import dlt
-
-    value = os.environ.get("DATAMART__ALERT_WEBHOOK_URL") or dlt.secrets.get(WEBHOOK_KEY)
+    value = secret(WEBHOOK_KEY)
     return str(value) if value else None
 
 
@@ -42,15 +41,13 @@ def alert_secrets() -> set[str]:
     except Exception:  # noqa: BLE001 - no warehouse configured: nothing of it to hide
         pass
     try:
-        import dlt
-
         for key in ("datamart.pii_hmac_key", WEBHOOK_KEY, "datamart.metabase_password"):
-            value = dlt.secrets.get(key)
+            value = secret(key)
             if value:
                 candidates.append(str(value))
     except Exception:  # noqa: BLE001 - dlt's providers unreadable: the environment variables were still taken
         pass
-    candidates.append(os.environ.get("DATAMART__ALERT_WEBHOOK_URL") or "")
+    candidates.append(os.environ.get("DATAMART__ALERT_WEBHOOK_URL") or "")  # also when dlt's providers failed above
     found = {v for v in candidates if len(v) >= 6}  # a short value ("1", "dev") would mask ordinary words
     for value in candidates:
         if "://" in value:  # a URL: its password, and for a webhook the token segments of its path

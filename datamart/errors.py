@@ -12,11 +12,17 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
 class DeclarationError(ValueError):
     """A declaration is wrong; the message names the file, the key and the fix."""
+
+
+def declaration_error(path: Path, key: str, message: str) -> DeclarationError:
+    """The error of declaration file ``path`` at ``key`` (``tables.missions.cursor``): ``<file>: <key>: <message>``."""
+    return DeclarationError(f"{path.name}: {key}: {message}")
 
 
 def closest(name: str, valid: Any) -> str:

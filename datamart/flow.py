@@ -14,9 +14,10 @@ from typing import TextIO
 from datamart.ingest.cli import failure_message, run_with_retries
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_all, load_named
 from datamart.ingest.dropped import TablesStopped
+from datamart.ingest.personal import HMAC_KEY_SECRET
 from datamart.ingest.runner import PipelineRun, format_loads
 from datamart.ingest.sources import bucket_url, source_credentials
-from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, resolve_warehouse
+from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, resolve_warehouse, secret
 from datamart.transform import TransformRun, apply_prod
 
 
@@ -49,7 +50,7 @@ class FlowRun:
 def ensure_demo_secrets() -> bool:
     """Write a local ``.dlt/secrets.toml`` with a random HMAC key if there is none; True when written."""
     secrets_file = Path(os.environ.get("DLT_PROJECT_DIR") or PROJECT_ROOT) / ".dlt" / "secrets.toml"
-    if secrets_file.exists() or os.environ.get("DATAMART__PII_HMAC_KEY"):
+    if secrets_file.exists() or secret(HMAC_KEY_SECRET):
         return False
     key = secrets.token_hex(32)
     text = (

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamart.settings import PUBLISHED_SCHEMA, SettingsError, Warehouse, configure_environment
+from datamart.settings import PUBLISHED_SCHEMA, SettingsError, Warehouse, configure_environment, secret
 
 DEFAULT_ROLE = "metabase"
 # Attributes that would let the role read or change more than the published views.
@@ -87,11 +87,9 @@ def metabase_role_name() -> str:
 
 def metabase_password() -> str | None:
     """The role's password from the secret ``datamart.metabase_password``, or None when it is not set."""
-    import dlt
-
     configure_environment()
-    password = dlt.secrets.get("datamart.metabase_password")
-    return str(password) if password not in (None, "") else None
+    password = secret("datamart.metabase_password")
+    return None if password is None else str(password)
 
 
 def apply_metabase_grants(warehouse: Warehouse) -> GrantReport | None:

@@ -42,6 +42,25 @@ def configure_environment() -> None:
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 
 
+def env_name(key: str) -> str:
+    """The environment variable dlt reads for a setting (``sources.app_db.credentials``:
+    ``SOURCES__APP_DB__CREDENTIALS``)."""
+    return key.upper().replace(".", "__")
+
+
+def secret(key: str) -> Any:
+    """A secret (``sources.<name>.credentials``, ``datamart.pii_hmac_key`` …) as dlt resolves it: its environment
+    variable (:func:`env_name`), then ``.dlt/secrets.toml``; None when unset or empty.
+
+    The one way this project reads a secret, as dlt's verified sources do (``dlt.secrets.value``): no module reads
+    ``os.environ`` or a file of its own for one, so a secret set either way is found everywhere.
+    """
+    import dlt
+
+    value = dlt.secrets.get(key)
+    return None if value is None or value == "" else value
+
+
 PRIVATE_UMASK = 0o077  # files 0600, folders 0700: the owner only
 
 
@@ -419,7 +438,7 @@ def resolve_warehouse(target: str | None = None) -> Warehouse:
     environment = selected_environment()
     import dlt
 
-    own = dlt.secrets.get(f"{environment}.destination.{target}.credentials")
+    own = secret(f"{environment}.destination.{target}.credentials")
     if target == "duckdb":
         configured = (
             own

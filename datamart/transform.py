@@ -13,10 +13,11 @@ from typing import Any
 
 from sqlmesh.utils.errors import AuditError, NodeAuditsErrors, PlanError, SQLMeshError
 
+from datamart.gate.base import is_published, short_name
 from datamart.gate.checks import enforce
 from datamart.grants import GrantReport, apply_metabase_grants
 from datamart.ingest.ops import ensure_ops_tables, last_refresh, recorded_refresh
-from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, quote_identifier
+from datamart.settings import PROJECT_ROOT, Warehouse, quote_identifier
 
 
 class PromotionError(SQLMeshError):
@@ -104,9 +105,7 @@ def refresh_prod(warehouse: Warehouse, execution_time: str | None = None) -> Ref
     in_prod = {s.name: s.fingerprint for s in prod.snapshots}
     in_project = {s.name: s.fingerprint for s in context.snapshots.values()}
     refresh = RefreshRun(
-        differs=sorted(
-            _short_name(n) for n in in_project.keys() | in_prod.keys() if in_project.get(n) != in_prod.get(n)
-        )
+        differs=sorted(short_name(n) for n in in_project.keys() | in_prod.keys() if in_project.get(n) != in_prod.get(n))
     )
     with audits_named_on_failure(), recorded_refresh(warehouse, "scheduled") as record:
         status = context.run("prod", execution_time=execution_time)
@@ -118,7 +117,7 @@ def refresh_prod(warehouse: Warehouse, execution_time: str | None = None) -> Ref
         refresh.ran_due_intervals = not status.is_nothing_to_do
         restated = _restate_changed(context, warehouse, record.started_at, True)
         refresh.models_restated = sorted(
-            _short_name(s.name) for s in restated.values() if s.is_model and not s.is_external and not s.is_symbolic
+            short_name(s.name) for s in restated.values() if s.is_model and not s.is_external and not s.is_symbolic
         )
         record.models = refresh.models_restated
     refresh.elapsed = time.monotonic() - started
@@ -163,7 +162,7 @@ def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: dateti
     else:
         since_ms = int(last.timestamp() * 1000)
     since_ms = min(since_ms, int(refresh_started.timestamp() * 1000))
-    externals = [_short_name(m.fqn) for m in context.models.values() if m.kind.is_external]
+    externals = [short_name(m.fqn) for m in context.models.values() if m.kind.is_external]
     fresh = datasets_loaded_since(warehouse, {e.split(".")[0] for e in externals}, since_ms)
     candidates = sorted(e for e in externals if e.split(".")[0] in fresh)
     restate = tables_changed_since(warehouse, candidates, since_ms)
@@ -191,12 +190,12 @@ def _transform_run(
 ) -> TransformRun:
     result = TransformRun()
     models = [s for s in built.values() if s.is_model and not s.is_external and not s.is_symbolic]
-    result.models_built = sorted(_short_name(s.name) for s in models)
+    result.models_built = sorted(short_name(s.name) for s in models)
     result.audits_passed = sum(len(s.model.audits) for s in models)
     after = _prod_fingerprints(context) or {}
     externals = {m.fqn for m in context.models.values() if m.kind.is_external}
     result.views_swapped = sorted(
-        _short_name(name)
+        short_name(name)
         for name, fingerprint in after.items()
         if (before or {}).get(name) != fingerprint and name not in externals
     )
@@ -393,18 +392,6 @@ def _as_date(value: Any) -> Any:
     return dt.date.fromisoformat(str(value)[:10])
 
 
-def _short_name(fqn: str) -> str:
-    """``schema.table`` from a fully qualified, quoted SQLMesh name (``"catalog"."schema"."table"``)."""
-    return ".".join(fqn.replace('"', "").split(".")[-2:])
-
-
 def published_views(context: Any) -> list[str]:
     """The prod views of the published schema, as ``marts.<name>``."""
-    names = []
-    for model in context.models.values():
-        if model.kind.is_external:
-            continue
-        schema_table = _short_name(model.fqn)
-        if schema_table.split(".")[0] == PUBLISHED_SCHEMA:
-            names.append(schema_table)
-    return sorted(names)
+    return sorted(short_name(m.fqn) for m in context.models.values() if not m.kind.is_external and is_published(m.fqn))

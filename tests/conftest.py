@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,26 @@ def pg_database_factory(pg_admin_url: str) -> Iterator[Callable[[str], str]]:
     yield make
     for name in created:
         drop_database(pg_admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def fresh_warehouse(request: pytest.FixtureRequest) -> Callable[..., AbstractContextManager[Warehouse]]:
+    """For module-scoped fixtures (which the per-test ``warehouse`` cannot serve): ``with fresh_warehouse(kind,
+    folder, prefix) as warehouse`` gives an empty DuckDB file in ``folder``, or a new PostgreSQL database
+    ``<prefix>_<random>`` on the session's server (started only then), dropped at the end."""
+
+    @contextmanager
+    def make(kind: str, folder: Path, prefix: str = "t") -> Iterator[Warehouse]:
+        if kind == "duckdb":
+            yield Warehouse(target="duckdb", duckdb_path=folder / "warehouse.duckdb")
+            return
+        admin, name = request.getfixturevalue("pg_admin_url"), f"{prefix}_{uuid.uuid4().hex[:8]}"
+        try:
+            yield postgres_warehouse(create_database(admin, name))
+        finally:
+            drop_database(admin, name)
+
+    return make
 
 
 @pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from datamart.settings import DEMO_PIPELINES_DIR, PROJECT_ROOT
+from datamart.testing.commands import clone_environment
 
 pytestmark = pytest.mark.slow
 
@@ -47,19 +48,9 @@ def airflow_python() -> Path:
 
 def _airflow_env(tmp: Path) -> dict[str, str]:
     """Airflow on SQLite in ``tmp``; the project's commands on a DuckDB demo in ``tmp``; no caller settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_", "SQLMESH__", "AIRFLOW", "PROD__", "DEV__"))
-    }
-    project = tmp / "dlt_project"
-    (project / ".dlt").mkdir(parents=True)
-    shutil.copy(PROJECT_ROOT / ".dlt" / "config.toml", project / ".dlt" / "config.toml")
-    env.update(
-        DLT_PROJECT_DIR=str(project),
-        DATAMART_PIPELINES_DIR=str(tmp / "pipelines"),
-        SOURCES__BUCKET__BUCKET_URL=str(tmp / "bucket"),
-        SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{tmp / 'app.sqlite'}",
+    return clone_environment(
+        tmp,
+        ("DESTINATION__", "SOURCES__", "DATAMART_", "SQLMESH__", "AIRFLOW", "PROD__", "DEV__"),
         DESTINATION__DUCKDB__CREDENTIALS=str(tmp / "warehouse.duckdb"),
         DATAMART__PII_HMAC_KEY="airflow-test-key",
         # the tests' own copies of the demo pipelines (conftest), and the environment the DAG's tasks default to
@@ -73,7 +64,6 @@ def _airflow_env(tmp: Path) -> dict[str, str]:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{tmp / 'airflow' / 'airflow.db'}",
     )
-    return env
 
 
 @pytest.fixture(scope="module")

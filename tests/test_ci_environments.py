@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from datamart.settings import PROJECT_ROOT
+from datamart.testing.commands import MAKE_VARIABLES, PYTHON, environment, run
 
 WORKFLOWS = PROJECT_ROOT / ".github" / "workflows"
 
@@ -53,19 +52,15 @@ def _runners() -> dict[str, str | None]:
 def test_every_runner_of_the_warehouse_is_accepted_by_it(pg_database: str) -> None:
     """The promotion, the review, the CronJob and the Airflow tasks in turn on one warehouse: none is refused."""
     runners = _runners()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART_", "PROD__", "DEV__"))}
-    base.update(DATAMART_TARGET="postgres", DESTINATION__POSTGRES__CREDENTIALS=pg_database)
-    for runner, environment in runners.items():
-        env = dict(base, **({"DATAMART_ENV": environment} if environment else {}))
-        result = subprocess.run(
-            [sys.executable, "-m", "datamart", "query", "SELECT 1"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, f"{runner} (DATAMART_ENV={environment}) refused: {result.stderr}"
+    base = environment(
+        ("DESTINATION__", "DATAMART_", "PROD__", "DEV__"),
+        DATAMART_TARGET="postgres",
+        DESTINATION__POSTGRES__CREDENTIALS=pg_database,
+    )
+    for runner, selected in runners.items():
+        env = dict(base, **({"DATAMART_ENV": selected} if selected else {}))
+        result = run([PYTHON, "-m", "datamart", "query", "SELECT 1"], env, timeout=120)
+        assert result.returncode == 0, f"{runner} (DATAMART_ENV={selected}) refused: {result.stderr}"
     assert set(runners.values()) == {"prod"}, runners
 
 
@@ -82,7 +77,7 @@ def test_pull_requests_run_lint_and_the_tests(tmp_path: Path) -> None:
                 checks.append(path.name)
     assert checks == ["ci.yml"], checks
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    env = environment(MAKE_VARIABLES)
     env["DESTINATION__DUCKDB__CREDENTIALS"] = str(tmp_path / "warehouse.duckdb")  # SQLMesh's linter opens it
     lint = subprocess.run(
         ["make", "--no-print-directory", "lint"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 from datamart.settings import PROJECT_ROOT
+from datamart.testing.commands import MAKE_VARIABLES, environment
 
 
 def _pinned() -> dict[str, str]:
@@ -28,7 +28,7 @@ def test_this_venv_holds_exactly_the_constrained_versions() -> None:
 
 
 def test_make_install_and_the_image_use_the_constraints() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    env = environment(MAKE_VARIABLES)
     dry = subprocess.run(
         ["make", "--no-print-directory", "-n", "-B", "install"],
         cwd=PROJECT_ROOT,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from datamart import demo
 from datamart.demo.source import PROJECT_ROOT, postgres_dsn, sqlite_path
+from datamart.testing.commands import environment
 
 ENTITY_TABLES = ["organizations", "missions", "volunteers", "applications"]
 ALL_TABLES = [*ENTITY_TABLES, "stats_events"]
@@ -258,7 +258,7 @@ def test_urls_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cli_refuses_an_existing_source_without_a_flag(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SOURCES__")}
+    env = environment(("SOURCES__",))
     args = [sys.executable, "-m", "datamart.demo", "--source-url", f"sqlite:///{tmp_path / 'app.sqlite'}"]
     args += ["--bucket", str(tmp_path / "bucket"), "--scale", "0.2"]
 

@@ -2,51 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from datamart import demo
-from datamart.settings import PROJECT_ROOT, Warehouse
-
-DLT = str(Path(sys.executable).parent / "dlt")
+from datamart.settings import Warehouse
+from datamart.testing.commands import DLT, demo_settings, dlt, environment, sqlite_path
 
 
 @pytest.fixture
 def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
     """A generated demo source and bucket, and the warehouse, given to the command the dlt way."""
-    source = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    demo.generate(source_url=source, bucket=tmp_path / "bucket", scale=0.2)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__"))}
-    environment.update(
-        SOURCES__APP_DB__CREDENTIALS=source,
-        SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"),
-        DATAMART__PII_HMAC_KEY="cli-test-key",
-        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
-    )
-    if warehouse.target == "duckdb":
-        environment["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        pg = warehouse.pg
-        environment["DATAMART_TARGET"] = "postgres"
-        environment["DESTINATION__POSTGRES__CREDENTIALS"] = (
-            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
-        )
-    return environment
-
-
-def dlt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the dlt CLI from the project root."""
-    return subprocess.run([DLT, *args], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    return environment(("DESTINATION__", "SOURCES__"), **demo_settings(tmp_path, "cli-test-key", warehouse, scale=0.2))
 
 
 def source_count(env: dict[str, str], table: str) -> int:
-    with sqlite3.connect(env["SOURCES__APP_DB__CREDENTIALS"][len("sqlite:///") :]) as conn:
+    with sqlite3.connect(sqlite_path(env["SOURCES__APP_DB__CREDENTIALS"])) as conn:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
@@ -132,7 +106,7 @@ def test_unreachable_source_is_retried_then_reported(env: dict[str, str], tmp_pa
 
 def test_dlt_own_commands_find_the_pipelines_without_pipelines_dir(env: dict[str, str], warehouse: Warehouse) -> None:
     assert dlt(env, "pipeline", "app_db", "run").returncode == 0
-    with sqlite3.connect(env["SOURCES__APP_DB__CREDENTIALS"][len("sqlite:///") :]) as conn:
+    with sqlite3.connect(sqlite_path(env["SOURCES__APP_DB__CREDENTIALS"])) as conn:
         conn.execute("DELETE FROM applications WHERE id = (SELECT max(id) FROM applications)")  # a hard delete
     second = dlt(env, "pipeline", "app_db", "run")
     assert second.returncode == 0, second.stderr

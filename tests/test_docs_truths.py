@@ -3,7 +3,6 @@ exit codes are the ones the commands give."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import tomllib
 
 from datamart.ingest.deletes import MAX_BUCKETS, MIN_BUCKET_WIDTH
 from datamart.settings import PROJECT_ROOT
+from datamart.testing.commands import environment
 
 # repository paths as the docs write them (`dags/datamart_dag.py`, `.github/workflows/ci.yml`, `LICENSE`…)
 _PATH = re.compile(
@@ -101,8 +101,11 @@ def test_the_bucket_size_the_readme_gives_is_the_code_s() -> None:
 
 def test_make_review_exit_codes_are_the_ones_the_readme_gives() -> None:
     """A review that fails (here: the warehouse cannot be reached) exits 1; make reports it as 2."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART_", "MAKE", "MFLAGS"))}
-    env.update(DATAMART_TARGET="postgres", DESTINATION__POSTGRES__CREDENTIALS="postgresql://u:pw@127.0.0.1:9/none")
+    env = environment(
+        ("DESTINATION__", "DATAMART_", "MAKE", "MFLAGS"),
+        DATAMART_TARGET="postgres",
+        DESTINATION__POSTGRES__CREDENTIALS="postgresql://u:pw@127.0.0.1:9/none",
+    )
     command = subprocess.run(
         [sys.executable, "-m", "datamart", "review"], env=env, cwd=PROJECT_ROOT, capture_output=True, timeout=300
     )

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.settings import Warehouse, postgres_warehouse
+from datamart.testing.commands import PYTHON, clone_environment, run
 from datamart.testing.privacy import OTHER, expected_volunteer_activity
 from datamart.testing.sources import source_rows
 
@@ -51,20 +48,7 @@ class Stack:
 
 def _base_env(tmp_path: Path) -> dict[str, str]:
     """No warehouse, source or key from the caller; dlt reads a copy of the committed config.toml only."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_", "SQLMESH__"))
-    }
-    project = tmp_path / "project"
-    (project / ".dlt").mkdir(parents=True)
-    shutil.copy(PROJECT_ROOT / ".dlt" / "config.toml", project / ".dlt" / "config.toml")
-    env.update(
-        DLT_PROJECT_DIR=str(project),
-        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
-        SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"),
-    )
-    return env
+    return clone_environment(tmp_path, ("DESTINATION__", "SOURCES__", "DATAMART_", "SQLMESH__"), project="project")
 
 
 @pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -93,11 +77,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Stack:
 
 
 def _run(stack: Stack, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, *args], env=stack.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return run([PYTHON, *args], stack.env, timeout=900, expect=0).stdout
 
 
 def _summary_row(summary: str, table: str) -> dict[str, int]:

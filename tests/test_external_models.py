@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,10 @@ from datamart.external_models import (
     sqlmesh_type,
 )
 from datamart.ingest.declarations import PipelineDecl, load_named
-from datamart.settings import DEMO_PIPELINES_DIR, PIPELINES_DIR, PROJECT_ROOT
+from datamart.settings import DEMO_PIPELINES_DIR, PIPELINES_DIR
+from datamart.testing.commands import DLT, PYTHON, environment, run
 
 Schemas = list[tuple[PipelineDecl, Schema]]
-PYTHON = sys.executable
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +49,15 @@ def _models(text: str) -> dict[str, dict[str, Any]]:
 
 def _command_env(tmp_path: Path, declarations: Path) -> dict[str, str]:
     """The environment of `python -m datamart.external_models` (and `dlt pipeline`) on a warehouse of the test."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
-    env.update(
+    return environment(
         DATAMART_DECLARATIONS_DIR=str(declarations),
         DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
         DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "warehouse.duckdb"),
     )
-    return env
 
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    return run(list(args), env)
 
 
 def test_committed_file_is_a_fresh_generation(tmp_path: Path) -> None:
@@ -97,7 +93,7 @@ def test_a_pipeline_the_demo_cannot_feed_is_taken_from_its_last_run(tmp_path: Pa
     assert "run `dlt pipeline <name> run` once" in never_ran.stderr
 
     env.update(SOURCES__CRM__CREDENTIALS=f"sqlite:///{tmp_path / 'crm.sqlite'}", DATAMART__PII_HMAC_KEY="k")
-    loaded = _run(env, str(Path(PYTHON).parent / "dlt"), "pipeline", "crm", "run")
+    loaded = _run(env, DLT, "pipeline", "crm", "run")
     assert loaded.returncode == 0, loaded.stderr
     result = _run(env, *command)
     assert result.returncode == 0, result.stderr

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,9 +17,9 @@ import yaml
 
 from datamart.ingest.personal import pseudonym
 from datamart.ingest.readers import JSONL_SAMPLE
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import Warehouse
+from datamart.testing.commands import dlt, environment
 
-DLT = str(Path(sys.executable).parent / "dlt")
 KEY = "file-chunks-test-key"
 ROWS = 57  # with source.chunk_size 10: six chunks per file, the last one short
 FILLER_IDS = 10_000  # the JSONL file's first records, without an e-mail
@@ -79,17 +77,15 @@ def _write_files(bucket: Path) -> list[dict[str, object]]:
 
 
 def _run(tmp_path: Path, warehouse: Warehouse, declarations: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_"))}
-    env.update(
-        warehouse.environment_variables(),
+    env = environment(
+        ("DESTINATION__", "SOURCES__", "DATAMART_"),
+        **warehouse.environment_variables(),
         DATAMART_DECLARATIONS_DIR=str(declarations),
         DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
         SOURCES__FILES__BUCKET_URL=str(tmp_path / "bucket"),
         DATAMART__PII_HMAC_KEY=KEY,
     )
-    return subprocess.run(
-        [DLT, "pipeline", "files", "run"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    return dlt(env, "pipeline", "files", "run", timeout=300)
 
 
 def test_chunked_file_loads_equal_the_files_row_for_row(warehouse: Warehouse, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -24,31 +23,18 @@ from datamart.ingest.declarations import load_declaration, load_named
 from datamart.ingest.runner import make_pipeline, run_pipeline
 from datamart.ingest.sources import build_resources
 from datamart.settings import PROJECT_ROOT, Warehouse
-
-DLT = str(Path(sys.executable).parent / "dlt")
+from datamart.testing.commands import DLT, dlt, environment
 
 
 def command_env(warehouse: Warehouse, tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment a user's shell would have: the warehouse given the dlt way, dlt's dirs in tmp_path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
-    env.update(DATAMART__PII_HMAC_KEY="honest-test-key", DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"))
-    if warehouse.target == "duckdb":
-        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        env["DATAMART_TARGET"] = "postgres"
-        env["DESTINATION__POSTGRES__CREDENTIALS"] = pg_url(warehouse)
-    env.update(extra)
-    return env
+    settings = {"DATAMART__PII_HMAC_KEY": "honest-test-key", "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines")}
+    return environment(**{**settings, **warehouse.environment_variables(), **extra})
 
 
 def pg_url(warehouse: Warehouse, user: str | None = None, password: str | None = None) -> str:
     pg = warehouse.pg
     return f"postgresql://{user or pg.username}:{password or pg.password}@{pg.host}:{pg.port}/{pg.database}"
-
-
-def dlt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the dlt CLI from the project root, as a user does."""
-    return subprocess.run([DLT, *args], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture

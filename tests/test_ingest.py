@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from datamart.ingest.declarations import DeclarationError, load_declaration, load_named
 from datamart.ingest.runner import format_loads, run_pipeline
 from datamart.settings import DEMO_PIPELINES_DIR, PROJECT_ROOT, SettingsError, Warehouse
+from datamart.testing.commands import dlt
 from datamart.testing.sources import Source
 
 KEY = "test-pseudonymisation-key"
@@ -263,15 +262,7 @@ def test_a_misspelt_personal_column_stops_before_anything_is_read(
         DATAMART__PII_HMAC_KEY=KEY,
     )
     env.update(warehouse.environment_variables())
-    dlt = Path(sys.executable).parent / "dlt"
-    result = subprocess.run(
-        [str(dlt), "pipeline", "app_db", "run", "--table", "volunteers"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = dlt(env, "pipeline", "app_db", "run", "--table", "volunteers")
     assert result.returncode == 2, result.stdout + result.stderr
     assert (
         "app_db.yaml: tables.volunteers.personal.emial: the source table volunteers has no column 'emial' "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from datamart.flow import run_flow
 from datamart.flow import summary as flow_summary
 from datamart.grants import GrantError, apply_metabase_grants
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.testing.commands import demo_settings, set_environment
 from datamart.testing.project import copy_project, edit
 from datamart.transform import PUBLISHED_SCHEMA, published_views, sqlmesh_context
 
@@ -101,18 +101,9 @@ def stack(
     warehouse = postgres_warehouse(warehouse_url)
     bucket = tmp_path / "bucket"
     demo.generate(source_url=source_url, bucket=bucket, scale=0.2)
-    env = {
-        "DATAMART_TARGET": "postgres",
-        "DESTINATION__POSTGRES__CREDENTIALS": warehouse_url,
-        "SOURCES__APP_DB__CREDENTIALS": source_url,
-        "SOURCES__BUCKET__BUCKET_URL": str(bucket),
-        "DATAMART__PII_HMAC_KEY": "metabase-role-test-key",
-        "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
-        "DATAMART__METABASE_PASSWORD": PASSWORD,
-        **warehouse.environment_variables(),  # how a child process (sqlmesh, dlt) reaches the warehouse
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    settings = demo_settings(tmp_path, "metabase-role-test-key", warehouse)  # the demo's bucket; app_db below
+    settings.update(SOURCES__APP_DB__CREDENTIALS=source_url, DATAMART__METABASE_PASSWORD=PASSWORD)
+    set_environment(monkeypatch, settings)
     return Stack(source_url, bucket, tmp_path / "pipelines", warehouse, role)
 
 
@@ -186,24 +177,13 @@ def _physical_table(warehouse: Warehouse, view: str) -> str:
 
 def _plan_changed_model(stack: Stack, tmp_path: Path) -> None:
     """Promote a changed marts.missions_v1 to prod from a copy of the project: a real view swap."""
-    project = tmp_path / "project"
-    shutil.copytree(PROJECT_ROOT, project, ignore=_project_ignore)
+    project = copy_project(tmp_path / "project", unit_tests=True)
     model = project / "models" / "marts" / "missions_v1.sql"
     text = model.read_text()
     assert text.rstrip().endswith("FROM missions_with_applications")
     model.write_text(text.rstrip() + "\nWHERE\n  NOT mission_id IS NULL\n")
     context = sqlmesh_context(stack.warehouse, project)
     context.plan("prod", auto_apply=True, no_prompts=True)
-
-
-def _project_ignore(folder: str, names: list[str]) -> set[str]:
-    """Copy only what SQLMesh reads: config, models, audits, macros, external models, unit tests."""
-    if Path(folder) == PROJECT_ROOT:
-        keep = {"config.py", "linter", "external_models.yaml", "models", "audits", "macros", "tests"}
-        return {name for name in names if name not in keep}
-    if Path(folder) == PROJECT_ROOT / "tests":
-        return {name for name in names if not name.endswith(".yaml")}
-    return {name for name in names if name in ("__pycache__", ".cache")}
 
 
 def test_metabase_reads_published_views_only_after_every_promotion(stack: Stack, tmp_path: Path) -> None:

@@ -12,60 +12,34 @@ a real PostgreSQL database, with the demo source in SQLite:
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from datamart import demo
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import Warehouse
+from datamart.testing import commands
+from datamart.testing.commands import DLT, PYTHON, demo_settings, environment, sqlite_path
 
 pytestmark = pytest.mark.slow
-
-DLT = str(Path(sys.executable).parent / "dlt")
 
 
 @pytest.fixture
 def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
     """A generated demo source and bucket, and the warehouse, given to the commands the dlt way."""
-    source = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    demo.generate(source_url=source, bucket=tmp_path / "bucket", scale=0.2)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
-    environment.update(
-        SOURCES__APP_DB__CREDENTIALS=source,
-        SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"),
-        DATAMART__PII_HMAC_KEY="wedge-test-key",
-        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
-    )
-    if warehouse.target == "duckdb":
-        environment["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        pg = warehouse.pg
-        environment["DATAMART_TARGET"] = "postgres"
-        environment["DESTINATION__POSTGRES__CREDENTIALS"] = (
-            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
-        )
-    return environment
+    return environment(**demo_settings(tmp_path, "wedge-test-key", warehouse, scale=0.2))
 
 
 def run(env: dict[str, str], *args: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
     """Run ``dlt …`` or ``python -m datamart …`` from the project root; check its exit code unless None."""
-    command = [DLT, *args[1:]] if args[0] == "dlt" else [sys.executable, "-m", *args]
-    result = subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    if expect is not None:
-        assert result.returncode == expect, (
-            f"{' '.join(args)}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-        )
-    return result
+    return commands.run([DLT, *args[1:]] if args[0] == "dlt" else [PYTHON, "-m", *args], env, expect=expect)
 
 
 def source(env: dict[str, str], *statements: str) -> list[tuple[object, ...]]:
     """Run statements on the SQLite source (committed); the rows of the last one."""
-    with sqlite3.connect(env["SOURCES__APP_DB__CREDENTIALS"][len("sqlite:///") :]) as conn:
+    with sqlite3.connect(sqlite_path(env["SOURCES__APP_DB__CREDENTIALS"])) as conn:
         rows: list[tuple[object, ...]] = []
         for statement in statements:
             rows = conn.execute(statement).fetchall()

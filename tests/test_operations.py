@@ -25,6 +25,7 @@ import yaml
 from datamart.alerts import redact
 from datamart.environments import EnvironmentMismatch, check_environment, warehouse_environment
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse, resolve_warehouse
+from datamart.testing.commands import BIN, MAKE_VARIABLES, PYTHON, clone_environment, environment, run
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -32,32 +33,13 @@ from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse, resol
 
 def _base_env(tmp: Path) -> dict[str, str]:
     """No warehouse, source, key or environment from the caller; dlt reads a copy of the committed config.toml."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_", "SQLMESH__", "PROD__", "DEV__", "PREPROD__"))
-    }
-    project = tmp / "project"
-    (project / ".dlt").mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_ROOT / ".dlt" / "config.toml", project / ".dlt" / "config.toml")
-    env.update(
-        DLT_PROJECT_DIR=str(project),
-        DATAMART_PIPELINES_DIR=str(tmp / "pipelines"),
-        SOURCES__BUCKET__BUCKET_URL=str(tmp / "bucket"),
-        SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{tmp / 'app.sqlite'}",
-        DATAMART__PII_HMAC_KEY="Hmac-Key-" + uuid.uuid4().hex,
-    )
-    return env
+    return clone_environment(tmp, project="project", DATAMART__PII_HMAC_KEY="Hmac-Key-" + uuid.uuid4().hex)
 
 
 def _run(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``python <args>`` (or the venv's ``dlt``/``sqlmesh`` ``<args>``) from the project root."""
-    tool = args[0] in ("dlt", "sqlmesh")
-    command = [str(Path(sys.executable).parent / args[0]), *args[1:]] if tool else [sys.executable, *args]
-    result = subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+    command = [str(BIN / args[0]), *args[1:]] if args[0] in ("dlt", "sqlmesh") else [PYTHON, *args]
+    return run(command, env, expect=0 if check else None)
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -294,7 +276,7 @@ def test_scheduled_run_bad_input_exits_2(demo: Demo) -> None:
 
 def _make_dry_run(target: str) -> subprocess.CompletedProcess[str]:
     """``make -n target`` as a person would type it (not as a sub-make of ``make test``, which adds its own lines)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    env = environment(MAKE_VARIABLES)
     command = ["make", "--no-print-directory", "-n", target]
     return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=True)
 

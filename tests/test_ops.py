@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from datamart import demo
 from datamart.ingest.declarations import load_named
 from datamart.ingest.lock import PipelineLocked, pipeline_lock
 from datamart.ingest.ops import INTERRUPTED
 from datamart.ingest.runner import run_pipeline
 from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.testing.commands import demo_settings, environment, set_environment, sqlite_path
 
 DLT = str(Path(sys.executable).parent / "dlt")
 HOLDER = """
@@ -51,21 +51,9 @@ def _url(warehouse: Warehouse) -> str:
 @pytest.fixture
 def env(warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A small demo source wired as app_db, in this process (monkeypatch) and for subprocesses (returned)."""
-    source = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    demo.generate(source_url=source, bucket=tmp_path / "bucket", scale=0.05)
-    values = {
-        "SOURCES__APP_DB__CREDENTIALS": source,
-        "SOURCES__BUCKET__BUCKET_URL": str(tmp_path / "bucket"),
-        "DATAMART__PII_HMAC_KEY": "ops-test-key",
-        "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
-    }
-    if warehouse.target == "duckdb":
-        values["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        values.update(DATAMART_TARGET="postgres", DESTINATION__POSTGRES__CREDENTIALS=_url(warehouse))
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return {**{k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__"))}, **values}
+    values = demo_settings(tmp_path, "ops-test-key", warehouse, scale=0.05)
+    set_environment(monkeypatch, values)
+    return environment(("DESTINATION__", "SOURCES__"), **values)
 
 
 def _holder(warehouse: Warehouse) -> subprocess.Popen[str]:
@@ -81,7 +69,7 @@ def _holder(warehouse: Warehouse) -> subprocess.Popen[str]:
 
 
 def _source_ids(env: dict[str, str], table: str) -> list[int]:
-    with sqlite3.connect(env["SOURCES__APP_DB__CREDENTIALS"][len("sqlite:///") :]) as conn:
+    with sqlite3.connect(sqlite_path(env["SOURCES__APP_DB__CREDENTIALS"])) as conn:
         return [row[0] for row in conn.execute(f"SELECT id FROM {table} ORDER BY id")]
 
 

@@ -9,10 +9,7 @@ a published view's contract, or publishes a personal column, is refused by the r
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from datamart import demo
-from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.settings import Warehouse, postgres_warehouse
+from datamart.testing import commands
+from datamart.testing.commands import BIN, clone_environment
 from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.project import copy_project, edit
-
-BIN = Path(sys.executable).parent
 
 
 @dataclass
@@ -40,30 +37,16 @@ class Loaded:
 
 def run(env: dict[str, str], tool: str, *args: str) -> subprocess.CompletedProcess[str]:
     """The venv's ``dlt`` or ``sqlmesh`` executable, from the project root."""
-    return subprocess.run(
-        [str(BIN / tool), *args], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900
-    )
+    return commands.run([str(BIN / tool), *args], env, timeout=900)
 
 
 def _env(tmp: Path) -> dict[str, str]:
     """No warehouse, source or SQLMesh setting from the caller; dlt reads a copy of the committed config.toml."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART_", "SQLMESH__", "PROD__", "DEV__", "PREPROD__"))
-    }
-    project = tmp / "dlt_project"
-    (project / ".dlt").mkdir(parents=True)
-    shutil.copy(PROJECT_ROOT / ".dlt" / "config.toml", project / ".dlt" / "config.toml")
-    env.update(
-        DLT_PROJECT_DIR=str(project),
-        DATAMART_PIPELINES_DIR=str(tmp / "pipelines"),
-        SOURCES__BUCKET__BUCKET_URL=str(tmp / "bucket"),
-        SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{tmp / 'app.sqlite'}",
+    return clone_environment(
+        tmp,
         DATAMART__PII_HMAC_KEY="plain-sqlmesh-" + uuid.uuid4().hex,
         COLUMNS="2000",  # SQLMesh's console wraps its messages at the terminal's width
     )
-    return env
 
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])

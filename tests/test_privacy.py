@@ -9,10 +9,7 @@ from __future__ import annotations
 import gc
 import io
 import logging
-import os
 import sqlite3
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
+from sqlmesh.utils.errors import PlanError
 
-from datamart import demo
 from datamart.__main__ import main
 from datamart.flow import run_flow
 from datamart.gate.lineage import check_published_lineage, violations
@@ -31,10 +27,10 @@ from datamart.ingest.personal import pseudonym
 from datamart.privacy.cli import check_command
 from datamart.privacy.erasure import find_traces
 from datamart.privacy.register import REGISTER_PATH, render_register
-from datamart.settings import PIPELINES_DIR, PROJECT_ROOT, Warehouse
-from datamart.testing.postgres import create_database, drop_database
+from datamart.settings import PIPELINES_DIR, Warehouse
+from datamart.testing.commands import PYTHON, demo_settings, environment, run, set_environment
 from datamart.testing.privacy import OTHER, expected_volunteer_activity
-from datamart.testing.project import copy_project, edit
+from datamart.testing.project import copy_project, edit, failed_audits
 from datamart.transform import published_views, sqlmesh_context
 
 KEY = "privacy-test-key"
@@ -192,34 +188,16 @@ class Flow:
 
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
-def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
+def flow(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fresh_warehouse: Any
+) -> Iterator[Flow]:
     """The whole flow run once per warehouse on a small demo source (scale 0.1)."""
     tmp = tmp_path_factory.mktemp(f"privacy-{request.param}")
-    database = None
-    if request.param == "duckdb":
-        warehouse = Warehouse(target="duckdb", duckdb_path=tmp / "warehouse.duckdb")
-    else:
-        from datamart.settings import postgres_warehouse
-
-        admin = request.getfixturevalue("pg_admin_url")
-        database = f"t_privacy_{uuid.uuid4().hex[:8]}"
-        warehouse = postgres_warehouse(create_database(admin, database))
-    source = tmp / "app.sqlite"
-    demo.generate(source_url=f"sqlite:///{source}", bucket=tmp / "bucket", scale=0.1)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "SOURCES__APP_DB__CREDENTIALS": f"sqlite:///{source}",
-            "SOURCES__BUCKET__BUCKET_URL": str(tmp / "bucket"),
-            "DATAMART__PII_HMAC_KEY": KEY,
-            "DATAMART_PIPELINES_DIR": str(tmp / "pipelines"),
-            **warehouse.environment_variables(),
-        }.items():
-            mp.setenv(key, value)
-        state = Flow(warehouse, source, tmp / "pipelines" / warehouse.target, tmp)
+    with fresh_warehouse(request.param, tmp, "t_privacy") as warehouse, pytest.MonkeyPatch.context() as mp:
+        set_environment(mp, demo_settings(tmp, KEY, warehouse, scale=0.1))
+        state = Flow(warehouse, tmp / "app.sqlite", tmp / "pipelines" / warehouse.target, tmp)
         state.run()
         yield state
-    if database is not None:
-        drop_database(request.getfixturevalue("pg_admin_url"), database)
 
 
 def test_small_groups_are_merged_in_every_published_aggregate(flow: Flow) -> None:
@@ -256,17 +234,6 @@ def test_small_groups_are_merged_in_every_published_aggregate(flow: Flow) -> Non
     assert min(v for v, _, _ in actual.values()) >= 5
 
 
-def _failed_audits(records: list[logging.LogRecord]) -> set[str]:
-    names = set()
-    for record in records:
-        error = record.exc_info[1] if record.exc_info else None
-        while error is not None:
-            if isinstance(error, NodeAuditsErrors):
-                names.update(audit.audit_name for audit in error.errors)
-            error = error.__cause__
-    return names
-
-
 def test_the_audit_fails_when_the_macro_is_removed(flow: Flow, caplog: pytest.LogCaptureFixture) -> None:
     project = _copy_project(flow.tmp / f"no-macro-{uuid.uuid4().hex[:6]}")
     edit(project, ACTIVITY, "@merge_small_cell(volunteers, department, 'other')", "department")
@@ -279,7 +246,7 @@ def test_the_audit_fails_when_the_macro_is_removed(flow: Flow, caplog: pytest.Lo
             context.plan("nomacro", auto_apply=True, no_prompts=True, skip_tests=True)
     finally:
         context.close()
-    assert "assert_no_small_cells" in _failed_audits(caplog.records)
+    assert "assert_no_small_cells" in failed_audits(caplog.records)
 
 
 def _traces(flow: Flow, volunteer_id: int, email: str) -> list[str]:
@@ -421,21 +388,9 @@ def test_an_erasure_reaches_the_review_environments(
     code, output = _erased_command(flow, volunteer_id, email, monkeypatch, capsys)
     assert code == 1 and "intermediate__pr_materialise.int_volunteer_applications" in output, output
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART_TARGET"))}
-    env["DATAMART_TARGET"] = flow.warehouse.target
-    if flow.warehouse.target == "duckdb":
-        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(flow.warehouse.duckdb_path)
-    else:
-        env["DESTINATION__POSTGRES__CREDENTIALS"] = flow.warehouse.pg.to_native_representation()
+    env = environment(("DESTINATION__", "DATAMART_TARGET"), **flow.warehouse.environment_variables())
     _release_duckdb()
-    scheduled = subprocess.run(
-        [sys.executable, "-m", "datamart", "scheduled", "--only", "environments", "--no-alert"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    scheduled = run([PYTHON, "-m", "datamart", "scheduled", "--only", "environments", "--no-alert"], env)
     assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
     assert "pr_main (merged: every version is prod's)" in scheduled.stdout
     assert "pr_materialise (holds its own copy of int_volunteer_applications" in scheduled.stdout

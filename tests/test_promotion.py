@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmesh.utils.errors import NodeAuditsErrors, PlanError
+from sqlmesh.utils.errors import PlanError
 
-from datamart import demo
 from datamart.flow import run_flow
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import Warehouse
+from datamart.testing.commands import demo_settings, set_environment
+from datamart.testing.project import copy_project, failed_audits
 from datamart.testing.views import view_checksum
 from datamart.transform import published_views, sqlmesh_context
 
@@ -29,20 +29,9 @@ FINAL_SELECT = "SELECT\n  mission_id,\n  mission_title,"
 Snapshot = dict[str, tuple[int, str]]
 
 
-def _project_ignore(folder: str, names: list[str]) -> set[str]:
-    """Copy only what SQLMesh reads: config, models, audits, macros, external models, unit tests."""
-    if Path(folder) == PROJECT_ROOT:
-        keep = {"config.py", "linter", "external_models.yaml", "models", "audits", "macros", "tests"}
-        return {name for name in names if name not in keep}
-    if Path(folder) == PROJECT_ROOT / "tests":
-        return {name for name in names if not name.endswith(".yaml")}
-    return {name for name in names if name in ("__pycache__", ".cache")}
-
-
 def _changed_project(tmp_path: Path, change: tuple[str, str] | None = None, append: str = "") -> Path:
     """A copy of the SQLMesh project where missions_v1.sql has one replacement and/or an appended clause."""
-    project = tmp_path / "project"
-    shutil.copytree(PROJECT_ROOT, project, ignore=_project_ignore)
+    project = copy_project(tmp_path / "project", unit_tests=True)
     model = project / "models" / "marts" / "missions_v1.sql"
     text = model.read_text().rstrip()
     assert text.endswith("FROM missions_with_applications")
@@ -68,18 +57,8 @@ def _prod_snapshots(context: Any) -> dict[str, str]:
 @pytest.fixture
 def prod(warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Snapshot]:
     """The whole flow run on an isolated demo source and this test's warehouse: prod's published views and snapshot."""
-    source_url = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    bucket = tmp_path / "bucket"
-    demo.generate(source_url=source_url, bucket=bucket, scale=0.2)
-    env = {
-        "SOURCES__APP_DB__CREDENTIALS": source_url,
-        "SOURCES__BUCKET__BUCKET_URL": str(bucket),
-        "DATAMART__PII_HMAC_KEY": "promotion-test-key",
-        "DATAMART_PIPELINES_DIR": str(tmp_path / "pipelines"),
-        **warehouse.environment_variables(),  # through monkeypatch: SQLMesh's exports are undone after the test
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    # through monkeypatch: SQLMesh's exports are undone after the test
+    set_environment(monkeypatch, demo_settings(tmp_path, "promotion-test-key", warehouse, scale=0.2))
     flow = run_flow(warehouse, pipelines_dir=tmp_path / "pipelines", out=io.StringIO())
     assert flow.transform is not None
     views = flow.transform.published_views
@@ -115,18 +94,6 @@ def test_dev_environment_leaves_prod_identical(
     assert _prod_snapshots(context) == prod_before
 
 
-def _failed_audits(records: list[logging.LogRecord]) -> set[str]:
-    """The audits SQLMesh's scheduler logged as failed (a plan's error only says "Plan application failed.")."""
-    names = set()
-    for record in records:
-        error = record.exc_info[1] if record.exc_info else None
-        while error is not None:
-            if isinstance(error, NodeAuditsErrors):
-                names.update(audit.audit_name for audit in error.errors)
-            error = error.__cause__
-    return names
-
-
 def test_failing_audit_blocks_promotion_and_prod_stays(
     warehouse: Warehouse, prod: tuple[list[str], Snapshot], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -142,7 +109,7 @@ def test_failing_audit_blocks_promotion_and_prod_stays(
     with pytest.raises(PlanError, match="Plan application failed"):
         # Unit tests skipped so that the audit, run on the warehouse's data, is what stops the promotion.
         context.plan("prod", auto_apply=True, no_prompts=True, skip_tests=True)
-    assert "not_null" in _failed_audits(caplog.records)
+    assert "not_null" in failed_audits(caplog.records)
 
     assert _snapshot(warehouse, views) == before, "prod views serve exactly what they served before"
     assert _prod_snapshots(context) == prod_before, "prod's snapshot of every model is unchanged"

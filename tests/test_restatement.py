@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from datamart import demo
 from datamart.flow import run_flow
 from datamart.settings import Warehouse, quote_identifier
+from datamart.testing.commands import demo_settings, set_environment
 from datamart.testing.sources import Source
 from datamart.transform import sqlmesh_context
 
@@ -23,16 +23,9 @@ MARKER = "not recomputed"
 def test_new_events_restate_only_their_days_and_leave_other_marts_alone(
     warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source_url = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    demo.generate(source_url=source_url, bucket=tmp_path / "bucket", scale=0.1)
-    env = {
-        "SOURCES__APP_DB__CREDENTIALS": source_url,
-        "SOURCES__BUCKET__BUCKET_URL": str(tmp_path / "bucket"),
-        "DATAMART__PII_HMAC_KEY": "restatement-test-key",
-        **warehouse.environment_variables(),
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    settings = demo_settings(tmp_path, "restatement-test-key", warehouse, scale=0.1)
+    set_environment(monkeypatch, settings)
+    source_url = settings["SOURCES__APP_DB__CREDENTIALS"]
     pipelines = tmp_path / "pipelines"
     run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())
 
@@ -71,15 +64,9 @@ def test_a_run_that_only_deletes_rows_rebuilds_the_marts_reading_them(
 ) -> None:
     """A hard delete leaves no newer row in its table (and dlt's staging copy is emptied after each load): the run
     records in ops tell the promotion which tables lost rows."""
-    source_url = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    demo.generate(source_url=source_url, bucket=tmp_path / "bucket", scale=0.1)
-    for key, value in {
-        "SOURCES__APP_DB__CREDENTIALS": source_url,
-        "SOURCES__BUCKET__BUCKET_URL": str(tmp_path / "bucket"),
-        "DATAMART__PII_HMAC_KEY": "restatement-test-key",
-        **warehouse.environment_variables(),
-    }.items():
-        monkeypatch.setenv(key, value)
+    settings = demo_settings(tmp_path, "restatement-test-key", warehouse, scale=0.1)
+    set_environment(monkeypatch, settings)
+    source_url = settings["SOURCES__APP_DB__CREDENTIALS"]
     pipelines = tmp_path / "pipelines"
     run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())
     missions = warehouse.query("SELECT count(*) FROM marts.missions_v1")[0][0]

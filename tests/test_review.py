@@ -13,17 +13,17 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from datamart import demo
 from datamart.__main__ import main
 from datamart.flow import run_flow
 from datamart.gate.checks import GateError, gate_input, run_checks
 from datamart.review.run import DEFAULT_OUTPUT
-from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
-from datamart.testing.postgres import create_database, drop_database
+from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.testing.commands import demo_settings, set_environment
 from datamart.testing.project import copy_project, edit
 from datamart.testing.views import view_checksum
 from datamart.transform import apply_prod, sqlmesh_context
@@ -67,37 +67,18 @@ class Prod:
 
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
-def prod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prod]:
+def prod(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fresh_warehouse: Any
+) -> Iterator[Prod]:
     """The whole flow run once on a small demo source, into a DuckDB file or a fresh PostgreSQL database."""
     root = tmp_path_factory.mktemp(f"review-{request.param}")
-    database = None
-    if request.param == "duckdb":
-        warehouse = Warehouse(target="duckdb", duckdb_path=root / "warehouse.duckdb")
-        credentials = {"DESTINATION__DUCKDB__CREDENTIALS": str(warehouse.duckdb_path)}
-    else:
-        admin_url = request.getfixturevalue("pg_admin_url")
-        database = f"t_review_{root.name.replace('-', '_')[-12:]}"
-        url = create_database(admin_url, database)
-        warehouse = postgres_warehouse(url)
-        credentials = {"DESTINATION__POSTGRES__CREDENTIALS": url}
-    source_url = f"sqlite:///{root / 'app.sqlite'}"
-    demo.generate(source_url=source_url, bucket=root / "bucket", scale=0.05)
-    env = {
-        "SOURCES__APP_DB__CREDENTIALS": source_url,
-        "SOURCES__BUCKET__BUCKET_URL": str(root / "bucket"),
-        "DATAMART__PII_HMAC_KEY": "review-test-key",
-        "DATAMART_PIPELINES_DIR": str(root / "pipelines"),
-        "DATAMART_TARGET": request.param,
-        **credentials,
-        **warehouse.environment_variables(),
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
+    with (
+        fresh_warehouse(request.param, root, "t_review") as warehouse,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        set_environment(patch, demo_settings(root, "review-test-key", warehouse, scale=0.05))
         run_flow(warehouse, pipelines_dir=root / "pipelines", out=io.StringIO())
         yield Prod(warehouse, root)
-    if database is not None:
-        drop_database(admin_url, database)
 
 
 def _copy_project(root: Path, name: str) -> Path:

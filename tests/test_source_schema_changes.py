@@ -8,20 +8,18 @@ every table equals the source, and the next run reads only what changed after (t
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import Warehouse
+from datamart.testing.commands import dlt, environment
 from datamart.testing.sources import Source, source_rows
 
 pytestmark = pytest.mark.postgres
 
-DLT = str(Path(sys.executable).parent / "dlt")
 
 SCHEMA = """
 CREATE TYPE doc_status AS ENUM ('draft', 'published', 'archived');
@@ -113,24 +111,20 @@ def assert_equal_to_source(warehouse: Warehouse, url: str, extra: dict[str, str]
 
 
 def command_env(warehouse: Warehouse, tmp_path: Path, source_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
     declarations = tmp_path / "declarations"
     declarations.mkdir()
     (declarations / "evolving.yaml").write_text(DECLARATION)
-    env.update(
+    return environment(
         DATAMART__PII_HMAC_KEY="evolution-test-key",
         DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
         DATAMART_DECLARATIONS_DIR=str(declarations),
         SOURCES__EVOLVING__CREDENTIALS=source_url,
+        **warehouse.environment_variables(),
     )
-    env.update(warehouse.environment_variables())
-    return env
 
 
 def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [DLT, "pipeline", "evolving", "run"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
-    )
+    result = dlt(env, "pipeline", "evolving", "run")
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -244,9 +238,7 @@ def test_a_retype_a_view_cannot_follow_changes_nothing_and_stops_only_its_table(
         "ALTER TABLE payments ALTER COLUMN amount TYPE text",
         "UPDATE people SET city = 'Moved', updated_at = updated_at + interval '1 year' WHERE id = 3",
     )
-    result = subprocess.run(
-        [DLT, "pipeline", "evolving", "run"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
-    )
+    result = dlt(env, "pipeline", "evolving", "run")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "error: pipeline 'evolving', table payments: the warehouse refused to change amount to varchar" in (
         result.stderr

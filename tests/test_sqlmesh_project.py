@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import Warehouse
+from datamart.testing.commands import SQLMESH, environment, run
 from datamart.testing.project import copy_project, edit
 from datamart.transform import sqlmesh_context
 
@@ -47,17 +45,12 @@ def test_plain_sqlmesh_lint_refuses_models_breaking_a_convention(tmp_path: Path)
     )
     edit(project, "models/marts/volunteer_activity_v1.sql", "    assert_no_personal_columns,\n", "")
     edit(project, "models/marts/organizations_v1.sql", "name marts.organizations_v1,", "name marts.organizations,")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "DATAMART_", "SQLMESH__"))}
-    env.update(DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "warehouse.duckdb"), COLUMNS="2000")
-    sqlmesh = Path(sys.executable).parent / "sqlmesh"
-    result = subprocess.run(
-        [str(sqlmesh), "-p", str(project), "lint"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    env = environment(
+        ("DESTINATION__", "DATAMART_", "SQLMESH__"),
+        DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "warehouse.duckdb"),
+        COLUMNS="2000",
     )
+    result = run([SQLMESH, "-p", str(project), "lint"], env)
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0, output
     assert "marts.missions_v1: published to Metabase, but no description in column_descriptions for places." in output

@@ -8,10 +8,7 @@ and checks that verify names the table, the keys and the key range, and the comm
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,10 +18,10 @@ from datamart.ingest.declarations import load_declaration, load_named
 from datamart.ingest.repair import repair_pipeline
 from datamart.ingest.runner import run_pipeline
 from datamart.ingest.verify import full_compare, verify_pipeline
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import Warehouse
+from datamart.testing.commands import dlt, environment
 from datamart.testing.sources import Source
 
-DLT = str(Path(sys.executable).parent / "dlt")
 CHUNK = 20
 
 
@@ -159,27 +156,13 @@ def test_a_postgresql_source_with_text_keys_across_chunks(
 def test_cli_exits_1_on_drift_naming_pipeline_table_and_fix(
     warehouse: Warehouse, loaded: Source, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DESTINATION__")}
-    if warehouse.target == "duckdb":
-        env["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
-    else:
-        pg = warehouse.pg
-        env["DATAMART_TARGET"] = "postgres"
-        env["DESTINATION__POSTGRES__CREDENTIALS"] = (
-            f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
-        )
-    ok = subprocess.run([DLT, "pipeline", "all", "verify"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    env = environment(("DESTINATION__",), **warehouse.environment_variables())
+    ok = dlt(env, "pipeline", "all", "verify")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "app_db: no drift" in ok.stdout and "bucket: no drift" in ok.stdout
 
     warehouse.query("DELETE FROM raw_app_db.applications WHERE id = 5")
-    drift = subprocess.run(
-        [DLT, "pipeline", "app_db", "verify", "--table", "applications"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-    )
+    drift = dlt(env, "pipeline", "app_db", "verify", "--table", "applications")
     assert drift.returncode == 1
     assert "raw_app_db.applications: 1 key(s) missing from the warehouse, e.g. 5" in drift.stdout
     assert "fix with `dlt pipeline app_db verify --repair --table applications`" in drift.stdout

@@ -645,51 +645,97 @@ def _after(times: np.ndarray, not_before: np.ndarray, day_end: int) -> np.ndarra
     return np.minimum(np.maximum(times, not_before + 60), day_end)
 
 
+@dataclass
+class _Day:
+    """The day being applied: the source, the day and its seed, the last id of each table, the counts reported."""
+
+    source: Source
+    seed: int
+    scale: float
+    day: int
+    start: int  # the day's first second (epoch)
+    last_id: dict[str, int]
+    counts: dict[str, TableCounts]
+
+    @property
+    def end(self) -> int:
+        """The day's last second."""
+        return self.start + DAY - 1
+
+    def rng(self, stream: int) -> np.random.Generator:
+        """The day's random stream of one step (each step draws from its own)."""
+        return _rng(self.seed, self.day, stream)
+
+    def new_ids(self, table: str, n: int) -> np.ndarray:
+        """``n`` ids after the table's last one, counted as the day's inserts."""
+        ids = np.arange(self.last_id[table] + 1, self.last_id[table] + n + 1)
+        self.last_id[table] += n
+        self.counts[table].inserted = n
+        return ids
+
+
+def _stamp(seconds: int | np.integer) -> str:
+    """A source timestamp (``YYYY-MM-DD HH:MM:SS``) from epoch seconds."""
+    return str(np.datetime64(int(seconds), "s")).replace("T", " ")
+
+
 def _advance(source: Source, bucket: Path, meta: dict[str, str], summary: DaySummary) -> dict[str, str]:
-    """Apply one day's changes; return the new demo_meta values."""
-    seed, scale, day = int(meta["seed"]), float(meta["scale"]), summary.day
-    start = _epoch(summary.date)
-    day_end = start + DAY - 1
+    """Apply one day's changes, table after table; return the new demo_meta values."""
     last_id = {table: int(meta[f"last_id.{table}"]) for table in TABLES}
-    counts = summary.tables
-
-    def stamp(seconds: int | np.integer) -> str:
-        return str(np.datetime64(int(seconds), "s")).replace("T", " ")
-
-    # current state
-    org_ids, org_department_code = _department_rows(source)
-    mission_ids, mission_status, mission_places = source.query_array(
-        f"SELECT id, {_MISSION_STATUS_SQL}, places FROM missions WHERE deleted_at IS NULL ORDER BY id", 3
-    )
-    volunteer_ids, volunteer_rare = source.query_array(
-        f"SELECT id, CASE WHEN department = '{ref.RARE_DEPARTMENT}' THEN 1 ELSE 0 END FROM volunteers ORDER BY id", 2
-    )
-    application_ids, application_volunteer, application_status = source.query_array(
+    today = _Day(source, int(meta["seed"]), float(meta["scale"]), summary.day, _epoch(summary.date), last_id,
+                 summary.tables)  # fmt: skip
+    applications = source.query_array(  # before today's changes: id, volunteer_id, status
         f"SELECT id, volunteer_id, {_APPLICATION_STATUS_SQL} FROM applications ORDER BY id", 3
     )
+    organizations = _organizations(today)
+    open_missions = _missions(today, organizations)
+    erased_applications, volunteers = _volunteers(today, applications[1])
+    _applications(today, applications, erased_applications, open_missions, volunteers)
+    partners, report = _stats_events(today, open_missions)
+    if summary.day % PARTNER_EVERY_DAYS == 0 or not (bucket / PARTNERS_FILE).exists():
+        summary.files.append(_write_partners(bucket, summary.day, today.seed))
+    summary.files.append(_write_report(bucket, summary.date, partners, report, today.seed))
+    new_meta = dict(meta)
+    new_meta["day"] = str(summary.day)
+    new_meta.update({f"last_id.{table}": str(value) for table, value in last_id.items()})
+    return new_meta
 
-    # organizations: soft-delete a few, insert new ones
-    rng = _rng(seed, day, S_ORG_SOFT)
-    soft_orgs = _sample(rng, org_ids, _at_least_one(rng, DAILY_SOFT_DELETED["organizations"] * scale))
-    times = _day_times(rng, start, len(soft_orgs))
-    counts["organizations"].soft_deleted = source.update(
+
+def _organizations(today: _Day) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft-delete a few organizations, insert new ones; the live ones after: ids, departments, since when."""
+    org_ids, org_department_code = _department_rows(today.source)
+    rng = today.rng(S_ORG_SOFT)
+    soft_orgs = _sample(rng, org_ids, _at_least_one(rng, DAILY_SOFT_DELETED["organizations"] * today.scale))
+    times = _day_times(rng, today.start, len(soft_orgs))
+    today.counts["organizations"].soft_deleted = today.source.update(
         "organizations",
         ["updated_at", "deleted_at"],
-        [(int(i), stamp(t), stamp(t)) for i, t in zip(soft_orgs, times, strict=True)],
+        [(int(i), _stamp(t), _stamp(t)) for i, t in zip(soft_orgs, times, strict=True)],
     )
-    rng = _rng(seed, day, S_ORG)
-    n = _at_least_one(rng, DAILY_NEW["organizations"] * scale)
-    new_org_ids = np.arange(last_id["organizations"] + 1, last_id["organizations"] + n + 1)
-    new_org_created = _day_times(rng, start, n)
+    rng = today.rng(S_ORG)
+    n = _at_least_one(rng, DAILY_NEW["organizations"] * today.scale)
+    new_org_ids = today.new_ids("organizations", n)
+    new_org_created = _day_times(rng, today.start, n)
     table, new_org_department = _organization_rows(rng, new_org_ids, new_org_created, new_org_created, np.zeros(n))
-    source.insert("organizations", table)
-    counts["organizations"].inserted = n
-    last_id["organizations"] += n
+    today.source.insert("organizations", table)
+    live_orgs = ~np.isin(org_ids, soft_orgs)
+    return (
+        np.concatenate([org_ids[live_orgs], new_org_ids]),
+        np.concatenate([org_department_code[live_orgs], new_org_department]),
+        np.concatenate([np.full(int(live_orgs.sum()), today.start), new_org_created]),
+    )
 
-    # missions: update ~2 %, soft-delete a few, insert new ones
-    rng = _rng(seed, day, S_MIS_CHANGE)
+
+def _missions(today: _Day, organizations: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Update ~2 % of the missions, soft-delete a few, insert new ones (of live ``organizations``); the missions
+    open to applications and traffic today, with the time they became so."""
+    mission_ids, mission_status, mission_places = today.source.query_array(
+        f"SELECT id, {_MISSION_STATUS_SQL}, places FROM missions WHERE deleted_at IS NULL ORDER BY id", 3
+    )
+    start = today.start
+    rng = today.rng(S_MIS_CHANGE)
     n_updates = round(MISSION_UPDATE_SHARE * len(mission_ids))
-    n_soft = _at_least_one(rng, DAILY_SOFT_DELETED["missions"] * scale)
+    n_soft = _at_least_one(rng, DAILY_SOFT_DELETED["missions"] * today.scale)
     chosen = rng.permutation(len(mission_ids))[: n_updates + n_soft]
     updated_rows, soft_rows = np.sort(chosen[:n_updates]), np.sort(chosen[n_updates:])
     status, places = mission_status[updated_rows].copy(), mission_places[updated_rows].copy()
@@ -709,21 +755,20 @@ def _advance(source: Source, bucket: Path, meta: dict[str, str], summary: DaySum
     update_times = _day_times(rng, start, len(updated_rows))
     update_times = update_times[rng.permutation(len(update_times))]
     statuses = ref.MISSION_STATUSES
-    counts["missions"].updated = source.update(
+    today.counts["missions"].updated = today.source.update(
         "missions",
         ["status", "places", "updated_at"],
         [
-            (int(mission_ids[r]), statuses[int(s)], int(p), stamp(t))
+            (int(mission_ids[r]), statuses[int(s)], int(p), _stamp(t))
             for r, s, p, t in zip(updated_rows, status, places, update_times, strict=True)
         ],
     )
     soft_times = _day_times(rng, start, len(soft_rows))
-    counts["missions"].soft_deleted = source.update(
+    today.counts["missions"].soft_deleted = today.source.update(
         "missions",
         ["updated_at", "deleted_at"],
-        [(int(mission_ids[r]), stamp(t), stamp(t)) for r, t in zip(soft_rows, soft_times, strict=True)],
+        [(int(mission_ids[r]), _stamp(t), _stamp(t)) for r, t in zip(soft_rows, soft_times, strict=True)],
     )
-    # missions open to applications and traffic today, with the time they became so
     final_status = mission_status.copy()
     final_status[updated_rows] = status
     open_since = np.full(len(mission_ids), start, dtype=np.int64)
@@ -731,53 +776,68 @@ def _advance(source: Source, bucket: Path, meta: dict[str, str], summary: DaySum
     is_open = final_status == PUBLISHED
     is_open[soft_rows] = False
 
-    rng = _rng(seed, day, S_MIS)
-    n = _at_least_one(rng, DAILY_NEW["missions"] * scale)
-    live_orgs = ~np.isin(org_ids, soft_orgs)
-    pool_ids = np.concatenate([org_ids[live_orgs], new_org_ids])
-    pool_department = np.concatenate([org_department_code[live_orgs], new_org_department])
-    pool_since = np.concatenate([np.full(int(live_orgs.sum()), start), new_org_created])
-    pick = rng.integers(len(pool_ids), size=n)
-    created = _after(start + rng.integers(0, DAY, size=n), pool_since[pick], day_end)
+    org_ids, org_department, org_since = organizations
+    rng = today.rng(S_MIS)
+    n = _at_least_one(rng, DAILY_NEW["missions"] * today.scale)
+    pick = rng.integers(len(org_ids), size=n)
+    created = _after(start + rng.integers(0, DAY, size=n), org_since[pick], today.end)
     order = np.argsort(created, kind="stable")
     pick, created = pick[order], created[order]
     new_status = np.where(rng.random(n) < 0.8, PUBLISHED, DRAFT)
-    new_mission_ids = np.arange(last_id["missions"] + 1, last_id["missions"] + n + 1)
+    new_mission_ids = today.new_ids("missions", n)
     table = _mission_rows(
-        rng, new_mission_ids, pool_ids[pick], pool_department[pick], new_status, created, created, np.zeros(n)
+        rng, new_mission_ids, org_ids[pick], org_department[pick], new_status, created, created, np.zeros(n)
     )
-    source.insert("missions", table)
-    counts["missions"].inserted = n
-    last_id["missions"] += n
-    open_mission_ids = np.concatenate([mission_ids[is_open], new_mission_ids[new_status == PUBLISHED]])
-    open_mission_since = np.concatenate([open_since[is_open], created[new_status == PUBLISHED]])
+    today.source.insert("missions", table)
+    return (
+        np.concatenate([mission_ids[is_open], new_mission_ids[new_status == PUBLISHED]]),
+        np.concatenate([open_since[is_open], created[new_status == PUBLISHED]]),
+    )
 
-    # volunteers: right-to-erasure requests (hard delete, with their applications), then new volunteers
-    rng = _rng(seed, day, S_ERASE)
+
+def _volunteers(today: _Day, application_volunteer: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Right-to-erasure requests (hard delete, with their applications), then new volunteers; which applications
+    (of ``application_volunteer``, each application's volunteer) were erased, and the volunteers after: ids, since
+    when."""
+    volunteer_ids, volunteer_rare = today.source.query_array(
+        f"SELECT id, CASE WHEN department = '{ref.RARE_DEPARTMENT}' THEN 1 ELSE 0 END FROM volunteers ORDER BY id", 2
+    )
+    rng = today.rng(S_ERASE)
     erasable = volunteer_ids[volunteer_rare == 0]
-    erased = _sample(rng, erasable, _at_least_one(rng, DAILY_ERASED_VOLUNTEERS * scale))
+    erased = _sample(rng, erasable, _at_least_one(rng, DAILY_ERASED_VOLUNTEERS * today.scale))
     erased_applications = np.isin(application_volunteer, erased)
-    counts["applications"].hard_deleted += source.delete_in("applications", "volunteer_id", erased)
-    counts["volunteers"].hard_deleted = source.delete_in("volunteers", "id", erased)
-    rng = _rng(seed, day, S_VOL)
-    n = _at_least_one(rng, DAILY_NEW["volunteers"] * scale)
-    new_volunteer_ids = np.arange(last_id["volunteers"] + 1, last_id["volunteers"] + n + 1)
-    created = _day_times(rng, start, n)
+    today.counts["applications"].hard_deleted += today.source.delete_in("applications", "volunteer_id", erased)
+    today.counts["volunteers"].hard_deleted = today.source.delete_in("volunteers", "id", erased)
+    rng = today.rng(S_VOL)
+    n = _at_least_one(rng, DAILY_NEW["volunteers"] * today.scale)
+    new_volunteer_ids = today.new_ids("volunteers", n)
+    created = _day_times(rng, today.start, n)
     department = rng.choice(len(ref.DEPARTMENTS), size=n, p=ref.DEPARTMENT_WEIGHTS)
-    source.insert("volunteers", _volunteer_rows(rng, new_volunteer_ids, department, created, created))
-    counts["volunteers"].inserted = n
-    last_id["volunteers"] += n
+    today.source.insert("volunteers", _volunteer_rows(rng, new_volunteer_ids, department, created, created))
     kept = ~np.isin(volunteer_ids, erased)
-    volunteer_pool = np.concatenate([volunteer_ids[kept], new_volunteer_ids])
-    volunteer_since = np.concatenate([np.full(int(kept.sum()), start), created])
+    return erased_applications, (
+        np.concatenate([volunteer_ids[kept], new_volunteer_ids]),
+        np.concatenate([np.full(int(kept.sum()), today.start), created]),
+    )
 
-    # applications: withdrawn ones hard-deleted, ~3 % change status, new ones
-    rng = _rng(seed, day, S_WITHDRAW)
-    withdrawable = application_ids[(application_status == PENDING) & ~erased_applications]
-    withdrawn = _sample(rng, withdrawable, _at_least_one(rng, DAILY_WITHDRAWN_APPLICATIONS * scale))
-    counts["applications"].hard_deleted += source.delete_in("applications", "id", withdrawn)
-    rng = _rng(seed, day, S_APP_CHANGE)
-    remaining = np.flatnonzero(~erased_applications & ~np.isin(application_ids, withdrawn))
+
+def _applications(
+    today: _Day,
+    applications: tuple[np.ndarray, np.ndarray, np.ndarray],
+    erased: np.ndarray,
+    open_missions: tuple[np.ndarray, np.ndarray],
+    volunteers: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Pending ``applications`` (id, volunteer, status) withdrawn (hard-deleted), ~3 % of the others change status
+    (``erased`` ones left out: gone with their volunteer), then new ones to ``open_missions`` from ``volunteers``."""
+    application_ids, _, application_status = applications
+    start = today.start
+    rng = today.rng(S_WITHDRAW)
+    withdrawable = application_ids[(application_status == PENDING) & ~erased]
+    withdrawn = _sample(rng, withdrawable, _at_least_one(rng, DAILY_WITHDRAWN_APPLICATIONS * today.scale))
+    today.counts["applications"].hard_deleted += today.source.delete_in("applications", "id", withdrawn)
+    rng = today.rng(S_APP_CHANGE)
+    remaining = np.flatnonzero(~erased & ~np.isin(application_ids, withdrawn))
     rows = np.sort(
         rng.choice(remaining, size=min(len(remaining), round(APPLICATION_UPDATE_SHARE * len(remaining))), replace=False)
     )
@@ -788,22 +848,24 @@ def _advance(source: Source, bucket: Path, meta: dict[str, str], summary: DaySum
     status = np.where(current == PENDING, from_pending, transitions[current])
     times = _day_times(rng, start, len(rows))[rng.permutation(len(rows))]
     statuses = ref.APPLICATION_STATUSES
-    counts["applications"].updated = source.update(
+    today.counts["applications"].updated = today.source.update(
         "applications",
         ["status", "updated_at"],
-        [(int(application_ids[r]), statuses[int(s)], stamp(t)) for r, s, t in zip(rows, status, times, strict=True)],
+        [(int(application_ids[r]), statuses[int(s)], _stamp(t)) for r, s, t in zip(rows, status, times, strict=True)],
     )
-    rng = _rng(seed, day, S_APP)
-    n = _at_least_one(rng, DAILY_NEW["applications"] * scale)
+    rng = today.rng(S_APP)
+    n = _at_least_one(rng, DAILY_NEW["applications"] * today.scale)
+    open_mission_ids, open_mission_since = open_missions
+    volunteer_pool, volunteer_since = volunteers
     if len(open_mission_ids) == 0:
         raise DemoError("no published mission is left to apply to; regenerate the demo with --reset")
     mission_pick = rng.integers(len(open_mission_ids), size=n)
     volunteer_pick = rng.integers(len(volunteer_pool), size=n)
     created = start + rng.integers(0, DAY, size=n)
-    created = _after(created, np.maximum(open_mission_since[mission_pick], volunteer_since[volunteer_pick]), day_end)
+    created = _after(created, np.maximum(open_mission_since[mission_pick], volunteer_since[volunteer_pick]), today.end)
     order = np.argsort(created, kind="stable")
-    new_ids = np.arange(last_id["applications"] + 1, last_id["applications"] + n + 1)
-    source.insert(
+    new_ids = today.new_ids("applications", n)
+    today.source.insert(
         "applications",
         _application_rows(
             new_ids,
@@ -814,23 +876,25 @@ def _advance(source: Source, bucket: Path, meta: dict[str, str], summary: DaySum
             created[order],
         ),
     )
-    counts["applications"].inserted = n
-    last_id["applications"] += n
 
-    # stats events of the day and the partners' report of them
-    rng = _rng(seed, day, S_EVT)
-    partners = partner_ids(day)
+
+def _stats_events(today: _Day, open_missions: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The day's stats events on ``open_missions``; the partners and their report of them (events per type)."""
+    start = today.start
+    rng = today.rng(S_EVT)
+    partners = partner_ids(today.day)
     expected = (
-        max(MIN_EVENTS, EVENTS_PER_SCALE * scale) / HISTORY_DAYS * 1.2 * float(_week_factor(np.array([start]))[0])
+        max(MIN_EVENTS, EVENTS_PER_SCALE * today.scale) / HISTORY_DAYS * 1.2 * float(_week_factor(np.array([start]))[0])
     )
     n = _at_least_one(rng, expected)
     event_type = rng.choice(3, size=n, p=ref.EVENT_TYPE_WEIGHTS)
-    partner_index = rng.choice(len(partners), size=n, p=_partner_weights(partners, seed))
+    partner_index = rng.choice(len(partners), size=n, p=_partner_weights(partners, today.seed))
+    open_mission_ids, open_mission_since = open_missions
     mission_pick = rng.integers(len(open_mission_ids), size=n)
-    occurred = _after(start + rng.integers(0, DAY, size=n), open_mission_since[mission_pick], day_end)
+    occurred = _after(start + rng.integers(0, DAY, size=n), open_mission_since[mission_pick], today.end)
     order = np.argsort(occurred, kind="stable")
-    event_ids = np.arange(last_id["stats_events"] + 1, last_id["stats_events"] + n + 1)
-    source.insert(
+    event_ids = today.new_ids("stats_events", n)
+    today.source.insert(
         "stats_events",
         _event_rows(
             event_ids,
@@ -840,18 +904,8 @@ def _advance(source: Source, bucket: Path, meta: dict[str, str], summary: DaySum
             occurred[order],
         ),
     )
-    counts["stats_events"].inserted = n
-    last_id["stats_events"] += n
     report = np.bincount(partner_index * 3 + event_type, minlength=len(partners) * 3).reshape(len(partners), 3)
-
-    if day % PARTNER_EVERY_DAYS == 0 or not (bucket / PARTNERS_FILE).exists():
-        summary.files.append(_write_partners(bucket, day, seed))
-    summary.files.append(_write_report(bucket, summary.date, partners, report, seed))
-
-    new_meta = dict(meta)
-    new_meta["day"] = str(day)
-    new_meta.update({f"last_id.{table}": str(value) for table, value in last_id.items()})
-    return new_meta
+    return partners, report
 
 
 def _department_rows(source: Source) -> tuple[np.ndarray, np.ndarray]:

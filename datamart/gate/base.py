@@ -1,7 +1,9 @@
 """What a gate check receives and returns; a module of its own so that checks import it without a cycle.
 
 A check module (``datamart/gate/contract.py``, ``datamart/gate/lineage.py``) imports :class:`GateInput` and
-:class:`Violation` from here; ``datamart/gate/checks.py`` imports the checks into its ``CHECKS`` list.
+:class:`Violation` from here; ``datamart/gate/checks.py`` imports the checks into its ``CHECKS`` list. The names of
+SQLMesh models (:func:`short_name`, :func:`is_published`) are read here too, once for the gate, the review and the
+promotion.
 """
 
 from __future__ import annotations
@@ -11,7 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse
+
+
+def short_name(fqn: str) -> str:
+    """``schema.table`` from a fully qualified, quoted SQLMesh name (``"catalog"."schema"."table"``)."""
+    return ".".join(fqn.replace('"', "").split(".")[-2:])
+
+
+def is_published(fqn: str) -> bool:
+    """Whether the model is served in the published schema (what Metabase reads)."""
+    return short_name(fqn).split(".")[0] == PUBLISHED_SCHEMA
 
 
 @dataclass(frozen=True)

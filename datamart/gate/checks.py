@@ -20,8 +20,7 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from datamart.gate import contract, lineage
-from datamart.gate.base import Check, GateInput, Violation
-from datamart.gate.contract import short_name
+from datamart.gate.base import Check, GateInput, Violation, short_name
 from datamart.settings import PROJECT_ROOT, Warehouse
 
 __all__ = [

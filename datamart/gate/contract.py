@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from datamart.gate.base import GateInput, Violation
+from datamart.gate.base import GateInput, Violation, is_published, short_name
 from datamart.settings import PUBLISHED_SCHEMA, SettingsError
 
 TITLE = "Contract of the published views"
@@ -66,16 +66,6 @@ class ViewComparison:
     forward_only: bool = False
     unknown_columns: bool = False  # the project's columns could not be derived
     previous_version: str = ""  # for a new ``<name>_vN``: the ``<name>_v(N-1)`` prod serves, compared in ``changes``
-
-
-def short_name(fqn: str) -> str:
-    """``schema.table`` from a fully qualified, quoted SQLMesh name (``"catalog"."schema"."table"``)."""
-    return ".".join(fqn.replace('"', "").split(".")[-2:])
-
-
-def is_published(fqn: str) -> bool:
-    """Whether the model is served in the published schema (what Metabase reads)."""
-    return short_name(fqn).split(".")[0] == PUBLISHED_SCHEMA
 
 
 def retired_views(project: Path) -> dict[str, dict[str, str]]:

@@ -27,10 +27,9 @@ from typing import Any
 
 from sqlglot import exp
 
-from datamart.gate.base import GateInput, Violation
+from datamart.gate.base import GateInput, Violation, is_published, short_name
 from datamart.ingest.declarations import PipelineDecl, load_all
 from datamart.ingest.personal import DROP, HASH, YEAR, loaded_column
-from datamart.settings import PUBLISHED_SCHEMA
 
 ALLOW_TAG_PREFIX = "personal:"
 COUNTING = (exp.Count, exp.ApproxDistinct)
@@ -102,11 +101,6 @@ def personal_columns(declarations: Iterable[PipelineDecl] | None = None) -> list
                 raw = loaded_column(column, treatment)
                 found.append(PersonalColumn(decl.name, table.name, column, treatment, decl.dataset, raw))
     return found
-
-
-def short_name(fqn: str) -> str:
-    """``schema.table`` from a fully qualified, quoted SQLMesh name."""
-    return ".".join(fqn.replace('"', "").split(".")[-2:])
 
 
 class LineageIndex:
@@ -208,7 +202,7 @@ def allowed_columns(model: Any) -> set[str]:
 def published_models(context: Any) -> list[Any]:
     """The models of the published schema (what Metabase reads), by name."""
     models = [m for m in context.models.values() if not m.kind.is_external]
-    return sorted((m for m in models if short_name(m.fqn).split(".")[0] == PUBLISHED_SCHEMA), key=lambda m: m.fqn)
+    return sorted((m for m in models if is_published(m.fqn)), key=lambda m: m.fqn)
 
 
 def check_published_lineage(context: Any, index: LineageIndex | None = None) -> list[LineageFinding]:

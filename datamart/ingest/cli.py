@@ -15,7 +15,7 @@ from datamart.ingest.evolution import RetypeRefused
 from datamart.ingest.lock import PipelineLocked
 from datamart.ingest.runner import Carried, PipelineRun, TablesFailed, format_loads, make_pipeline, run_pipeline
 from datamart.redact import redact
-from datamart.settings import SettingsError, Warehouse, configure_environment, resolve_warehouse
+from datamart.settings import SettingsError, Warehouse, configure_environment, env_name, resolve_warehouse
 
 ALL = "all"
 
@@ -210,15 +210,12 @@ def config_hint(decl: PipelineDecl, exc: BaseException) -> str | None:
         side, reason = refused
         if side == "source":
             key = f"sources.{decl.name}.credentials"
-            where = (
-                f"{key.upper().replace('.', '__')}=<SQLAlchemy URL> (or [sources.{decl.name}] credentials in "
-                ".dlt/secrets.toml)"
-            )
+            where = f"{env_name(key)}=<SQLAlchemy URL> (or [sources.{decl.name}] credentials in .dlt/secrets.toml)"
         else:
             environment, target = selected_environment(), selected_target()
             prefix = "" if environment == "dev" else f"{environment}."
             key = f"{prefix}destination.{target}.credentials"
-            where = f"{key.upper().replace('.', '__')} (or [{prefix}destination.{target}] in .dlt/secrets.toml)"
+            where = f"{env_name(key)} (or [{prefix}destination.{target}] in .dlt/secrets.toml)"
         return (
             f"the {side} refused the connection ({reason}): set {where} to a user, password and database that "
             "exist there, then rerun the same command; a refused login is not retried"

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from datamart.errors import DeclarationError, closest
+from datamart.errors import declaration_error as _fail
 from datamart.ingest.personal import KEEP, TREATMENTS
 from datamart.ingest.rest import REST_TABLE_KEYS, validate_rest_declaration
 from datamart.settings import declarations_dir
@@ -106,10 +107,6 @@ SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "sql_database": ("schema", "backend", "chunk_size", "changes", "slot", "publication"),
     "filesystem": ("chunk_size",),
 }
-
-
-def _fail(path: Path, key: str, message: str) -> DeclarationError:
-    return DeclarationError(f"{path.name}: {key}: {message}")
 
 
 def refuse_unknown(path: Path, where: str, keys: Any, allowed: Any) -> None:

@@ -14,11 +14,10 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-import dlt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from datamart.settings import SettingsError
+from datamart.settings import SettingsError, secret
 
 HMAC_KEY_SECRET = "datamart.pii_hmac_key"
 
@@ -31,7 +30,7 @@ TREATMENTS = (HASH, DROP, YEAR, KEEP)
 
 def require_hmac_key(pipeline: str) -> bytes:
     """The HMAC key, or a stop before extraction naming the secret to set."""
-    key = dlt.secrets.get(HMAC_KEY_SECRET)
+    key = secret(HMAC_KEY_SECRET)
     if not key or str(key).startswith("replace-with"):
         raise SettingsError(
             f"pipeline '{pipeline}' declares personal columns to hash but the secret {HMAC_KEY_SECRET} is not set: "

@@ -32,8 +32,9 @@ from dlt.sources.rest_api.typing import (
     PaginatorTypeConfig,
 )
 
-from datamart.errors import DeclarationError, closest
-from datamart.settings import SettingsError
+from datamart.errors import closest
+from datamart.errors import declaration_error as _fail
+from datamart.settings import SettingsError, env_name, secret
 
 if TYPE_CHECKING:  # declarations.py calls this module to check the rest_api parts of a declaration
     from datamart.ingest.declarations import PipelineDecl, TableDecl
@@ -93,17 +94,9 @@ SECRET_NAMES = {
 }
 
 
-def _fail(path: Path, key: str, message: str) -> DeclarationError:
-    return DeclarationError(f"{path.name}: {key}: {message}")
-
-
-def _env_name(key: str) -> str:
-    return key.upper().replace(".", "__")
-
-
 def _secret_hint(pipeline: str, name: str) -> str:
     key = f"sources.{pipeline}.{name}"
-    return f"set {_env_name(key)} or [sources.{pipeline}] {name} in .dlt/secrets.toml"
+    return f"set {env_name(key)} or [sources.{pipeline}] {name} in .dlt/secrets.toml"
 
 
 def validate_rest_declaration(path: Path, source: dict[str, Any], tables: dict[str, dict[str, Any]]) -> None:
@@ -132,7 +125,7 @@ def _check_base_url(path: Path, pipeline: str, base_url: Any) -> None:
         raise _fail(
             path,
             "source.base_url",
-            f"missing: write the API root, e.g. base_url: https://api.example.org/v1, or set {_env_name(key)} "
+            f"missing: write the API root, e.g. base_url: https://api.example.org/v1, or set {env_name(key)} "
             f"(or [sources.{pipeline}] base_url in .dlt/config.toml)",
         )
     if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
@@ -282,7 +275,7 @@ def rest_base_url(pipeline: PipelineDecl) -> str:
     if not url:
         raise SettingsError(
             f"pipeline '{pipeline.name}': no API root. Write source.base_url in {pipeline.path.name} or set "
-            f"{_env_name(key)} (or [sources.{pipeline.name}] base_url in .dlt/config.toml)."
+            f"{env_name(key)} (or [sources.{pipeline.name}] base_url in .dlt/config.toml)."
         )
     return str(url)
 
@@ -296,7 +289,7 @@ def rest_auth(pipeline: PipelineDecl) -> dict[str, Any] | None:
     auth.setdefault("type", "bearer")
     secrets, _ = AUTH_TYPES[auth["type"]]
     for name in secrets:
-        value = dlt.secrets.get(f"sources.{pipeline.name}.{name}")
+        value = secret(f"sources.{pipeline.name}.{name}")
         if not value:
             raise SettingsError(
                 f"pipeline '{pipeline.name}': auth type {auth['type']} needs the secret sources.{pipeline.name}.{name}"

@@ -22,7 +22,7 @@ from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletio
 from datamart.ingest.history import apply_history_hints
 from datamart.ingest.personal import DROP, HASH, YEAR, personal_data_map, require_hmac_key, year_column
 from datamart.ingest.rest import build_rest_resources
-from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse
+from datamart.settings import PROJECT_ROOT, SettingsError, Warehouse, env_name, secret
 
 
 def source_credentials(pipeline: PipelineDecl, generating_demo: bool = False) -> str:
@@ -32,9 +32,9 @@ def source_credentials(pipeline: PipelineDecl, generating_demo: bool = False) ->
     exist yet.
     """
     key = f"sources.{pipeline.name}.credentials"
-    setting = key.upper().replace(".", "__")
+    setting = env_name(key)
     what_to_set = f"Set {setting}=<SQLAlchemy URL> or [sources.{pipeline.name}] credentials in .dlt/secrets.toml."
-    url = dlt.secrets.get(key)
+    url = secret(key)
     if not url:
         url = dlt.config.get(key)  # config.toml holds the demo's non-secret SQLite path
         if url:
@@ -556,4 +556,11 @@ def _with_row_ids(batch: Any) -> Any:
 def _fs_credentials(pipeline: PipelineDecl, url: str) -> dict[str, Any]:
     if url.startswith("file://") or "://" not in url or Path(url).exists():
         return {}
-    return {"credentials": dlt.secrets[f"sources.{pipeline.name}.credentials"]}
+    key = f"sources.{pipeline.name}.credentials"
+    credentials = secret(key)
+    if credentials is None:
+        raise SettingsError(
+            f"pipeline '{pipeline.name}': the bucket {url} needs credentials: set {env_name(key)} or "
+            f"[sources.{pipeline.name}.credentials] in .dlt/secrets.toml (see .dlt/example.secrets.toml)."
+        )
+    return {"credentials": credentials}

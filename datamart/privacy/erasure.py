@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamart.gate.lineage import LineageIndex, PersonalColumn, short_name
+from datamart.gate.base import short_name
+from datamart.gate.lineage import LineageIndex, PersonalColumn
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_named
 from datamart.ingest.personal import HASH, pseudonym, require_hmac_key
 from datamart.settings import Warehouse, quote_identifier

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datamart.gate.base import is_published, short_name
 from datamart.gate.checks import CHECKS, Violation, gate_input, run_checks
-from datamart.gate.contract import is_published, short_name
 from datamart.settings import DATA_DIR, PROJECT_ROOT, Warehouse
 from datamart.transform import sqlmesh_context
 

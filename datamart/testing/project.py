@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
+
+from sqlmesh.utils.errors import NodeAuditsErrors
 
 from datamart.settings import PROJECT_ROOT
 
@@ -31,3 +34,15 @@ def edit(project: Path, relative: str, old: str, new: str) -> None:
     text = path.read_text()
     assert text.count(old) == 1, f"{old!r} is not found exactly once in {relative}"
     path.write_text(text.replace(old, new))
+
+
+def failed_audits(records: list[logging.LogRecord]) -> set[str]:
+    """The audits SQLMesh's scheduler logged as failed (a plan's error only says "Plan application failed.")."""
+    names = set()
+    for record in records:
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None:
+            if isinstance(error, NodeAuditsErrors):
+                names.update(audit.audit_name for audit in error.errors)
+            error = error.__cause__
+    return names
