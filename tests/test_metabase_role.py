@@ -32,10 +32,10 @@ from datamart import demo
 from datamart.flow import run_flow
 from datamart.flow import summary as flow_summary
 from datamart.grants import GrantError, apply_metabase_grants
-from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.settings import PROJECT_ROOT, PUBLISHED_SCHEMA, Warehouse, postgres_warehouse
 from datamart.testing.commands import demo_settings, set_environment
 from datamart.testing.project import copy_project, edit
-from datamart.transform import PUBLISHED_SCHEMA, published_views, sqlmesh_context
+from datamart.transform import published_views, sqlmesh_context
 
 pytestmark = pytest.mark.postgres
 
