@@ -81,13 +81,16 @@ def pg_database(pg_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def pg_database_factory(pg_admin_url: str) -> Iterator[Callable[[str], str]]:
-    """Create named fresh databases on the session's server (e.g. a source and a warehouse); all dropped after."""
+def pg_database_factory(pg_admin_url: str) -> Iterator[Callable[..., str]]:
+    """Create named fresh databases on the session's server (e.g. a source and a warehouse); all dropped after.
+
+    ``make(role, template=name)`` copies database ``name`` instead (a state built once per module, see test_no_wedge).
+    """
     created: list[str] = []
 
-    def make(role: str) -> str:
+    def make(role: str, template: str | None = None) -> str:
         name = f"t_{role}_{uuid.uuid4().hex[:8]}"
-        url = create_database(pg_admin_url, name)
+        url = create_database(pg_admin_url, name, template=template)
         created.append(name)
         return url
 

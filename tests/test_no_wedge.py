@@ -17,29 +17,39 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from datamart import demo
-from datamart.settings import PROJECT_ROOT, Warehouse
+from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
+from datamart.testing.postgres import create_database, drop_database
 
 pytestmark = pytest.mark.slow
 
 DLT = str(Path(sys.executable).parent / "dlt")
 
 
-@pytest.fixture
-def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
-    """A generated demo source and bucket, and the warehouse, given to the commands the dlt way."""
-    source = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    demo.generate(source_url=source, bucket=tmp_path / "bucket", scale=0.2)
+@dataclass
+class Loaded:
+    """The demo source (SQLite file and bucket) after a first `dlt pipeline app_db run`, with dlt's working directory
+    and the warehouse: a DuckDB file in ``folder``, or the PostgreSQL database ``database``."""
+
+    folder: Path
+    database: str | None = None
+
+
+def _environment(folder: Path, warehouse: Warehouse) -> dict[str, str]:
+    """The source and bucket in ``folder`` and the warehouse, given to the commands the dlt way."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("DESTINATION__", "SOURCES__", "DATAMART"))}
     environment.update(
-        SOURCES__APP_DB__CREDENTIALS=source,
-        SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"),
+        SOURCES__APP_DB__CREDENTIALS=f"sqlite:///{folder / 'app.sqlite'}",
+        SOURCES__BUCKET__BUCKET_URL=str(folder / "bucket"),
         DATAMART__PII_HMAC_KEY="wedge-test-key",
-        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
+        DATAMART_PIPELINES_DIR=str(folder / "pipelines"),
     )
     if warehouse.target == "duckdb":
         environment["DESTINATION__DUCKDB__CREDENTIALS"] = str(warehouse.duckdb_path)
@@ -50,6 +60,59 @@ def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
             f"postgresql://{pg.username}:{pg.password}@{pg.host}:{pg.port}/{pg.database}"
         )
     return environment
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str, pytest.FixtureRequest], Loaded]]:
+    """Per warehouse kind, the demo (scale 0.2) loaded once for the module by a real `dlt pipeline app_db run`.
+
+    Every test starts from its own copy of that state (files copied, ``CREATE DATABASE … TEMPLATE``) rather than
+    loading the same first day again: the first load is not what these tests are about, what follows it is.
+    """
+    built: dict[str, Loaded] = {}
+    admin_url = ""
+
+    def get(target: str, request: pytest.FixtureRequest) -> Loaded:
+        nonlocal admin_url
+        if target not in built:
+            folder = tmp_path_factory.mktemp(f"loaded-{target}")
+            demo.generate(source_url=f"sqlite:///{folder / 'app.sqlite'}", bucket=folder / "bucket", scale=0.2)
+            if target == "duckdb":
+                state, warehouse = Loaded(folder), Warehouse(target="duckdb", duckdb_path=folder / "warehouse.duckdb")
+            else:
+                admin_url = request.getfixturevalue("pg_admin_url")
+                state = Loaded(folder, f"t_wedge_loaded_{uuid.uuid4().hex[:8]}")
+                warehouse = postgres_warehouse(create_database(admin_url, state.database))
+            run(_environment(folder, warehouse), "dlt", "pipeline", "app_db", "run")
+            built[target] = state
+        return built[target]
+
+    yield get
+    for state in built.values():
+        if state.database:
+            drop_database(admin_url, state.database)
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path, loaded: Callable[..., Loaded]) -> Warehouse:
+    """This test's copy of the loaded warehouse (DuckDB, then PostgreSQL), and of the source, bucket and dlt's
+    working directory beside it in tmp_path."""
+    state = loaded(request.param, request)
+    shutil.copy(state.folder / "app.sqlite", tmp_path / "app.sqlite")
+    for folder in ("bucket", "pipelines"):
+        shutil.copytree(state.folder / folder, tmp_path / folder)
+    if request.param == "duckdb":
+        assert not (state.folder / "warehouse.duckdb.wal").exists(), "the loaded DuckDB file was not closed"
+        shutil.copy(state.folder / "warehouse.duckdb", tmp_path / "warehouse.duckdb")
+        return Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
+    return postgres_warehouse(request.getfixturevalue("pg_database_factory")("warehouse", template=state.database))
+
+
+@pytest.fixture
+def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
+    """The demo source and bucket, loaded once by `dlt pipeline app_db run` into the warehouse (see ``loaded``),
+    given to the commands the dlt way."""
+    return _environment(tmp_path, warehouse)
 
 
 def run(env: dict[str, str], *args: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
@@ -120,7 +183,6 @@ FIXED = "places = 12"
 def test_failed_load_then_fix_and_rerun_loads_each_event_once(
     env: dict[str, str], warehouse: Warehouse, tmp_path: Path, working_dir: str
 ) -> None:
-    run(env, "dlt", "pipeline", "app_db", "run")
     refuse_large_places(warehouse)
     add_events(env, 30_000)
     bump(env, "missions", REFUSED, "id = 3")  # one row the warehouse refuses
@@ -172,7 +234,6 @@ def test_full_refresh_of_one_table_under_sqlmesh_views(env: dict[str, str], ware
 def test_a_failure_leaves_nothing_pending_that_blocks_later_runs(env: dict[str, str], warehouse: Warehouse) -> None:
     """A load the warehouse refuses for a reason no retry fixes (an object depends on what it would drop) is not
     reported as a lost connection, not retried, and does not block the next runs."""
-    run(env, "dlt", "pipeline", "app_db", "run")
     refuse_large_places(warehouse)
     bump(env, "missions", REFUSED, "id = 3")
     failed = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
@@ -189,7 +250,6 @@ def test_a_failure_leaves_nothing_pending_that_blocks_later_runs(env: dict[str, 
 
 
 def test_a_renamed_source_table_stops_only_that_table(env: dict[str, str], warehouse: Warehouse) -> None:
-    run(env, "dlt", "pipeline", "app_db", "run")
     source(env, "ALTER TABLE applications RENAME TO candidatures")
     add_events(env, 500)
     bump(env, "missions", "places = places + 1", "id = 5")
@@ -213,7 +273,6 @@ def test_a_column_type_change_is_applied_under_views_while_the_other_tables_load
 ) -> None:
     """A retyped source column is migrated in the warehouse (SQLMesh's views recreated around it on PostgreSQL) and
     its table reloaded in the same run; the other tables load, the run exits 0, and the next run does not reload."""
-    run(env, "dlt", "pipeline", "app_db", "run")
     (create,) = source(env, "SELECT sql FROM sqlite_master WHERE name = 'missions'")[0]
     assert "places INTEGER" in create
     source(  # the application turns missions.places into text (SQLite rebuilds the table to change a type)
