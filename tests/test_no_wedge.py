@@ -17,29 +17,17 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from datamart import demo
-from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
-from datamart.testing.postgres import create_database, drop_database
+from datamart.settings import PROJECT_ROOT, Warehouse
 
 pytestmark = pytest.mark.slow
 
 DLT = str(Path(sys.executable).parent / "dlt")
-
-
-@dataclass
-class Loaded:
-    """The demo source (SQLite file and bucket) after a first `dlt pipeline app_db run`, with dlt's working directory
-    and the warehouse: a DuckDB file in ``folder``, or the PostgreSQL database ``database``."""
-
-    folder: Path
-    database: str | None = None
 
 
 def _environment(folder: Path, warehouse: Warehouse) -> dict[str, str]:
@@ -62,55 +50,22 @@ def _environment(folder: Path, warehouse: Warehouse) -> dict[str, str]:
     return environment
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str, pytest.FixtureRequest], Loaded]]:
-    """Per warehouse kind, the demo (scale 0.2) loaded once for the module by a real `dlt pipeline app_db run`.
-
-    Every test starts from its own copy of that state (files copied, ``CREATE DATABASE … TEMPLATE``) rather than
-    loading the same first day again: the first load is not what these tests are about, what follows it is.
-    """
-    built: dict[str, Loaded] = {}
-    admin_url = ""
-
-    def get(target: str, request: pytest.FixtureRequest) -> Loaded:
-        nonlocal admin_url
-        if target not in built:
-            folder = tmp_path_factory.mktemp(f"loaded-{target}")
-            demo.generate(source_url=f"sqlite:///{folder / 'app.sqlite'}", bucket=folder / "bucket", scale=0.2)
-            if target == "duckdb":
-                state, warehouse = Loaded(folder), Warehouse(target="duckdb", duckdb_path=folder / "warehouse.duckdb")
-            else:
-                admin_url = request.getfixturevalue("pg_admin_url")
-                state = Loaded(folder, f"t_wedge_loaded_{uuid.uuid4().hex[:8]}")
-                warehouse = postgres_warehouse(create_database(admin_url, state.database))
-            run(_environment(folder, warehouse), "dlt", "pipeline", "app_db", "run")
-            built[target] = state
-        return built[target]
-
-    yield get
-    for state in built.values():
-        if state.database:
-            drop_database(admin_url, state.database)
+def _load_the_demo(folder: Path, warehouse: Warehouse) -> None:
+    """The demo (scale 0.2) generated in ``folder`` and loaded into ``warehouse`` by `dlt pipeline app_db run`."""
+    demo.generate(source_url=f"sqlite:///{folder / 'app.sqlite'}", bucket=folder / "bucket", scale=0.2)
+    run(_environment(folder, warehouse), "dlt", "pipeline", "app_db", "run")
 
 
 @pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
-def warehouse(request: pytest.FixtureRequest, tmp_path: Path, loaded: Callable[..., Loaded]) -> Warehouse:
-    """This test's copy of the loaded warehouse (DuckDB, then PostgreSQL), and of the source, bucket and dlt's
-    working directory beside it in tmp_path."""
-    state = loaded(request.param, request)
-    shutil.copy(state.folder / "app.sqlite", tmp_path / "app.sqlite")
-    for folder in ("bucket", "pipelines"):
-        shutil.copytree(state.folder / folder, tmp_path / folder)
-    if request.param == "duckdb":
-        assert not (state.folder / "warehouse.duckdb.wal").exists(), "the loaded DuckDB file was not closed"
-        shutil.copy(state.folder / "warehouse.duckdb", tmp_path / "warehouse.duckdb")
-        return Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
-    return postgres_warehouse(request.getfixturevalue("pg_database_factory")("warehouse", template=state.database))
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path, built_once: Any) -> Warehouse:
+    """The demo loaded once per warehouse kind for the module, copied for this test (source, bucket, dlt's working
+    directory and warehouse): the first load is not what these tests are about, what follows it is."""
+    return built_once.copy("wedge_loaded", _load_the_demo, request, tmp_path)
 
 
 @pytest.fixture
 def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
-    """The demo source and bucket, loaded once by `dlt pipeline app_db run` into the warehouse (see ``loaded``),
+    """The demo source and bucket, loaded by `dlt pipeline app_db run` into the warehouse (see ``warehouse``),
     given to the commands the dlt way."""
     return _environment(tmp_path, warehouse)
 
