@@ -357,6 +357,64 @@ def locked(url: str, table: str) -> Any:
 # --- the faults --------------------------------------------------------------------------------------------------
 
 
+# The two faults of the datamart step run first: rebuilding the marts costs what the raw tables hold, and each
+# fault of the loads below adds NEW_EVENTS events to them (same checks, on a smaller warehouse).
+
+
+def _physical_table(stack: Stack, view: str) -> str:
+    """The SQLMesh table a prod view reads (``sqlmesh__marts.marts__<model>__<version>``)."""
+    definition = stack.warehouse(f"SELECT pg_get_viewdef('{view}'::regclass)")[0][0]
+    match = re.search(r"FROM (sqlmesh__marts\.\w+)", definition)
+    assert match, definition
+    return match.group(1)
+
+
+@pytest.mark.postgres
+def test_sigkill_during_sqlmesh_apply(stack: Stack) -> None:
+    change_source(stack, events=20_000)
+    stack.run("dlt", "pipeline", "app_db", "run")
+    # The raw tables received rows since the last promotion: promote restates the marts, one
+    # model after the other, each in its own transaction. Killed in the middle, the marts already rebuilt serve the
+    # new data, the others the old; the rerun finishes the job. No view is ever empty or half rebuilt.
+    table = _physical_table(stack, "marts.missions_v1")
+    with MartsReader(stack.warehouse_url) as reader:
+        brake = locked(stack.warehouse_url, table)
+        try:
+            promote = stack.spawn("-m", "datamart", "promote")
+            writing = f"%{table.split('.')[1]}%"
+            wait_until(f"SQLMesh writing {table}", lambda: waiting_statements(stack.warehouse_url, writing), promote)
+            kill(promote)
+        finally:
+            brake.close()
+        time.sleep(0.3)
+    stack.run("-m", "datamart", "promote")
+    with psycopg2.connect(stack.warehouse_url) as conn:
+        reader.assert_each_view_served_old_or_new(marts_state(conn.cursor()))
+    assert_marts_match_source(stack)
+
+
+@pytest.mark.postgres
+def test_failing_audit_keeps_prod(stack: Stack) -> None:
+    # An organization of an unknown kind: the accepted_values audit of stg_app_db__organizations fails.
+    (new_id, updated), *_ = stack.source("SELECT max(id) + 1, max(updated_at) + interval '1 hour' FROM organizations")
+    stack.source(
+        "INSERT INTO organizations (id, name, kind, department, created_at, updated_at) "
+        f"VALUES ({new_id}, 'Coop du coin', 'cooperative', '75', '{updated}', '{updated}')"
+    )
+    with MartsReader(stack.warehouse_url) as reader:
+        output = stack.run("-m", "datamart", "run", expect=1)
+    reader.assert_served_last_good_data()
+    assert "stg_app_db__organizations" in output and "accepted_values" in output, output
+    assert "prod views were not changed" in output
+    stack.source(
+        f"UPDATE organizations SET kind = 'association', updated_at = updated_at + interval '1 second' "
+        f"WHERE id = {new_id}"
+    )
+    stack.run("-m", "datamart", "run")
+    assert_no_drift(stack)
+    assert_marts_match_source(stack)
+
+
 @pytest.mark.postgres
 def test_sigkill_during_extract(stack: Stack) -> None:
     change_source(stack)
@@ -455,60 +513,6 @@ def test_warehouse_goes_away_mid_load(stack: Stack) -> None:
     assert "error: pipeline 'app_db' failed" in output and "could not be reached" in output
     stack.run("dlt", "pipeline", "app_db", "run")
     assert_no_drift(stack)
-
-
-def _physical_table(stack: Stack, view: str) -> str:
-    """The SQLMesh table a prod view reads (``sqlmesh__marts.marts__<model>__<version>``)."""
-    definition = stack.warehouse(f"SELECT pg_get_viewdef('{view}'::regclass)")[0][0]
-    match = re.search(r"FROM (sqlmesh__marts\.\w+)", definition)
-    assert match, definition
-    return match.group(1)
-
-
-@pytest.mark.postgres
-def test_sigkill_during_sqlmesh_apply(stack: Stack) -> None:
-    change_source(stack, events=20_000)
-    stack.run("dlt", "pipeline", "app_db", "run")
-    # The raw tables received rows since the last promotion: promote restates the marts, one
-    # model after the other, each in its own transaction. Killed in the middle, the marts already rebuilt serve the
-    # new data, the others the old; the rerun finishes the job. No view is ever empty or half rebuilt.
-    table = _physical_table(stack, "marts.missions_v1")
-    with MartsReader(stack.warehouse_url) as reader:
-        brake = locked(stack.warehouse_url, table)
-        try:
-            promote = stack.spawn("-m", "datamart", "promote")
-            writing = f"%{table.split('.')[1]}%"
-            wait_until(f"SQLMesh writing {table}", lambda: waiting_statements(stack.warehouse_url, writing), promote)
-            kill(promote)
-        finally:
-            brake.close()
-        time.sleep(0.3)
-    stack.run("-m", "datamart", "promote")
-    with psycopg2.connect(stack.warehouse_url) as conn:
-        reader.assert_each_view_served_old_or_new(marts_state(conn.cursor()))
-    assert_marts_match_source(stack)
-
-
-@pytest.mark.postgres
-def test_failing_audit_keeps_prod(stack: Stack) -> None:
-    # An organization of an unknown kind: the accepted_values audit of stg_app_db__organizations fails.
-    (new_id, updated), *_ = stack.source("SELECT max(id) + 1, max(updated_at) + interval '1 hour' FROM organizations")
-    stack.source(
-        "INSERT INTO organizations (id, name, kind, department, created_at, updated_at) "
-        f"VALUES ({new_id}, 'Coop du coin', 'cooperative', '75', '{updated}', '{updated}')"
-    )
-    with MartsReader(stack.warehouse_url) as reader:
-        output = stack.run("-m", "datamart", "run", expect=1)
-    reader.assert_served_last_good_data()
-    assert "stg_app_db__organizations" in output and "accepted_values" in output, output
-    assert "prod views were not changed" in output
-    stack.source(
-        f"UPDATE organizations SET kind = 'association', updated_at = updated_at + interval '1 second' "
-        f"WHERE id = {new_id}"
-    )
-    stack.run("-m", "datamart", "run")
-    assert_no_drift(stack)
-    assert_marts_match_source(stack)
 
 
 def test_sigkill_during_load_on_duckdb(tmp_path: Path) -> None:
