@@ -1,4 +1,5 @@
-"""Shared fixtures: a real PostgreSQL server for the session and a fresh database per test.
+"""Shared fixtures: a real PostgreSQL server for the session, a fresh database per test, and states built once per
+module that each test starts from a copy of (:class:`BuiltOnce`).
 
 The server is ``DATAMART_TEST_PG_URL`` when set (an admin URL, e.g. ``postgresql://postgres:pw@host:5432/postgres``),
 else a throwaway PostgreSQL cluster started here. A machine without PostgreSQL binaries skips the PostgreSQL tests
@@ -84,7 +85,7 @@ def pg_database(pg_admin_url: str) -> Iterator[str]:
 def pg_database_factory(pg_admin_url: str) -> Iterator[Callable[..., str]]:
     """Create named fresh databases on the session's server (e.g. a source and a warehouse); all dropped after.
 
-    ``make(role, template=name)`` copies database ``name`` instead (a state built once per module, see test_no_wedge).
+    ``make(role, template=name)`` copies database ``name`` instead (a state built once per module: :class:`BuiltOnce`).
     """
     created: list[str] = []
 
@@ -141,13 +142,13 @@ class BuiltOnce:
             build(folder, warehouse)
             self.folders[key] = folder
         folder = self.folders[key]
+        assert not (folder / f"{self.DUCKDB_FILE}.wal").exists(), f"{name}: the DuckDB file was left open"
         for path in folder.iterdir():
             if path.is_dir():
                 shutil.copytree(path, destination / path.name)
-            elif path.name != f"{self.DUCKDB_FILE}.wal":
+            else:
                 shutil.copy(path, destination / path.name)
         if request.param == "duckdb":
-            assert not (folder / f"{self.DUCKDB_FILE}.wal").exists(), f"{name}: the DuckDB file was left open"
             return Warehouse(target="duckdb", duckdb_path=destination / self.DUCKDB_FILE)
         return postgres_warehouse(
             request.getfixturevalue("pg_database_factory")("warehouse", template=self.databases[key])
