@@ -1,4 +1,5 @@
-"""Shared fixtures: a real PostgreSQL server for the session and a fresh database per test.
+"""Shared fixtures: a real PostgreSQL server for the session, a fresh database per test, and states built once per
+module that each test starts from a copy of (:class:`BuiltOnce`).
 
 The server is ``DATAMART_TEST_PG_URL`` when set (an admin URL, e.g. ``postgresql://postgres:pw@host:5432/postgres``),
 else a throwaway PostgreSQL cluster started here. A machine without PostgreSQL binaries skips the PostgreSQL tests
@@ -82,13 +83,16 @@ def pg_database(pg_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def pg_database_factory(pg_admin_url: str) -> Iterator[Callable[[str], str]]:
-    """Create named fresh databases on the session's server (e.g. a source and a warehouse); all dropped after."""
+def pg_database_factory(pg_admin_url: str) -> Iterator[Callable[..., str]]:
+    """Create named fresh databases on the session's server (e.g. a source and a warehouse); all dropped after.
+
+    ``make(role, template=name)`` copies database ``name`` instead (a state built once per module: :class:`BuiltOnce`).
+    """
     created: list[str] = []
 
-    def make(role: str) -> str:
+    def make(role: str, template: str | None = None) -> str:
         name = f"t_{role}_{uuid.uuid4().hex[:8]}"
-        url = create_database(pg_admin_url, name)
+        url = create_database(pg_admin_url, name, template=template)
         created.append(name)
         return url
 
@@ -123,3 +127,65 @@ def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Warehouse:
     if request.param == "duckdb":
         return Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
     return postgres_warehouse(request.getfixturevalue("pg_database_factory")("warehouse"))
+
+
+class BuiltOnce:
+    """States built once per test module and copied for each test, instead of each test building them again.
+
+    A state is a folder (e.g. the demo's SQLite source, its bucket, dlt's working directory) and a warehouse: a DuckDB
+    file in that folder, or a PostgreSQL database each copy takes as its template (``CREATE DATABASE … TEMPLATE``, a
+    file copy on the server). For what a test starts from, not for what it tests.
+    """
+
+    DUCKDB_FILE = "warehouse.duckdb"
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.folders: dict[tuple[str, str], Path] = {}
+        self.databases: dict[tuple[str, str], str] = {}  # PostgreSQL: the template database of a state
+        self.admin_url = ""
+
+    def copy(
+        self, name: str, build: Callable[[Path, Warehouse], None], request: pytest.FixtureRequest, destination: Path
+    ) -> Warehouse:
+        """State ``name`` on the warehouse kind ``request.param`` ("duckdb" or "postgres"), built by ``build(folder,
+        empty warehouse)`` on first use, copied: its files into ``destination``, its warehouse (a DuckDB file there,
+        or a new database dropped after the test by ``pg_database_factory``)."""
+        key = (name, request.param)
+        if key not in self.folders:
+            folder = self.tmp_path_factory.mktemp(f"{name}-{request.param}")
+            if request.param == "duckdb":
+                warehouse = Warehouse(target="duckdb", duckdb_path=folder / self.DUCKDB_FILE)
+            else:
+                self.admin_url = request.getfixturevalue("pg_admin_url")
+                self.databases[key] = f"t_{name}_{uuid.uuid4().hex[:8]}"
+                warehouse = postgres_warehouse(create_database(self.admin_url, self.databases[key]))
+            build(folder, warehouse)
+            self.folders[key] = folder
+        folder = self.folders[key]
+        assert not (folder / f"{self.DUCKDB_FILE}.wal").exists(), f"{name}: the DuckDB file was left open"
+        for path in folder.iterdir():
+            if path.is_dir():
+                shutil.copytree(path, destination / path.name)
+            else:
+                shutil.copy(path, destination / path.name)
+        if request.param == "duckdb":
+            return Warehouse(target="duckdb", duckdb_path=destination / self.DUCKDB_FILE)
+        return postgres_warehouse(
+            request.getfixturevalue("pg_database_factory")("warehouse", template=self.databases[key])
+        )
+
+    def close(self) -> None:
+        """Drop the template databases."""
+        for database in self.databases.values():
+            drop_database(self.admin_url, database)
+
+
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltOnce]:
+    """States built once for the module and copied for each test (see :class:`BuiltOnce`)."""
+    states = BuiltOnce(tmp_path_factory)
+    try:
+        yield states
+    finally:
+        states.close()

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -43,6 +44,22 @@ def demo_source(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'app.sqlite'}"
     demo.generate(source_url=url, bucket=tmp_path / "bucket", scale=0.05)
     return url
+
+
+def _load_the_demo(folder: Path, warehouse: Warehouse) -> None:
+    """The demo (scale 0.05) generated in ``folder`` and loaded into ``warehouse`` by `dlt pipeline app_db run`."""
+    url = f"sqlite:///{folder / 'app.sqlite'}"
+    demo.generate(source_url=url, bucket=folder / "bucket", scale=0.05)
+    result = dlt(command_env(warehouse, folder, SOURCES__APP_DB__CREDENTIALS=url), "pipeline", "app_db", "run")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def loaded(request: pytest.FixtureRequest, tmp_path: Path, built_once: Any) -> tuple[Warehouse, str]:
+    """A warehouse (DuckDB, then PostgreSQL) the demo source was loaded into, and the source's URL: loaded once for
+    the module, copied for this test with dlt's working directory (the first load is not what these tests check)."""
+    warehouse = built_once.copy("honest_loaded", _load_the_demo, request, tmp_path)
+    return warehouse, f"sqlite:///{tmp_path / 'app.sqlite'}"
 
 
 # --- settings: never retried, the message says what to set --------------------------------------------------------
@@ -195,11 +212,9 @@ def test_a_semicolon_csv_is_named_as_such_and_the_declared_delimiter_reads_it(
 # --- verify compares with dlt's own state --------------------------------------------------------------------------
 
 
-def test_rows_lost_below_dlts_cursor_are_drift_not_pending(
-    warehouse: Warehouse, demo_source: str, tmp_path: Path
-) -> None:
+def test_rows_lost_below_dlts_cursor_are_drift_not_pending(loaded: tuple[Warehouse, str], tmp_path: Path) -> None:
+    warehouse, demo_source = loaded
     env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
-    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
     # A restore (or a failover) takes the warehouse's missions back before the last load; dlt's state, which
     # says those rows were loaded, stays: the newest missions are gone and no run will read them again.
     newest = warehouse.query("SELECT max(updated_at) FROM raw_app_db.missions")[0][0]
@@ -232,10 +247,10 @@ def test_rows_lost_below_dlts_cursor_are_drift_not_pending(
 
 
 def test_rows_of_a_load_finished_by_a_later_attempt_are_counted(
-    warehouse: Warehouse, demo_source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    loaded: tuple[Warehouse, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    warehouse, demo_source = loaded
     env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
-    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
     demo.advance_day(source_url=demo_source, bucket=tmp_path / "bucket")
     # An attempt extracts and normalises the day's changes, then loses the warehouse before its load: the package
     # waits in dlt's working directory (as after `warehouse goes away mid-load`, or a kill during the load).
@@ -272,11 +287,9 @@ def test_rows_of_a_load_finished_by_a_later_attempt_are_counted(
 # --- a dropped source column ---------------------------------------------------------------------------------------
 
 
-def test_a_dropped_sql_column_stops_its_table_and_says_so(
-    warehouse: Warehouse, demo_source: str, tmp_path: Path
-) -> None:
+def test_a_dropped_sql_column_stops_its_table_and_says_so(loaded: tuple[Warehouse, str], tmp_path: Path) -> None:
+    warehouse, demo_source = loaded
     env = command_env(warehouse, tmp_path, SOURCES__APP_DB__CREDENTIALS=demo_source)
-    assert dlt(env, "pipeline", "app_db", "run").returncode == 0
     titles = dict(warehouse.query("SELECT id, title FROM raw_app_db.missions"))  # one version per key so far
     with sqlite3.connect(demo_source[len("sqlite:///") :]) as conn:  # the application drops a column ...
         conn.execute("ALTER TABLE missions DROP COLUMN title")

@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,10 +27,30 @@ from datamart.testing.commands import DLT, PYTHON, demo_settings, environment, s
 pytestmark = pytest.mark.slow
 
 
+def _environment(folder: Path, warehouse: Warehouse) -> dict[str, str]:
+    """The source and bucket in ``folder`` and the warehouse, given to the commands the dlt way."""
+    return environment(**demo_settings(folder, "wedge-test-key", warehouse))
+
+
+def _load_the_demo(folder: Path, warehouse: Warehouse) -> None:
+    """The demo (scale 0.2) generated in ``folder`` and loaded into ``warehouse`` by `dlt pipeline app_db run`."""
+    run(
+        environment(**demo_settings(folder, "wedge-test-key", warehouse, scale=0.2)), "dlt", "pipeline", "app_db", "run"
+    )
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path, built_once: Any) -> Warehouse:
+    """The demo loaded once per warehouse kind for the module, copied for this test (source, bucket, dlt's working
+    directory and warehouse): the first load is not what these tests are about, what follows it is."""
+    return built_once.copy("wedge_loaded", _load_the_demo, request, tmp_path)
+
+
 @pytest.fixture
 def env(warehouse: Warehouse, tmp_path: Path) -> dict[str, str]:
-    """A generated demo source and bucket, and the warehouse, given to the commands the dlt way."""
-    return environment(**demo_settings(tmp_path, "wedge-test-key", warehouse, scale=0.2))
+    """The demo source and bucket, loaded by `dlt pipeline app_db run` into the warehouse (see ``warehouse``),
+    given to the commands the dlt way."""
+    return _environment(tmp_path, warehouse)
 
 
 def run(env: dict[str, str], *args: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
@@ -94,7 +115,6 @@ FIXED = "places = 12"
 def test_failed_load_then_fix_and_rerun_loads_each_event_once(
     env: dict[str, str], warehouse: Warehouse, tmp_path: Path, working_dir: str
 ) -> None:
-    run(env, "dlt", "pipeline", "app_db", "run")
     refuse_large_places(warehouse)
     add_events(env, 30_000)
     bump(env, "missions", REFUSED, "id = 3")  # one row the warehouse refuses
@@ -146,7 +166,6 @@ def test_full_refresh_of_one_table_under_sqlmesh_views(env: dict[str, str], ware
 def test_a_failure_leaves_nothing_pending_that_blocks_later_runs(env: dict[str, str], warehouse: Warehouse) -> None:
     """A load the warehouse refuses for a reason no retry fixes (an object depends on what it would drop) is not
     reported as a lost connection, not retried, and does not block the next runs."""
-    run(env, "dlt", "pipeline", "app_db", "run")
     refuse_large_places(warehouse)
     bump(env, "missions", REFUSED, "id = 3")
     failed = run(env, "dlt", "pipeline", "app_db", "run", expect=1)
@@ -163,7 +182,6 @@ def test_a_failure_leaves_nothing_pending_that_blocks_later_runs(env: dict[str, 
 
 
 def test_a_renamed_source_table_stops_only_that_table(env: dict[str, str], warehouse: Warehouse) -> None:
-    run(env, "dlt", "pipeline", "app_db", "run")
     source(env, "ALTER TABLE applications RENAME TO candidatures")
     add_events(env, 500)
     bump(env, "missions", "places = places + 1", "id = 5")
@@ -187,7 +205,6 @@ def test_a_column_type_change_is_applied_under_views_while_the_other_tables_load
 ) -> None:
     """A retyped source column is migrated in the warehouse (SQLMesh's views recreated around it on PostgreSQL) and
     its table reloaded in the same run; the other tables load, the run exits 0, and the next run does not reload."""
-    run(env, "dlt", "pipeline", "app_db", "run")
     (create,) = source(env, "SELECT sql FROM sqlite_master WHERE name = 'missions'")[0]
     assert "places INTEGER" in create
     source(  # the application turns missions.places into text (SQLite rebuilds the table to change a type)

@@ -132,9 +132,16 @@ class ThrowawayPostgres:
         self.stop()
 
 
-def create_database(admin_url: str, name: str) -> str:
-    """Create database ``name`` on the server of ``admin_url`` and return its URL."""
-    _admin(admin_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+def create_database(admin_url: str, name: str, template: str | None = None) -> str:
+    """Create database ``name`` on the server of ``admin_url`` and return its URL.
+
+    ``template``: a copy of that database (``CREATE DATABASE … TEMPLATE``, a file copy: far cheaper than loading the
+    same data again); nobody may be connected to the template meanwhile.
+    """
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        statement = sql.SQL("{} TEMPLATE {}").format(statement, sql.Identifier(template))
+    _admin(admin_url, statement)
     return _with_database(admin_url, name)
 
 
