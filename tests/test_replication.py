@@ -338,8 +338,6 @@ def test_slot_is_measured_alerted_and_dropped(
     second = run(env)  # reads the slot: the source may recycle that WAL
     assert "WARNING" not in second and f"slot '{slot}' retains " in second, second
     assert freshness(warehouse)["ledger"][-1] is False
-    calm = scheduled_slots(env, url)
-    assert calm.returncode == 0, calm.stdout + calm.stderr
     assert_equal(source.url, warehouse)
 
     dropped = dlt(env, "pipeline", "shop", "drop-replication")

@@ -399,6 +399,7 @@ def drop_replication_command(
     refused: list[str] = []  # the statements a DBA runs
     try:
         with pipeline_lock(warehouse, decl.name, wait=wait):  # no run reads the slot meanwhile
+            check_environment(warehouse)  # the state to forget is in this warehouse: the selected environment's
             conn = connect_source(decl)
             try:
                 status = measure(conn, slot, max_retained_wal(decl))
