@@ -296,8 +296,7 @@ def test_slot_is_measured_alerted_and_dropped(
     show it, the scheduled run alerts above source.max_retained_wal; drop-replication removes the slot and the
     publication, idempotently, and the next run copies every table again."""
     source, env, warehouse = setup
-    declaration = yaml.safe_load((tmp_path / "declarations" / "shop.yaml").read_text())
-    slot = declaration["source"]["slot"]
+    slot = f"datamart_ops_{warehouse.target}"  # slots are the cluster's: test_changes_are_replicated_exactly's stay
     declare(tmp_path / "declarations", slot=slot, max_retained_wal="1MB")
     url, hook = webhook
 
@@ -326,7 +325,7 @@ def test_slot_is_measured_alerted_and_dropped(
     alerted = scheduled_slots(env, url)
     assert alerted.returncode == 1, alerted.stdout + alerted.stderr
     alert = json.loads(hook[-1])["text"]  # the slot's name is redacted on PostgreSQL: it contains the password
-    assert "- pipeline shop, step replication slots: slot 'datamart_shop_" in alert, alert
+    assert "- pipeline shop, step replication slots: slot 'datamart_ops_" in alert, alert
     assert "of WAL, ABOVE max_retained_wal, on the source" in alert and "max_retained_wal 1.0 MB" in alert
     assert "dlt pipeline shop drop-replication" in alert
     assert "alert posted to the webhook" in alerted.stdout
