@@ -1,4 +1,5 @@
-"""``dlt pipeline <name> run`` and ``verify``: dlt's CLI plugins for declared pipelines (registered in pyproject.toml).
+"""``dlt pipeline <name> run``, ``verify`` and ``drop-replication``: dlt's CLI plugins for declared pipelines
+(registered in pyproject.toml).
 
 Open-source dlt has no ``run`` operation; its CLI loads plugins from the ``dlt`` entry-point group and its ``pipeline``
 command composes additively, so this module adds ``run`` beside ``info``, ``show``, ``drop``…
@@ -169,6 +170,42 @@ class VerifyCommand:
             sys.exit(code)
 
 
+class DropReplicationCommand:
+    """The ``drop-replication`` operation of ``dlt pipeline``: remove a replication pipeline's slot and publication."""
+
+    command = "drop-replication"
+    parent = "pipeline"
+    compose = "replace"
+    help_string = "Remove a replication pipeline's slot and publication from its source (the next run copies again)"
+    description = (
+        "For a pipeline declared with `changes: replication`: drops its logical replication slot (which keeps WAL on "
+        "the source until read) and its publication, and forgets which tables were copied, so that the next run "
+        "starts with a fresh copy. Idempotent. When the source user lacks the privileges, exits 2 with the SQL a DBA "
+        "runs."
+    )
+    docs_url = None
+
+    def configure_parser(self, parser: argparse.ArgumentParser) -> None:
+        """Options of ``dlt pipeline <name> drop-replication``."""
+        parser.add_argument("--target", choices=TARGETS, help="warehouse (default: DATAMART_TARGET)")
+        parser.add_argument(
+            "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for a running load up to SECONDS"
+        )
+
+    def execute(self, args: argparse.Namespace) -> None:
+        """Drop, then exit non-zero when something is left (2: privileges, with the SQL; 3: a run holds the lock)."""
+        from datamart.ingest.cli import drop_replication_command
+
+        code = drop_replication_command(
+            name=args.pipeline_name,
+            target=args.target,
+            wait=args.wait,
+            pipelines_dir=Path(args.pipelines_dir) if getattr(args, "pipelines_dir", None) else None,
+        )
+        if code:
+            sys.exit(code)
+
+
 @plugins.hookimpl(specname="plug_cli")
 def plug_cli_datamart_run(host: str) -> Any:
     """Register ``run`` under ``dlt pipeline`` (the ``dlt`` host only)."""
@@ -181,3 +218,9 @@ def plug_cli_datamart_run(host: str) -> Any:
 def plug_cli_datamart_verify(host: str) -> Any:
     """Register ``verify`` under ``dlt pipeline`` (the ``dlt`` host only)."""
     return VerifyCommand if host == "dlt" else None
+
+
+@plugins.hookimpl(specname="plug_cli")
+def plug_cli_datamart_drop_replication(host: str) -> Any:
+    """Register ``drop-replication`` under ``dlt pipeline`` (the ``dlt`` host only)."""
+    return DropReplicationCommand if host == "dlt" else None

@@ -252,6 +252,8 @@ def render_ops_models() -> str:
         RUN_TABLES_TABLE,
         RUNS_COLUMNS,
         RUNS_TABLE,
+        SLOTS_COLUMNS,
+        SLOTS_TABLE,
     )
 
     described = {
@@ -260,6 +262,10 @@ def render_ops_models() -> str:
         REFRESHES_TABLE: (
             "One row per refresh of the published views: when, by which command, what it rebuilt.",
             REFRESHES_COLUMNS,
+        ),
+        SLOTS_TABLE: (
+            "One row per run of a replication pipeline: its slot's retained WAL and lag on the source.",
+            SLOTS_COLUMNS,
         ),
     }
     entries = [

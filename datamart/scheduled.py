@@ -265,8 +265,50 @@ def environments(run: ScheduledRun) -> list[StepResult]:
     return [StepResult("environments", True, done, notes=invalidated)]
 
 
+def replication_slots(run: ScheduledRun) -> list[StepResult]:
+    """Each replication pipeline's slot measured on its source (``datamart/ingest/slots.py``): a slot retaining more
+    WAL than the pipeline's ``source.max_retained_wal`` fails the step, so the run alerts before the source's disk
+    fills. Last, so that a slot over the threshold never holds back the refresh of the published views."""
+    from datamart.ingest.replication import connect_source, is_replication, object_name
+    from datamart.ingest.slots import max_retained_wal, measure, over_threshold_hint
+
+    declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
+    results = []
+    for decl in (d for d in declared if is_replication(d)):
+        try:
+            conn = connect_source(decl)
+            try:
+                status = measure(conn, object_name(decl, "slot"), max_retained_wal(decl))
+            finally:
+                conn.close()
+        except (SettingsError, DeclarationError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this pipeline's line says why; the next slots are measured
+            command = f"check that the source of {decl.name} is reachable, then `make scheduled`"
+            results.append(
+                StepResult("replication_slots", False, pipeline=decl.name, error=root_cause(exc), command=command)
+            )
+            continue
+        if status is None:
+            detail = f"no slot {object_name(decl, 'slot')!r} on the source (the next run creates it)"
+            results.append(StepResult("replication_slots", True, detail, pipeline=decl.name))
+        elif status.over:
+            results.append(
+                StepResult(
+                    "replication_slots",
+                    False,
+                    pipeline=decl.name,
+                    error=status.describe().removeprefix("WARNING: "),
+                    command=over_threshold_hint(decl.name, status),
+                )
+            )
+        else:
+            results.append(StepResult("replication_slots", True, status.describe(), pipeline=decl.name))
+    return results
+
+
 # The scheduled run, in order.
-STEPS: list[Step] = [pipelines, repair, refresh, environments, reconcile]
+STEPS: list[Step] = [pipelines, repair, refresh, environments, reconcile, replication_slots]
 
 
 def step_names() -> list[str]:

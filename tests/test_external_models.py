@@ -137,6 +137,7 @@ def test_types_and_descriptions_follow_the_declarations(rendered: str) -> None:
         "ops.pipeline_runs",  # the run records (datamart/ingest/ops.py), read by marts.data_freshness_v1
         "ops.pipeline_run_tables",
         "ops.datamart_refreshes",  # the refreshes of the published views, read by marts.data_freshness_v1
+        "ops.replication_slots",  # replication slots measured by each run, read by marts.data_freshness_v1
     ]
     volunteers = models["raw_app_db.volunteers"]
     assert volunteers["columns"] == {

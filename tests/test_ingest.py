@@ -183,7 +183,7 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
         (
             "name: bad\nsource: {kind: sql_database, scheam: app}\ndataset: raw\ntables: {t: {}}\n",
             "source.scheam: unknown key (did you mean 'schema'?); allowed: backend, changes, chunk_size, kind, "
-            "publication, schema, slot",
+            "max_retained_wal, publication, schema, slot",
         ),
         (
             "name: bad\nsource: {kind: sql_database, changes: replicaton}\ndataset: raw\ntables: {t: {}}\n",
@@ -201,7 +201,16 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
         ),
         (
             "name: bad\nsource: {kind: sql_database, slot: s}\ndataset: raw\ntables: {t: {}}\n",
-            "source.slot: a slot and a publication belong to changes: replication",
+            "source.slot: belongs to changes: replication (its slot and publication)",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database, max_retained_wal: 1GB}\ndataset: raw\ntables: {t: {}}\n",
+            "source.max_retained_wal: belongs to changes: replication",
+        ),
+        (
+            "name: bad\nsource: {kind: sql_database, changes: replication, max_retained_wal: 1 GiB}\ndataset: raw\n"
+            "tables: {t: {write_disposition: merge, primary_key: id}}\n",
+            "source.max_retained_wal: '1 GiB' is not a size: write a positive number and kB, MB, GB or TB, e.g. 1GB",
         ),
         (
             "name: bad\nsource: {kind: filesystem, bucket: s3://x}\ndataset: raw\ntables: {t: {}}\n",

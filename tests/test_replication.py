@@ -7,6 +7,7 @@ After every run the warehouse equals the source row for row (every non-personal 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -46,6 +47,7 @@ DECLARATION = {
         "ledger": {"write_disposition": "merge", "primary_key": "id"},  # no update timestamp at all
         "events": {"write_disposition": "merge", "primary_key": ["id", "day"]},  # partitioned by day
         "docs": {"write_disposition": "merge", "primary_key": "id"},  # a TOASTed body
+        "tags": {"write_disposition": "merge", "primary_key": "code"},  # no primary key: REPLICA IDENTITY FULL
     },
 }
 
@@ -56,6 +58,8 @@ SCHEMA = [
     "CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')",
     "CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')",
     "CREATE TABLE docs (id int PRIMARY KEY, version int, body text)",
+    "CREATE TABLE tags (code text NOT NULL, label text)",
+    "ALTER TABLE tags REPLICA IDENTITY FULL",
 ]
 
 
@@ -123,7 +127,12 @@ def assert_equal(url: str, warehouse: Warehouse) -> None:
     loaded = warehouse.query("SELECT id, name, email, birth_year, balance FROM raw_shop.accounts")
     assert normal(loaded) == normal(expected)
     assert "birth_date" not in {c for (c,) in warehouse.query(_columns("accounts"))}
-    for table, columns in (("ledger", "id, amount, note"), ("events", "id, day, label"), ("docs", "id, version, body")):
+    for table, columns in (
+        ("ledger", "id, amount, note"),
+        ("events", "id, day, label"),
+        ("docs", "id, version, body"),
+        ("tags", "code, label"),
+    ):
         wanted = normal(source_rows(url, f"SELECT {columns} FROM {table}"))
         assert normal(warehouse.query(f"SELECT {columns} FROM raw_shop.{table}")) == wanted, table
 
@@ -157,6 +166,7 @@ def setup(
         "i * 10.5 FROM generate_series(1, 20) i",
         "INSERT INTO ledger SELECT i, i * 1.25, 'line ' || i FROM generate_series(1, 30) i",
         "INSERT INTO events SELECT i, date '2025-01-01' + i, 'event ' || i FROM generate_series(1, 10) i",
+        "INSERT INTO tags SELECT 't' || i, 'tag ' || i FROM generate_series(1, 5) i",
     )
     source.execute("INSERT INTO docs VALUES (?, ?, ?)", rows=[(i, 1, big_text()) for i in (1, 2, 3)])
     declare(
@@ -181,6 +191,8 @@ def test_changes_are_replicated_exactly(setup: tuple[Source, dict[str, str], War
         "INSERT INTO events VALUES (100, '2024-03-01', 'backdated')",  # late, with an old date, into 2024
         "UPDATE events SET day = '2024-06-01' WHERE id = 5",  # moved to the other partition (a delete + an insert)
         "UPDATE docs SET version = 2 WHERE id = 1",  # the TOASTed body is not sent: it must stay
+        "UPDATE tags SET label = 'renamed' WHERE code = 't1'",  # no primary key: the old row is sent whole
+        "DELETE FROM tags WHERE code = 't2'",
     )
     source.execute("DELETE FROM accounts WHERE id = 2")
     source.execute("INSERT INTO accounts VALUES (2, 'back again', 'again@example.org', '1990-02-02', 7)")
@@ -228,6 +240,121 @@ def test_changes_are_replicated_exactly(setup: tuple[Source, dict[str, str], War
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+def freshness(warehouse: Warehouse) -> dict[str, tuple[Any, ...]]:
+    """``marts.data_freshness_v1`` of the warehouse, per table: the model's own query (SQLMesh's parser, the
+    warehouse's dialect) run on the run records, without building the whole project for it."""
+    from sqlmesh.core.dialect import parse
+
+    query = parse((PROJECT_ROOT / "models/marts/data_freshness_v1.sql").read_text(), default_dialect="duckdb")[-1]
+    columns = "table_name, replication_slot, slot_retained_wal_bytes, slot_lag_bytes, slot_above_max_retained_wal"
+    rows = warehouse.query(f"SELECT {columns} FROM ({query.sql(dialect=warehouse.target)}) AS freshness")
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def scheduled_slots(env: dict[str, str], webhook: str) -> subprocess.CompletedProcess[str]:
+    """``python -m datamart scheduled --only replication_slots``: the scheduled run's slot check, with its alert."""
+    return subprocess.run(
+        [sys.executable, "-m", "datamart", "scheduled", "--only", "replication_slots"],
+        env={**env, "DATAMART__ALERT_WEBHOOK_URL": webhook},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def webhook() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server standing for Mattermost: (its URL, the bodies posted to it)."""
+    import http.server
+    import threading
+
+    posted: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            posted.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/Tok{uuid.uuid4().hex}", posted
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_slot_is_measured_alerted_and_dropped(
+    setup: tuple[Source, dict[str, str], Warehouse], tmp_path: Path, webhook: tuple[str, list[str]]
+) -> None:
+    """Each run records its slot's retained WAL (as the source says it), the summary and marts.data_freshness_v1
+    show it, the scheduled run alerts above source.max_retained_wal; drop-replication removes the slot and the
+    publication, idempotently, and the next run copies every table again."""
+    source, env, warehouse = setup
+    slot = f"datamart_ops_{warehouse.target}"  # slots are the cluster's: test_changes_are_replicated_exactly's stay
+    declare(tmp_path / "declarations", slot=slot, max_retained_wal="1MB")
+    url, hook = webhook
+
+    first = run(env)
+    assert f"shop: slot '{slot}' retains " in first and "max_retained_wal 1.0 MB" in first, first
+    (run_id, *recorded), *others = warehouse.query(
+        "SELECT run_id, retained_wal_bytes, lag_bytes, restart_lsn, confirmed_flush_lsn, current_lsn "
+        "FROM ops.replication_slots"
+    )
+    assert not others  # one measurement per run, made by the run that succeeded
+    status = warehouse.query(f"SELECT status FROM ops.pipeline_runs WHERE run_id = '{run_id}'")
+    assert status == [("succeeded",)]
+    retained, lag, restart, confirmed, current = recorded
+    # the source's own arithmetic on the recorded positions, and the slot has not moved since
+    assert source.query(
+        f"SELECT pg_wal_lsn_diff('{current}', '{restart}')::bigint, "
+        f"pg_wal_lsn_diff('{current}', '{confirmed}')::bigint, restart_lsn::text, confirmed_flush_lsn::text "
+        f"FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    ) == [(retained, lag, restart, confirmed)]
+    assert freshness(warehouse)["ledger"] == (slot, retained, lag, False)
+
+    # the source writes about 5 MB of WAL, into a table the pipeline does not read (a slot keeps the whole server's
+    # WAL): above 1MB, the scheduled run fails and alerts. (The PostgreSQL warehouse shares the source's cluster
+    # here: the WAL of a run's own load counts too, hence a threshold above an initial copy's.)
+    source.execute("CREATE TABLE filler AS SELECT i, repeat('x', 200) AS pad FROM generate_series(1, 20000) i")
+    alerted = scheduled_slots(env, url)
+    assert alerted.returncode == 1, alerted.stdout + alerted.stderr
+    alert = json.loads(hook[-1])["text"]  # the slot's name is redacted on PostgreSQL: it contains the password
+    assert "- pipeline shop, step replication slots: slot 'datamart_ops_" in alert, alert
+    assert "of WAL, ABOVE max_retained_wal, on the source" in alert and "max_retained_wal 1.0 MB" in alert
+    assert "dlt pipeline shop drop-replication" in alert
+    assert "alert posted to the webhook" in alerted.stdout
+
+    # A slot's restart position moves to the source's latest snapshot record before the confirmed position, which the
+    # server writes at most every 15 s while busy: a checkpoint writes one now, so this run's advance moves it past
+    # the filler rather than the next run's
+    source.execute("CHECKPOINT")
+    second = run(env)  # reads the slot: the source may recycle that WAL
+    assert "WARNING" not in second and f"slot '{slot}' retains " in second, second
+    assert freshness(warehouse)["ledger"][-1] is False
+    assert_equal(source.url, warehouse)
+
+    dropped = dlt(env, "pipeline", "shop", "drop-replication")
+    assert dropped.returncode == 0, dropped.stdout + dropped.stderr
+    assert f"slot '{slot}' dropped" in dropped.stdout and "publication 'datamart_shop' dropped" in dropped.stdout
+    assert "which tables were copied: forgotten" in dropped.stdout
+    assert source.query(f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'") == [(0,)]
+    assert source.query("SELECT count(*) FROM pg_publication WHERE pubname = 'datamart_shop'") == [(0,)]
+    again = dlt(env, "pipeline", "shop", "drop-replication")  # idempotent: nothing left to remove
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "not on the source: nothing to drop" in again.stdout and "copied: none recorded" in again.stdout
+
+    source.execute("UPDATE ledger SET note = 'while no slot' WHERE id = 5", "DELETE FROM tags WHERE code = 't3'")
+    fresh = run(env)  # a new slot and publication, then a whole copy: nothing the slot missed is lost
+    assert "initial copy of accounts, ledger, events, docs, tags" in fresh, fresh
+    assert_equal(source.url, warehouse)
+
+
 def test_refusals_name_the_fix(logical: ThrowawayPostgres, pg_admin_url: str, tmp_path: Path) -> None:
     """Exit 2 with the setting or the SQL to run: a server without wal_level=logical, a user without REPLICATION,
     a user that may not publish the tables, a cursor on a replicated table, a source that is not PostgreSQL."""
@@ -252,6 +379,25 @@ def test_refusals_name_the_fix(logical: ThrowawayPostgres, pg_admin_url: str, tm
     Source(url).execute("ALTER ROLE reader WITH REPLICATION")
     message = refused(as_reader)
     assert 'CREATE PUBLICATION "datamart_shop" FOR TABLE "public"."accounts"' in message, message
+
+    # a table without a primary key is refused by name unless it has REPLICA IDENTITY FULL (SCHEMA sets it)
+    Source(url).execute("ALTER TABLE tags REPLICA IDENTITY DEFAULT")
+    message = refused(url)
+    assert "tables.tags.primary_key: pipeline 'shop': table tags has no primary key" in message, message
+    assert 'A DBA runs `ALTER TABLE "public"."tags" REPLICA IDENTITY FULL;`' in message
+    assert "Keep primary_key: code in the declaration even so: the warehouse merges on it" in message
+
+    # drop-replication by a user who may neither drop the slot (no REPLICATION) nor the publication (not its owner)
+    Source(url).execute("CREATE PUBLICATION datamart_shop FOR TABLE accounts", "ALTER ROLE reader WITH NOREPLICATION")
+    Source(url).execute("SELECT pg_create_logical_replication_slot('datamart_shop', 'pgoutput')")
+    denied = dlt(environment(tmp_path, as_reader, warehouse), "pipeline", "shop", "drop-replication")
+    assert denied.returncode == 2, denied.stdout + denied.stderr
+    sql = """runs: SELECT pg_drop_replication_slot('datamart_shop'); DROP PUBLICATION "datamart_shop";"""
+    assert sql in denied.stderr, denied.stderr
+    as_owner = dlt(environment(tmp_path, url, warehouse), "pipeline", "shop", "drop-replication")
+    assert as_owner.returncode == 0, as_owner.stdout + as_owner.stderr
+    assert Source(url).query("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'datamart_shop'") == [(0,)]
+    assert Source(url).query("SELECT count(*) FROM pg_publication") == [(0,)]
 
     declaration = yaml.safe_load((tmp_path / "declarations" / "shop.yaml").read_text())
     declaration["tables"]["ledger"]["cursor"] = "amount"

@@ -357,3 +357,106 @@ def verify_command(
         print(report.format(), file=out)
         drift = drift or report.drift
     return 1 if drift else 0
+
+
+def drop_replication_command(
+    name: str | None,
+    target: str | None = None,
+    wait: float = 0.0,
+    pipelines_dir: Path | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Remove a replication pipeline's slot and publication from its source and forget which tables were copied, so
+    the next run starts with a fresh copy; idempotent. Returns the exit code (0 done or nothing left, 1 failure,
+    2 wrong input or privileges the source user lacks (with the DBA's SQL), 3 a run of the pipeline holds its lock)."""
+    import psycopg2
+
+    from datamart.ingest.lock import pipeline_lock
+    from datamart.ingest.replication import connect_source, forget_copies, is_replication, object_name
+    from datamart.ingest.slots import drop_publication, drop_slot, format_size, max_retained_wal, measure
+    from datamart.settings import quote_identifier
+
+    configure_environment()
+    try:
+        if not name:
+            raise DeclarationError("name the pipeline: dlt pipeline <name> drop-replication")
+        decl = load_named(name)
+        if not is_replication(decl):
+            raise DeclarationError(
+                f"{decl.path.name}: pipeline '{decl.name}' reads its source by cursor (no `changes: replication`): "
+                "it has no slot nor publication to remove"
+            )
+        warehouse = resolve_warehouse(target)
+    except (DeclarationError, SettingsError) as exc:
+        print(f"error: {redact(str(exc))}", file=err)
+        return 2
+
+    slot, publication = object_name(decl, "slot"), object_name(decl, "publication")
+    refused: list[str] = []  # the statements a DBA runs
+    try:
+        with pipeline_lock(warehouse, decl.name, wait=wait):  # no run reads the slot meanwhile
+            check_environment(warehouse)  # the state to forget is in this warehouse: the selected environment's
+            conn = connect_source(decl)
+            try:
+                status = measure(conn, slot, max_retained_wal(decl))
+                try:
+                    done = drop_slot(conn, slot)
+                except psycopg2.errors.InsufficientPrivilege as exc:
+                    refused.append(f"SELECT pg_drop_replication_slot('{slot}');")
+                    done = f"NOT dropped ({str(exc).strip()})"
+                if done == "dropped":
+                    retained = f" (it retained {format_size(status.retained_wal_bytes)} of WAL)" if status else ""
+                    print(f"{decl.name}: slot {slot!r} dropped{retained}", file=out)
+                elif done == "absent":
+                    print(f"{decl.name}: slot {slot!r} not on the source: nothing to drop", file=out)
+                else:
+                    print(f"{decl.name}: slot {slot!r} {done}", file=out)
+                try:
+                    dropped = drop_publication(conn, publication)
+                except psycopg2.errors.InsufficientPrivilege as exc:
+                    refused.append(f"DROP PUBLICATION {quote_identifier(publication)};")
+                    dropped = f"NOT dropped ({str(exc).strip()})"
+                suffix = " not on the source: nothing to drop" if dropped == "absent" else f" {dropped}"
+                print(f"{decl.name}: publication {publication!r}{suffix}", file=out)
+                user = None if not refused else str(_source_user(conn))
+            finally:
+                conn.close()
+            if done in ("dropped", "absent"):  # the slot is gone: the next run creates one and copies again
+                forgotten = forget_copies(decl, warehouse, pipelines_dir)
+                what = "forgotten" if forgotten else "none recorded"
+                print(
+                    f"{decl.name}: which tables were copied: {what}; the next `dlt pipeline {decl.name} run` "
+                    "creates the slot and the publication again and copies every table whole",
+                    file=out,
+                )
+    except PipelineLocked as exc:
+        print(f"error: {exc}", file=err)
+        return 3
+    except (DeclarationError, SettingsError) as exc:
+        print(f"error: {redact(str(exc))}", file=err)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - reported with what to do, then a non-zero exit
+        print(
+            redact(
+                f"error: drop-replication of pipeline '{decl.name}' failed: {root_cause(exc)}\nwhat to do: fix the "
+                f"cause, then rerun `dlt pipeline {decl.name} drop-replication` (what is already removed stays removed)"
+            ),
+            file=err,
+        )
+        return 1
+    if refused:
+        print(
+            f"error: pipeline '{decl.name}': the source user {user!r} may not remove everything. A DBA (a superuser, "
+            f"or the publication's owner) runs: {' '.join(refused)}  Then rerun `dlt pipeline {decl.name} "
+            "drop-replication` (it removes what is left and forgets the copies).",
+            file=err,
+        )
+        return 2
+    return 0
+
+
+def _source_user(conn: Any) -> Any:
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_user")
+        return cur.fetchone()[0]

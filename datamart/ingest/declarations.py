@@ -17,6 +17,7 @@ from datamart.errors import DeclarationError, closest
 from datamart.errors import declaration_error as _fail
 from datamart.ingest.personal import KEEP, TREATMENTS
 from datamart.ingest.rest import REST_TABLE_KEYS, validate_rest_declaration
+from datamart.ingest.slots import parse_size
 from datamart.settings import declarations_dir
 
 SOURCE_KINDS = ("sql_database", "filesystem", "rest_api")
@@ -104,7 +105,7 @@ CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
 
 # source: keys per kind besides ``kind`` (rest_api's are checked by datamart/ingest/rest.py)
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {
-    "sql_database": ("schema", "backend", "chunk_size", "changes", "slot", "publication"),
+    "sql_database": ("schema", "backend", "chunk_size", "changes", "slot", "publication", "max_retained_wal"),
     "filesystem": ("chunk_size",),
 }
 
@@ -313,10 +314,15 @@ def _check_changes(path: Path, source: dict[str, Any], tables_raw: dict[str, Any
             f"{changes!r} is not one of {', '.join(CHANGE_MODES)}{closest(changes, CHANGE_MODES)}",
         )
     if changes != "replication":
-        for key in ("slot", "publication"):
+        for key in ("slot", "publication", "max_retained_wal"):
             if key in source:
-                raise _fail(path, f"source.{key}", "a slot and a publication belong to changes: replication")
+                raise _fail(path, f"source.{key}", "belongs to changes: replication (its slot and publication)")
         return
+    if "max_retained_wal" in source:  # the scheduled run alerts above it (datamart/ingest/slots.py)
+        try:
+            parse_size(source["max_retained_wal"])
+        except ValueError as exc:
+            raise _fail(path, "source.max_retained_wal", f"{exc} (the WAL the slot may keep on the source)") from exc
     for key in ("slot", "publication"):
         if key in source and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", str(source[key])):
             raise _fail(path, f"source.{key}", f"{source[key]!r}: use lowercase letters, digits and _ (63 at most)")

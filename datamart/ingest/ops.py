@@ -10,6 +10,10 @@ run that stopped a table whose source dropped a column, recorded failed with the
 and hard), ``rows_in_warehouse``, ``ended_at``.
 ``ops.datamart_refreshes``: one row per refresh of the published views (``python -m datamart run|promote|scheduled``)
 — ``refresh_id``, ``command``, ``started_at``, ``ended_at``, ``status``, ``models`` (rebuilt or restated), ``error``.
+``ops.replication_slots``: one row per run of a replication pipeline (``changes: replication``), the slot measured on
+the source at the end of the run, whatever its outcome (see ``datamart/ingest/slots.py``) — ``run_id``,
+``pipeline``, ``slot_name``, ``retained_wal_bytes``, ``lag_bytes``, ``max_retained_wal_bytes``, ``restart_lsn``,
+``confirmed_flush_lsn``, ``current_lsn``, ``measured_at``.
 A succeeded refresh reflects every load that ended before its ``started_at``: the next refresh restates what was
 loaded since then, and ``marts.data_freshness_v1`` says for each table whether the marts reflect its last load.
 
@@ -38,6 +42,7 @@ from datamart.settings import Warehouse
 
 if TYPE_CHECKING:
     from datamart.ingest.loading import PipelineRun
+    from datamart.ingest.slots import SlotStatus
 
 OPS_SCHEMA = "ops"
 RUNS_TABLE = "pipeline_runs"
@@ -72,6 +77,20 @@ RUN_TABLES_COLUMNS: dict[str, tuple[str, str]] = {
     "ended_at": ("TIMESTAMPTZ", "When the run ended (UTC)."),
 }
 
+SLOTS_TABLE = "replication_slots"
+SLOTS_COLUMNS: dict[str, tuple[str, str]] = {
+    "run_id": ("TEXT", "Identifier of the run that measured the slot (ops.pipeline_runs.run_id)."),
+    "pipeline": ("TEXT", "Name of the replication pipeline."),
+    "slot_name": ("TEXT", "Logical replication slot on the source."),
+    "retained_wal_bytes": ("BIGINT", "WAL the source keeps for the slot (bytes, from its restart_lsn)."),
+    "lag_bytes": ("BIGINT", "WAL written on the source since the slot's last confirmed position (bytes)."),
+    "max_retained_wal_bytes": ("BIGINT", "The pipeline's source.max_retained_wal when measured (bytes)."),
+    "restart_lsn": ("TEXT", "The slot's restart_lsn when measured."),
+    "confirmed_flush_lsn": ("TEXT", "The slot's confirmed_flush_lsn when measured."),
+    "current_lsn": ("TEXT", "The source's pg_current_wal_lsn() when measured."),
+    "measured_at": ("TIMESTAMPTZ", "When the slot was measured (UTC, the source's clock)."),
+}
+
 REFRESHES_TABLE = "datamart_refreshes"
 REFRESHES_COLUMNS: dict[str, tuple[str, str]] = {
     "refresh_id": ("TEXT", "Identifier of the refresh."),
@@ -99,6 +118,7 @@ def ensure_ops_tables(warehouse: Warehouse) -> None:
         _ddl(RUNS_TABLE, RUNS_COLUMNS, "run_id"),
         _ddl(RUN_TABLES_TABLE, RUN_TABLES_COLUMNS, "run_id, table_name"),
         _ddl(REFRESHES_TABLE, REFRESHES_COLUMNS, "refresh_id"),
+        _ddl(SLOTS_TABLE, SLOTS_COLUMNS, "pipeline, measured_at"),
     ]
     with warehouse.transaction() as cur:
         warehouse.serialise(cur, "datamart.ops.ddl")  # two first runs at once: one creates, the other waits
@@ -156,6 +176,34 @@ class RunRecord:
             f"UPDATE {OPS_SCHEMA}.{RUNS_TABLE} SET status = ?, error = ?, ended_at = ? WHERE run_id = ?",
             (status, error, ended, self.run_id),
         )
+
+
+def record_slot(warehouse: Warehouse, pipeline: str, status: SlotStatus) -> None:
+    """Write one measurement of a replication slot, with the run of ``pipeline`` now ``running`` (the caller holds
+    the pipeline's lock, so there is at most one; none outside a recorded run: run_id stays empty)."""
+    ensure_ops_tables(warehouse)
+    placeholder = warehouse.placeholder
+    running = warehouse.query(
+        f"SELECT run_id FROM {OPS_SCHEMA}.{RUNS_TABLE} WHERE pipeline = {placeholder} AND status = 'running' "
+        "ORDER BY started_at DESC LIMIT 1",
+        (pipeline,),
+    )
+    _execute(
+        warehouse,
+        f"INSERT INTO {OPS_SCHEMA}.{SLOTS_TABLE} ({', '.join(SLOTS_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            running[0][0] if running else None,
+            pipeline,
+            status.slot,
+            status.retained_wal_bytes,
+            status.lag_bytes,
+            status.max_retained_wal_bytes,
+            status.restart_lsn,
+            status.confirmed_flush_lsn,
+            status.current_lsn,
+            status.measured_at,
+        ),
+    )
 
 
 def start_run(

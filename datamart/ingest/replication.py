@@ -19,8 +19,12 @@ Why not a replication connection (``START_REPLICATION``): the SQL functions need
 other pipeline, and let the slot be confirmed exactly when the warehouse has committed, from the same process.
 The read is in memory: one run holds the changes since the last run (bounded by how often the pipeline runs).
 
-Not done yet (issue 16): schema changes seen in the stream (an added column's existing rows, a type change), the
-slot's retained WAL in ``marts.data_freshness_v1`` and an alert, a command removing the slot and the publication.
+Each run ends by measuring the slot (its retained WAL and lag, :func:`watch_slot`, ``datamart/ingest/slots.py``),
+whatever its outcome: recorded in ``ops.replication_slots``, shown by ``marts.data_freshness_v1`` and the summary, and
+alerted on by the scheduled run above ``source.max_retained_wal``. ``dlt pipeline <name> drop-replication`` removes
+the slot and the publication and forgets which tables were copied (:func:`forget_copies`).
+
+Not done yet (issue 16): schema changes seen in the stream (an added column's existing rows, a type change).
 """
 
 from __future__ import annotations
@@ -240,16 +244,45 @@ def check_tables(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> None
         if row is None:
             raise _fail(decl, f"tables.{table.name}", f"the source has no table {schema}.{table.name}")
         identity, columns = row
-        if identity == "f" or set(table.primary_key) <= set(columns or []):
+        declared = ", ".join(table.primary_key)
+        if identity == "f":  # every change carries the whole old row: the declared key is in it, if it is a column
+            missing = [c for c in table.primary_key if c not in _table_columns(conn, schema, table.name)]
+            if not missing:
+                continue
+            raise _fail(
+                decl,
+                f"tables.{table.name}.primary_key",
+                f"table {table.name} has REPLICA IDENTITY FULL, but its declared primary_key ({declared}) names "
+                f"column(s) it lacks ({', '.join(missing)}): declare the columns that identify one row of it",
+            )
+        if set(table.primary_key) <= set(columns or []):
             continue
+        if not columns:
+            raise _fail(
+                decl,
+                f"tables.{table.name}.primary_key",
+                f"table {table.name} has no primary key (nor replica identity index): the source cannot send which "
+                "row an update or a delete changed, and refuses the application's updates and deletes of it once "
+                f"it is published. A DBA runs `ALTER TABLE {qualified} REPLICA IDENTITY FULL;` (each change then "
+                "carries the whole old row), or adds a primary key to it; then run again. Keep primary_key: "
+                f"{declared} in the declaration even so: the warehouse merges on it, so it must identify one row",
+            )
         raise _fail(
             decl,
             f"tables.{table.name}.primary_key",
-            f"the source sends deleted rows of {table.name} with its replica identity "
-            f"({', '.join(columns or []) or 'none'}), not the declared key ({', '.join(table.primary_key)}); "
-            f"and without one it refuses the application's updates once the table is published. A DBA runs "
-            f"`ALTER TABLE {qualified} REPLICA IDENTITY FULL;` (or declare the table's primary key)",
+            f"the source sends deleted rows of {table.name} with its replica identity ({', '.join(columns)}), not "
+            f"the declared key ({declared}): declare primary_key: {', '.join(columns)}, or a DBA runs "
+            f"`ALTER TABLE {qualified} REPLICA IDENTITY FULL;` (each change then carries the whole old row)",
         )
+
+
+def _table_columns(conn: Any, schema: str, table: str) -> set[str]:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            (schema, table),
+        )
+        return {name for (name,) in cur.fetchall()}
 
 
 def ensure_publication(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> None:
@@ -682,7 +715,9 @@ def run_replication(
                 f"initial copy of {', '.join(t.name for t in to_copy)} taken after creating slot {slot!r}; "
                 "the changes since are applied by the next run"
             )
-            return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, tables=loads, notes=notes)
+            return watch_slot(
+                decl, warehouse, conn, PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes)
+            )
         batch = read_changes(decl, conn, selected)
         held: dict[str, list[str]] = {}
         resources, deleted = change_resources(pipeline, decl, batch, held)
@@ -712,9 +747,37 @@ def run_replication(
             )
         if batch.truncated:
             notes.append(f"truncated in the source, replaced here: {', '.join(sorted(batch.truncated))}")
-        return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, tables=loads, notes=notes)
+        return watch_slot(
+            decl, warehouse, conn, PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes)
+        )
+    except Exception as exc:
+        watch_slot(decl, warehouse, conn, failure=exc)  # a failed run leaves the slot where it was: record it too
+        raise
     finally:
         conn.close()
+
+
+def watch_slot(
+    decl: PipelineDecl, warehouse: Warehouse, conn: Any, run: Any = None, failure: BaseException | None = None
+) -> Any:
+    """Measure the slot at the end of a run (``datamart/ingest/slots.py``), record it in ``ops.replication_slots``
+    and, for a run that loaded, say it in the summary; returns ``run``. After a ``failure`` the measurement is
+    best-effort: when it fails too, the failure gets a note and stays the error reported."""
+    from datamart.ingest.ops import record_slot
+    from datamart.ingest.slots import max_retained_wal, measure
+
+    try:
+        status = measure(conn, object_name(decl, "slot"), max_retained_wal(decl))
+        if status is not None:
+            record_slot(warehouse, decl.name, status)
+    except Exception as exc:
+        if failure is None:
+            raise
+        failure.add_note(f"(the slot could not be measured after the failure: {exc})")
+        return run
+    if run is not None and status is not None:
+        run.notes.append(status.describe())
+    return run
 
 
 def _mark_copied(decl: PipelineDecl, copied: dict[str, str], slot_id: str) -> Any:
@@ -729,3 +792,22 @@ def _mark_copied(decl: PipelineDecl, copied: dict[str, str], slot_id: str) -> An
         yield from ()
 
     return mark()
+
+
+def forget_copies(decl: PipelineDecl, warehouse: Warehouse, pipelines_dir: Any = None) -> bool:
+    """Forget, in dlt's state kept in the warehouse, which tables were copied after which slot: the next run copies
+    every table whole again (``dlt pipeline <name> drop-replication``). False when nothing was recorded.
+
+    A load a killed run left pending is finished first (dlt loads pending packages before anything new): its rows
+    are replaced by the next copy anyway."""
+    from datamart.ingest.loading import finish_or_abort_pending, make_pipeline
+
+    pipeline = make_pipeline(decl, warehouse, pipelines_dir)
+    pipeline.sync_destination()
+    state = pipeline.state.get("sources", {}).get(decl.name, {}).get(STATE_KEY, {})
+    if not state.get("copied") and not state.get("slot"):
+        return False
+    if pipeline.has_pending_data:
+        finish_or_abort_pending(pipeline)
+    pipeline.run([_mark_copied(decl, {}, "")]).raise_on_failed_jobs()
+    return True
