@@ -30,6 +30,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,6 +74,7 @@ class Relation:
     schema: str
     name: str
     columns: list[tuple[str, int]]
+    modifiers: list[int] = field(default_factory=list)  # each column's type modifier (numeric(12,2), varchar(n))
 
 
 @dataclass
@@ -127,7 +129,9 @@ def decode(message: bytes, relations: dict[int, Relation]) -> tuple[str, Any]:
     r = _Reader(message)
     tag = r.take("c")
     if tag == b"B":
-        return "begin", None
+        r.take("q")  # the commit's end LSN
+        r.take("q")  # the commit's time
+        return "begin", r.take("I")  # the transaction's id
     if tag == b"C":
         r.take("b")
         r.take("q")  # the commit's LSN
@@ -135,14 +139,14 @@ def decode(message: bytes, relations: dict[int, Relation]) -> tuple[str, Any]:
     if tag == b"R":
         oid, schema, name = r.take("I"), r.string(), r.string()
         r.take("b")  # replica identity setting
-        columns = []
+        columns, modifiers = [], []
         for _ in range(r.take("h")):
             r.take("b")  # flags (1: part of the key)
             column = r.string()
             type_oid = r.take("I")
-            r.take("i")  # type modifier
+            modifiers.append(r.take("i"))
             columns.append((column, type_oid))
-        relations[oid] = Relation(schema, name, columns)
+        relations[oid] = Relation(schema, name, columns, modifiers)
         return "relation", oid
     if tag == b"I":
         oid = r.take("I")
@@ -343,6 +347,7 @@ class Batch:
     truncated: set[str]
     read: dict[str, int]  # change messages read per table
     end_lsn: str  # where the slot goes once loaded
+    xids: set[int] = field(default_factory=set)  # the transactions read (see _wait_until_visible)
 
 
 def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batch:
@@ -356,6 +361,7 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
     changes: dict[str, dict[tuple[Any, ...], tuple[str, dict[str, Any]]]] = {t: {} for t in declared}
     read = dict.fromkeys(declared, 0)
     truncated: set[str] = set()
+    xids: set[int] = set()
     end = _lsn_int(upto)
     with conn.cursor() as cur:
         try:
@@ -367,8 +373,11 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
         except psycopg2.errors.InsufficientPrivilege as exc:
             raise _privilege(decl, conn, exc) from exc
         rows = cur.fetchall()
+        current = _definitions(cur, schema, list(declared))  # read after the peek: see _apply
         for (data,) in rows:
             kind, payload = decode(bytes(data), relations)
+            if kind == "begin":
+                xids.add(payload)
             if kind == "commit":
                 end = max(end, payload)
             if kind != "change":
@@ -386,8 +395,22 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
             if table is None:
                 continue
             read[table.name] += 1
-            _apply(table, rel, payload, changes[table.name], cur)
-    return Batch(changes, truncated, read, _lsn_text(end))
+            _apply(table, rel, payload, changes[table.name], cur, current.get(table.name))
+    return Batch(changes, truncated, read, _lsn_text(end), xids)
+
+
+def _definitions(cur: Any, schema: str, tables: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per table, the source's columns as they are now: name -> (type oid, type modifier), as pgoutput sends them."""
+    cur.execute(
+        "SELECT c.relname, a.attname, a.atttypid, a.atttypmod FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+        (schema, tables),
+    )
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    for table, column, type_oid, modifier in cur.fetchall():
+        found.setdefault(table, {})[column] = (type_oid, modifier)
+    return found
 
 
 def _apply(
@@ -396,11 +419,32 @@ def _apply(
     change: Change,
     last: dict[tuple[Any, ...], tuple[str, dict[str, Any]]],
     cur: Any,
+    current: dict[str, tuple[int, int]] | None = None,
 ) -> None:
     """Fold one change into ``last`` (key -> (upsert|delete, row)): the last change per key wins; an unchanged
-    TOASTed value takes the value of an earlier change of the same key in this batch, when there is one."""
+    TOASTed value takes the value of an earlier change of the same key in this batch, when there is one.
+
+    ``current``: the table's columns as the source has them now. A change made before a schema change the warehouse
+    already took (the table was reloaded after it, see :func:`apply_schema_changes`) lacks an added column, or
+    holds a retyped column's value in its old type: those values are marked UNCHANGED, so they keep the
+    warehouse's value, like an unchanged TOASTed value. That is the source's value: the reload's snapshot was taken
+    after that schema change, hence after this change, and a later change of the key would come later in this batch
+    and win. A column the source no longer has is left out (``dropped.py`` stops a table that lost a loaded one)."""
     names = [c for c, _ in rel.columns]
     types = [t for _, t in rel.columns]
+    modifiers = rel.modifiers or [-1] * len(names)
+
+    def as_now(row: dict[str, Any]) -> dict[str, Any]:
+        if not current:
+            return row
+        for name, type_oid, modifier in zip(names, types, modifiers, strict=True):
+            if name not in current:
+                row.pop(name)
+            elif current[name] != (type_oid, modifier) and name not in table.primary_key:
+                row[name] = UNCHANGED
+        for name in current:
+            row.setdefault(name, UNCHANGED)
+        return row
 
     def typed(values: list[Any]) -> dict[str, Any]:
         return {n: _cast(v, t, cur) for n, v, t in zip(names, values, types, strict=True)}
@@ -412,7 +456,7 @@ def _apply(
         old = typed(change.old or [])
         last[key_of(old)] = ("delete", {k: old[k] for k in table.primary_key})
         return
-    row = typed(change.new or [])
+    row = as_now(typed(change.new or []))
     if change.kind == "update" and change.old is not None:
         old_key = key_of(typed(change.old))
         if old_key != key_of(row):  # the key itself changed: the old key is gone
@@ -592,6 +636,9 @@ def change_resources(
             known,
             held_back.setdefault(table.name, []),
         )
+        for row in upserts:  # a value kept from the warehouse (see _apply) in a column the warehouse lacks: none
+            for column in [c for c, v in row.items() if v is UNCHANGED and known and warehouse_name(c) not in known]:
+                row.pop(column)
         _toasted(pipeline, table, upserts)
         gone = [row for kind, row in last.values() if kind == "delete"]
         deleted[table.name] = (
@@ -619,14 +666,25 @@ def change_resources(
 
 
 def run_replication(
-    decl: PipelineDecl, warehouse: Warehouse, tables: list[str] | None, pipelines_dir: Any, full_refresh: bool
+    decl: PipelineDecl,
+    warehouse: Warehouse,
+    tables: list[str] | None,
+    pipelines_dir: Any,
+    full_refresh: bool,
+    reload: Any = None,
 ) -> Any:
-    """One replication run of ``decl`` (see the module's docstring); returns the runner's ``PipelineRun``."""
+    """One replication run of ``decl`` (see the module's docstring); returns the runner's ``PipelineRun``.
+
+    ``reload``: the runner's reload of one table whose source changed (``runner._reload``: migrate its retyped
+    columns, replace its rows through staging), passed in because the runner imports this module."""
     import os
 
+    from datamart.ingest.dropped import dropped_columns
+    from datamart.ingest.evolution import RetypeRefused
     from datamart.ingest.loading import (
         PipelineRun,
         TableLoad,
+        TablesFailed,
         _build_each,
         count_rows,
         finish_or_abort_pending,
@@ -660,6 +718,9 @@ def run_replication(
         else:
             state_slot = state.get("slot") or slot_id
         to_copy = [t for t in selected if copied.get(t.name) != state_slot]
+        # a table whose source dropped a loaded column is neither copied nor changed (as in cursor mode): dropped.py
+        stopped = {} if full_refresh else dropped_columns(decl, warehouse, names, pipeline.state)
+        to_copy = [t for t in to_copy if t.name not in stopped]
         file_format = loader_file_format(decl, warehouse)
         loads: list[TableLoad] = []
         if to_copy:
@@ -682,10 +743,21 @@ def run_replication(
                 f"initial copy of {', '.join(t.name for t in to_copy)} taken after creating slot {slot!r}; "
                 "the changes since are applied by the next run"
             )
-            return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, tables=loads, notes=notes)
+            return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes, stopped)
         batch = read_changes(decl, conn, selected)
+        for name in stopped:  # copied whole again once it can be loaded: this batch's changes of it are skipped
+            batch.changes[name] = {}
+            batch.truncated.discard(name)
+        reloads, failed = apply_schema_changes(
+            pipeline, decl, conn, batch, [n for n in names if n not in stopped], reload, file_format
+        )
+        # copied whole again by the next run: a table stopped, or whose reload failed after it may have changed the
+        # warehouse (a refused retype changed nothing: the next run finds the change again and reloads it)
+        forget = [*stopped, *(n for n, e in failed.items() if not isinstance(e, RetypeRefused))]
         held: dict[str, list[str]] = {}
         resources, deleted = change_resources(pipeline, decl, batch, held)
+        if forget:
+            resources.append(_mark_copied(decl, {n: s for n, s in copied.items() if n not in forget}, state_slot))
         written: dict[str, int] = {}
         if resources:
             info = pipeline.run(resources, loader_file_format=file_format)
@@ -696,7 +768,8 @@ def run_replication(
             raise RuntimeError(f"{FAIL_ENV}=after-load: stopped after the load, before the slot was advanced")
         advance(decl, conn, batch.end_lsn)  # only now: the warehouse has committed the load
         after = count_rows(pipeline, names)[0]
-        for name in names:
+        loads += reloads
+        for name in [n for n in names if n not in stopped and n not in failed and n not in {r.table for r in reloads}]:
             gone = deleted.get(name, 0)
             inserted = max(after[name] - before[name] + gone, 0) if name not in batch.truncated else after[name]
             loads.append(
@@ -712,9 +785,80 @@ def run_replication(
             )
         if batch.truncated:
             notes.append(f"truncated in the source, replaced here: {', '.join(sorted(batch.truncated))}")
-        return PipelineRun(decl.name, decl.dataset, time.monotonic() - started, tables=loads, notes=notes)
+        run = PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes, stopped)
+        if failed:
+            raise TablesFailed(decl.name, failed, run) from next(iter(failed.values()))
+        return run
     finally:
         conn.close()
+
+
+def apply_schema_changes(
+    pipeline: dlt.Pipeline,
+    decl: PipelineDecl,
+    conn: Any,
+    batch: Batch,
+    names: list[str],
+    reload: Any,
+    file_format: str | None,
+) -> tuple[list[Any], dict[str, BaseException]]:
+    """Reload the tables whose source added or retyped a column (found as cursor mode finds them, by comparing the
+    source's reflected columns with dlt's schema: ``evolution.source_changes``), each as cursor mode does
+    (``runner._reload``: the retyped columns migrated, views kept, the rows replaced through staging), while the
+    other tables load their changes. The stream alone would not do: a column added with a DEFAULT emits no change at
+    all, and a change made before the ALTER carries no value of the new column.
+
+    Why this converges: the reload reads the table after ``batch.end_lsn``, where the slot is advanced once the run
+    has loaded, and this batch's changes of that table are dropped (the reload holds them, and newer values). The
+    next run applies the changes committed after ``batch.end_lsn`` on top of the reload: some are already in it, and
+    applying one again writes the value it holds, or a newer one, since only the last change per key is applied, in
+    commit order; a change made before the ALTER keeps the reloaded value of the columns it lacks (see ``_apply``).
+    A run killed before the slot moved reads this batch again next time: the same argument holds from the older
+    position. Returns the reloads (``TableLoad``, with the change and its cost) and the tables that failed."""
+    from datamart.ingest.evolution import source_changes
+    from datamart.ingest.loading import _build_each
+
+    schema = pipeline.default_schema if pipeline.default_schema_name else None
+    if schema is None or not names:
+        return [], {}
+    internal = ("_dlt", "_datamart")
+    known = {
+        n: [c for c in schema.tables.get(warehouse_name(n), {}).get("columns", {}) if not c.startswith(internal)]
+        for n in names
+    }
+    held_back: dict[str, list[str]] = {}
+    failed: dict[str, BaseException] = {}
+    resources = _build_each(decl, names, known, held_back, failed)
+    if failed:  # check_tables found every table a moment ago
+        name, error = next(iter(failed.items()))
+        raise RuntimeError(f"pipeline '{decl.name}': table {name} could not be reflected: {error}") from error
+    changes = source_changes(decl, resources, known, schema)
+    if not changes:
+        return [], {}
+    _wait_until_visible(conn, batch.xids)
+    by_name = {r.name: r for r in resources}
+    reloads = []
+    for name, change in changes.items():
+        batch.changes[name] = {}
+        batch.truncated.discard(name)
+        loaded = reload(pipeline, decl, change, by_name[name], file_format, {}, None, failed)
+        if loaded is not None:
+            reloads.append(_replace(loaded, held_back=tuple(held_back.get(name, []))))
+    return reloads, failed
+
+
+def _wait_until_visible(conn: Any, xids: set[int], timeout: float = 60.0) -> None:
+    """Wait until no transaction of the batch is still in progress for a new snapshot. Its commit record was flushed
+    (that is how it came to be read), but a transaction becomes visible a moment after that flush: a reload reading
+    before then would miss a change the advanced slot no longer holds. Microseconds in practice; checked anyway."""
+    deadline = time.monotonic() + timeout
+    statement = (
+        "SELECT count(*) FROM txid_snapshot_xip(txid_current_snapshot()) x WHERE (x %% 4294967296) = ANY(%s::bigint[])"
+    )
+    while xids and _one(conn, statement, sorted(xids)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"transactions {sorted(xids)} still committing after {timeout:.0f} s: run again")
+        time.sleep(0.05)
 
 
 def _mark_copied(decl: PipelineDecl, copied: dict[str, str], slot_id: str) -> Any:
