@@ -311,3 +311,76 @@ def test_schema_changes_in_the_stream(setup: tuple[Source, dict[str, str], Wareh
     source.execute("ALTER TABLE events ADD COLUMN label text", "UPDATE events SET label = 'back ' || id")
     assert "initial copy of events" in run(env)
     assert_equal(url, warehouse)
+
+
+DEMO_VARIANT = PROJECT_ROOT / "datamart/demo/pipelines/replication/app_db.yaml"
+#: per demo table: the source's query and the warehouse's (personal values treated: see the variant)
+DEMO_TABLES = {
+    "organizations": "id, name, kind, department, created_at, updated_at, deleted_at",
+    "missions": "id, organization_id, title, domain, department, places, status, start_date, created_at, updated_at, "
+    "deleted_at",
+    "applications": "id, mission_id, volunteer_id, status, created_at, updated_at",
+    "stats_events": "id, event_type, partner_id, mission_id, occurred_at",
+}
+
+
+def naive(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows comparable across engines: timestamps as naive UTC (PostgreSQL warehouses load timestamptz)."""
+    from datetime import UTC, datetime
+
+    def value(v: Any) -> Any:
+        return v.astimezone(UTC).replace(tzinfo=None) if isinstance(v, datetime) and v.tzinfo else v
+
+    return normal([tuple(value(v) for v in row) for row in rows])
+
+
+@pytest.mark.parametrize("target", ["duckdb", "postgres"])
+def test_demo_runs_in_replication_mode(logical: ThrowawayPostgres, tmp_path: Path, target: str) -> None:
+    """The demo generated into a PostgreSQL source, read by the documented variant of app_db (`changes:
+    replication`): the copy, then a demo day's changes; the warehouse equals the source, table by table."""
+    url = create_database(logical.url(), f"demo_{uuid.uuid4().hex[:8]}")
+    if target == "duckdb":
+        warehouse = Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
+    else:
+        warehouse = postgres_warehouse(create_database(logical.url(), f"wh_{uuid.uuid4().hex[:8]}"))
+    declaration = yaml.safe_load(DEMO_VARIANT.read_text())
+    declaration["source"]["slot"] = f"datamart_app_db_{target}"  # slots are the cluster's, not a database's
+    (tmp_path / "declarations").mkdir()
+    (tmp_path / "declarations" / "app_db.yaml").write_text(
+        yaml.safe_dump(declaration, sort_keys=False), encoding="utf-8"
+    )
+    env = environment(tmp_path, url, warehouse)
+    env["SOURCES__APP_DB__CREDENTIALS"] = url
+
+    def demo(*args: str) -> None:
+        command = [sys.executable, "-m", "datamart.demo", "--source-url", url, "--bucket", str(tmp_path / "bucket")]
+        result = subprocess.run([*command, *args], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def pipeline_run() -> str:
+        result = dlt(env, "pipeline", "app_db", "run")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def assert_demo_equal() -> None:
+        for table, columns in DEMO_TABLES.items():
+            wanted = naive(source_rows(url, f"SELECT {columns} FROM {table}"))
+            assert naive(warehouse.query(f"SELECT {columns} FROM raw_app_db.{table}")) == wanted, table
+        people = source_rows(url, "SELECT id, email, extract(year FROM birth_date)::int, department FROM volunteers")
+        wanted = [(i, pseudonym(KEY.encode(), e), y, d) for i, e, y, d in people]
+        got = warehouse.query("SELECT id, email, birth_year, department FROM raw_app_db.volunteers")
+        assert naive(got) == naive(wanted)
+
+    demo("--scale", "0.2")
+    assert "initial copy of organizations, missions, volunteers, applications, stats_events" in pipeline_run()
+    assert_demo_equal()
+    demo("--advance-day")  # a demo day: inserts, updates, soft and hard deletes
+    changed = pipeline_run()
+    assert counts_of(changed, "raw_app_db.applications")[3] > 0  # hard-deleted applications, applied by key
+    assert_demo_equal()
+
+
+def counts_of(summary: str, table: str) -> tuple[int, ...]:
+    """read, inserted, updated, deleted, in warehouse: the summary line of ``table``."""
+    line = next(line for line in summary.splitlines() if line.startswith(f"{table} "))
+    return tuple(int(n.replace(",", "")) for n in re.findall(r"[\d,]+", line.split(maxsplit=1)[1]))

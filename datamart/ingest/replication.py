@@ -19,8 +19,14 @@ Why not a replication connection (``START_REPLICATION``): the SQL functions need
 other pipeline, and let the slot be confirmed exactly when the warehouse has committed, from the same process.
 The read is in memory: one run holds the changes since the last run (bounded by how often the pipeline runs).
 
-Not done yet (issue 16): schema changes seen in the stream (an added column's existing rows, a type change), the
-slot's retained WAL in ``marts.data_freshness_v1`` and an alert, a command removing the slot and the publication.
+Source schema changes are found as cursor mode finds them (the source's columns against dlt's schema, before the
+changes are loaded): a table with an added or retyped column is reloaded whole after the batch's end position while
+the others load (:func:`apply_schema_changes`, which says why that converges); a change read from before the
+``ALTER`` keeps the reloaded value of what it lacks (``_apply``). A table whose source dropped a loaded column is
+stopped as in cursor mode (``dropped.py``) and copied whole again once it can be loaded.
+
+Not done yet (issue 16): the slot's retained WAL in ``marts.data_freshness_v1`` and an alert, a command removing
+the slot and the publication, history tables.
 """
 
 from __future__ import annotations
