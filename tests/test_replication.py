@@ -311,6 +311,8 @@ def test_schema_changes_in_the_stream(setup: tuple[Source, dict[str, str], Wareh
     source.execute("ALTER TABLE events ADD COLUMN label text", "UPDATE events SET label = 'back ' || id")
     assert "initial copy of events" in run(env)
     assert_equal(url, warehouse)
+    verified = dlt(env, "pipeline", "shop", "verify")  # verify agrees, added and retyped columns included
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 DEMO_VARIANT = PROJECT_ROOT / "datamart/demo/pipelines/replication/app_db.yaml"
