@@ -21,7 +21,7 @@ The read is in memory: one run holds the changes since the last run (bounded by 
 
 Source schema changes are found as cursor mode finds them (the source's columns against dlt's schema, before the
 changes are loaded): a table with an added or retyped column is reloaded whole after the batch's end position while
-the others load (:func:`apply_schema_changes`, which says why that converges); a change read from before the
+the others load (``stream_schema.py``, which says why that converges); a change read from before the
 ``ALTER`` keeps the reloaded value of what it lacks (``_apply``). A table whose source dropped a loaded column is
 stopped as in cursor mode (``dropped.py``) and copied whole again once it can be loaded.
 
@@ -36,7 +36,6 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from dataclasses import replace as _replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +46,7 @@ import pyarrow as pa
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, warehouse_name
 from datamart.ingest.deletes import DELETED_MARKER
 from datamart.ingest.personal import DROP, YEAR, personal_data_map, year_column
+from datamart.ingest.stream_schema import apply_schema_changes, definitions
 from datamart.settings import Warehouse, quote_identifier
 
 #: pgoutput's marker of a TOASTed value an update left unchanged (it sends no value for it).
@@ -379,7 +379,7 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
         except psycopg2.errors.InsufficientPrivilege as exc:
             raise _privilege(decl, conn, exc) from exc
         rows = cur.fetchall()
-        current = _definitions(cur, schema, list(declared))  # read after the peek: see _apply
+        current = definitions(cur, schema, list(declared))  # read after the peek: see _apply
         for (data,) in rows:
             kind, payload = decode(bytes(data), relations)
             if kind == "begin":
@@ -405,20 +405,6 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
     return Batch(changes, truncated, read, _lsn_text(end), xids)
 
 
-def _definitions(cur: Any, schema: str, tables: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
-    """Per table, the source's columns as they are now: name -> (type oid, type modifier), as pgoutput sends them."""
-    cur.execute(
-        "SELECT c.relname, a.attname, a.atttypid, a.atttypmod FROM pg_attribute a "
-        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-        (schema, tables),
-    )
-    found: dict[str, dict[str, tuple[int, int]]] = {}
-    for table, column, type_oid, modifier in cur.fetchall():
-        found.setdefault(table, {})[column] = (type_oid, modifier)
-    return found
-
-
 def _apply(
     table: TableDecl,
     rel: Relation,
@@ -431,7 +417,7 @@ def _apply(
     TOASTed value takes the value of an earlier change of the same key in this batch, when there is one.
 
     ``current``: the table's columns as the source has them now. A change made before a schema change the warehouse
-    already took (the table was reloaded after it, see :func:`apply_schema_changes`) lacks an added column, or
+    already took (the table was reloaded after it, see ``stream_schema.py``) lacks an added column, or
     holds a retyped column's value in its old type: those values are marked UNCHANGED, so they keep the
     warehouse's value, like an unchanged TOASTed value. That is the source's value: the reload's snapshot was taken
     after that schema change, hence after this change, and a later change of the key would come later in this batch
@@ -797,74 +783,6 @@ def run_replication(
         return run
     finally:
         conn.close()
-
-
-def apply_schema_changes(
-    pipeline: dlt.Pipeline,
-    decl: PipelineDecl,
-    conn: Any,
-    batch: Batch,
-    names: list[str],
-    reload: Any,
-    file_format: str | None,
-) -> tuple[list[Any], dict[str, BaseException]]:
-    """Reload the tables whose source added or retyped a column (found as cursor mode finds them, by comparing the
-    source's reflected columns with dlt's schema: ``evolution.source_changes``), each as cursor mode does
-    (``runner._reload``: the retyped columns migrated, views kept, the rows replaced through staging), while the
-    other tables load their changes. The stream alone would not do: a column added with a DEFAULT emits no change at
-    all, and a change made before the ALTER carries no value of the new column.
-
-    Why this converges: the reload reads the table after ``batch.end_lsn``, where the slot is advanced once the run
-    has loaded, and this batch's changes of that table are dropped (the reload holds them, and newer values). The
-    next run applies the changes committed after ``batch.end_lsn`` on top of the reload: some are already in it, and
-    applying one again writes the value it holds, or a newer one, since only the last change per key is applied, in
-    commit order; a change made before the ALTER keeps the reloaded value of the columns it lacks (see ``_apply``).
-    A run killed before the slot moved reads this batch again next time: the same argument holds from the older
-    position. Returns the reloads (``TableLoad``, with the change and its cost) and the tables that failed."""
-    from datamart.ingest.evolution import source_changes
-    from datamart.ingest.loading import _build_each
-
-    schema = pipeline.default_schema if pipeline.default_schema_name else None
-    if schema is None or not names:
-        return [], {}
-    internal = ("_dlt", "_datamart")
-    known = {
-        n: [c for c in schema.tables.get(warehouse_name(n), {}).get("columns", {}) if not c.startswith(internal)]
-        for n in names
-    }
-    held_back: dict[str, list[str]] = {}
-    failed: dict[str, BaseException] = {}
-    resources = _build_each(decl, names, known, held_back, failed)
-    if failed:  # check_tables found every table a moment ago
-        name, error = next(iter(failed.items()))
-        raise RuntimeError(f"pipeline '{decl.name}': table {name} could not be reflected: {error}") from error
-    changes = source_changes(decl, resources, known, schema)
-    if not changes:
-        return [], {}
-    _wait_until_visible(conn, batch.xids)
-    by_name = {r.name: r for r in resources}
-    reloads = []
-    for name, change in changes.items():
-        batch.changes[name] = {}
-        batch.truncated.discard(name)
-        loaded = reload(pipeline, decl, change, by_name[name], file_format, {}, None, failed)
-        if loaded is not None:
-            reloads.append(_replace(loaded, held_back=tuple(held_back.get(name, []))))
-    return reloads, failed
-
-
-def _wait_until_visible(conn: Any, xids: set[int], timeout: float = 60.0) -> None:
-    """Wait until no transaction of the batch is still in progress for a new snapshot. Its commit record was flushed
-    (that is how it came to be read), but a transaction becomes visible a moment after that flush: a reload reading
-    before then would miss a change the advanced slot no longer holds. Microseconds in practice; checked anyway."""
-    deadline = time.monotonic() + timeout
-    statement = (
-        "SELECT count(*) FROM txid_snapshot_xip(txid_current_snapshot()) x WHERE (x %% 4294967296) = ANY(%s::bigint[])"
-    )
-    while xids and _one(conn, statement, sorted(xids)):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"transactions {sorted(xids)} still committing after {timeout:.0f} s: run again")
-        time.sleep(0.05)
 
 
 def _mark_copied(decl: PipelineDecl, copied: dict[str, str], slot_id: str) -> Any:
