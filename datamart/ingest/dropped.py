@@ -45,6 +45,15 @@ class TablesStopped(RuntimeError):
             "table: change the models that read it first, with a new version of a published view that shows it). "
             "Loading it as it is would set the column to NULL on every changed row. The other tables were loaded"
         )
+        if pipeline.options.get("changes") == "replication":  # the slot moved on: the table is copied whole again
+            self.hint = (
+                f"bring the column back (restore it in the source), then rerun `dlt pipeline {pipeline.name} run`: "
+                f"{first} is copied whole again (its changes read meanwhile were skipped). If it is gone for good, "
+                f"drop the table from the warehouse (`dlt pipeline {pipeline.name} drop {first}`, after changing the "
+                "models that read it, with a new version of a published view that shows it) and rerun: it is copied "
+                "without the column. Loading it as it is would set the column to NULL on every changed row. The "
+                "other tables were loaded"
+            )
 
 
 def dropped_columns(

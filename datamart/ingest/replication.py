@@ -24,13 +24,18 @@ whatever its outcome: recorded in ``ops.replication_slots``, shown by ``marts.da
 alerted on by the scheduled run above ``source.max_retained_wal``. ``dlt pipeline <name> drop-replication`` removes
 the slot and the publication and forgets which tables were copied (:func:`forget_copies`).
 
-Not done yet (issue 16): schema changes seen in the stream (an added column's existing rows, a type change).
+Source schema changes are found as cursor mode finds them (the source's columns against dlt's schema, before the
+changes are loaded): a table with an added or retyped column is reloaded whole after the batch's end position while
+the others load (``stream_schema.py``, which says why that converges); a change read from before the
+``ALTER`` keeps the reloaded value of what it lacks (``_apply``). A table whose source dropped a loaded column is
+stopped as in cursor mode (``dropped.py``) and copied whole again once it can be loaded.
+
+Not done yet (issue 16): history tables.
 """
 
 from __future__ import annotations
 
 import re
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,10 +49,10 @@ import pyarrow as pa
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, warehouse_name
 from datamart.ingest.deletes import DELETED_MARKER
 from datamart.ingest.personal import DROP, YEAR, personal_data_map, year_column
+from datamart.ingest.pgoutput import UNCHANGED, Change, Relation, decode
+from datamart.ingest.stream_schema import apply_schema_changes, definitions
 from datamart.settings import Warehouse, quote_identifier
 
-#: pgoutput's marker of a TOASTed value an update left unchanged (it sends no value for it).
-UNCHANGED = object()
 #: The state key (under the pipeline's source state) recording which tables were copied after which slot.
 STATE_KEY = "replication"
 #: Injected failure for tests: set to ``after-load`` to stop after dlt's load, before the slot is advanced.
@@ -68,108 +73,6 @@ def object_name(decl: PipelineDecl, key: str) -> str:
 
 
 # --- pgoutput protocol 1 (PostgreSQL docs, "Logical Replication Message Formats") ---------------------------------
-
-
-@dataclass
-class Relation:
-    """A table as pgoutput describes it: its schema, name and columns (name, type oid) in tuple order."""
-
-    schema: str
-    name: str
-    columns: list[tuple[str, int]]
-
-
-@dataclass
-class Change:
-    """One row change: ``kind`` is insert, update, delete or truncate; ``old`` the old key of an update that
-    changed it (or of a delete); ``new`` the row (values as text, None, or UNCHANGED)."""
-
-    kind: str
-    relation: int
-    new: list[Any] | None = None
-    old: list[Any] | None = None
-    relations: list[int] = field(default_factory=list)  # truncate: every relation truncated
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, fmt: str) -> Any:
-        value = struct.unpack_from("!" + fmt, self.data, self.pos)
-        self.pos += struct.calcsize("!" + fmt)
-        return value[0] if len(value) == 1 else value
-
-    def string(self) -> str:
-        end = self.data.index(b"\0", self.pos)
-        text = self.data[self.pos : end].decode()
-        self.pos = end + 1
-        return text
-
-    def tuple_data(self) -> list[Any]:
-        values: list[Any] = []
-        for _ in range(self.take("h")):
-            kind = self.take("c")
-            if kind == b"n":
-                values.append(None)
-            elif kind == b"u":
-                values.append(UNCHANGED)
-            elif kind == b"t":
-                length = self.take("i")
-                values.append(self.data[self.pos : self.pos + length].decode())
-                self.pos += length
-            else:
-                raise ValueError(f"pgoutput: unexpected tuple data kind {kind!r}")
-        return values
-
-
-def decode(message: bytes, relations: dict[int, Relation]) -> tuple[str, Any]:
-    """One pgoutput message: ``(type, payload)``; Relation messages are recorded in ``relations``.
-
-    Types: ``begin``, ``commit`` (payload: the commit's end LSN), ``relation``, ``change`` (a :class:`Change`),
-    ``other`` (Type, Origin, logical messages: nothing to apply)."""
-    r = _Reader(message)
-    tag = r.take("c")
-    if tag == b"B":
-        return "begin", None
-    if tag == b"C":
-        r.take("b")
-        r.take("q")  # the commit's LSN
-        return "commit", r.take("q")  # the end of the commit record: where the slot may be advanced to
-    if tag == b"R":
-        oid, schema, name = r.take("I"), r.string(), r.string()
-        r.take("b")  # replica identity setting
-        columns = []
-        for _ in range(r.take("h")):
-            r.take("b")  # flags (1: part of the key)
-            column = r.string()
-            type_oid = r.take("I")
-            r.take("i")  # type modifier
-            columns.append((column, type_oid))
-        relations[oid] = Relation(schema, name, columns)
-        return "relation", oid
-    if tag == b"I":
-        oid = r.take("I")
-        r.take("c")  # 'N'
-        return "change", Change("insert", oid, new=r.tuple_data())
-    if tag == b"U":
-        oid = r.take("I")
-        old = None
-        part = r.take("c")
-        if part in (b"K", b"O"):  # the old key (changed key, or REPLICA IDENTITY FULL)
-            old = r.tuple_data()
-            part = r.take("c")
-        return "change", Change("update", oid, new=r.tuple_data(), old=old)
-    if tag == b"D":
-        oid = r.take("I")
-        r.take("c")  # 'K' or 'O'
-        return "change", Change("delete", oid, old=r.tuple_data())
-    if tag == b"T":
-        count = r.take("i")
-        r.take("b")  # options (cascade, restart identity)
-        oids = [r.take("I") for _ in range(count)]
-        return "change", Change("truncate", oids[0] if oids else 0, relations=oids)
-    return "other", None  # Type ('Y'), Origin ('O'), Message ('M')
 
 
 # --- the source side ----------------------------------------------------------------------------------------------
@@ -376,6 +279,7 @@ class Batch:
     truncated: set[str]
     read: dict[str, int]  # change messages read per table
     end_lsn: str  # where the slot goes once loaded
+    xids: set[int] = field(default_factory=set)  # the transactions read (see _wait_until_visible)
 
 
 def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batch:
@@ -389,6 +293,7 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
     changes: dict[str, dict[tuple[Any, ...], tuple[str, dict[str, Any]]]] = {t: {} for t in declared}
     read = dict.fromkeys(declared, 0)
     truncated: set[str] = set()
+    xids: set[int] = set()
     end = _lsn_int(upto)
     with conn.cursor() as cur:
         try:
@@ -400,8 +305,11 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
         except psycopg2.errors.InsufficientPrivilege as exc:
             raise _privilege(decl, conn, exc) from exc
         rows = cur.fetchall()
+        current = definitions(cur, schema, list(declared))  # read after the peek: see _apply
         for (data,) in rows:
             kind, payload = decode(bytes(data), relations)
+            if kind == "begin":
+                xids.add(payload)
             if kind == "commit":
                 end = max(end, payload)
             if kind != "change":
@@ -419,8 +327,8 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
             if table is None:
                 continue
             read[table.name] += 1
-            _apply(table, rel, payload, changes[table.name], cur)
-    return Batch(changes, truncated, read, _lsn_text(end))
+            _apply(table, rel, payload, changes[table.name], cur, current.get(table.name))
+    return Batch(changes, truncated, read, _lsn_text(end), xids)
 
 
 def _apply(
@@ -429,11 +337,32 @@ def _apply(
     change: Change,
     last: dict[tuple[Any, ...], tuple[str, dict[str, Any]]],
     cur: Any,
+    current: dict[str, tuple[int, int]] | None = None,
 ) -> None:
     """Fold one change into ``last`` (key -> (upsert|delete, row)): the last change per key wins; an unchanged
-    TOASTed value takes the value of an earlier change of the same key in this batch, when there is one."""
+    TOASTed value takes the value of an earlier change of the same key in this batch, when there is one.
+
+    ``current``: the table's columns as the source has them now. A change made before a schema change the warehouse
+    already took (the table was reloaded after it, see ``stream_schema.py``) lacks an added column, or
+    holds a retyped column's value in its old type: those values are marked UNCHANGED, so they keep the
+    warehouse's value, like an unchanged TOASTed value. That is the source's value: the reload's snapshot was taken
+    after that schema change, hence after this change, and a later change of the key would come later in this batch
+    and win. A column the source no longer has is left out (``dropped.py`` stops a table that lost a loaded one)."""
     names = [c for c, _ in rel.columns]
     types = [t for _, t in rel.columns]
+    modifiers = rel.modifiers or [-1] * len(names)
+
+    def as_now(row: dict[str, Any]) -> dict[str, Any]:
+        if not current:
+            return row
+        for name, type_oid, modifier in zip(names, types, modifiers, strict=True):
+            if name not in current:
+                row.pop(name)
+            elif current[name] != (type_oid, modifier) and name not in table.primary_key:
+                row[name] = UNCHANGED
+        for name in current:
+            row.setdefault(name, UNCHANGED)
+        return row
 
     def typed(values: list[Any]) -> dict[str, Any]:
         return {n: _cast(v, t, cur) for n, v, t in zip(names, values, types, strict=True)}
@@ -445,7 +374,7 @@ def _apply(
         old = typed(change.old or [])
         last[key_of(old)] = ("delete", {k: old[k] for k in table.primary_key})
         return
-    row = typed(change.new or [])
+    row = as_now(typed(change.new or []))
     if change.kind == "update" and change.old is not None:
         old_key = key_of(typed(change.old))
         if old_key != key_of(row):  # the key itself changed: the old key is gone
@@ -625,6 +554,9 @@ def change_resources(
             known,
             held_back.setdefault(table.name, []),
         )
+        for row in upserts:  # a value kept from the warehouse (see _apply) in a column the warehouse lacks: none
+            for column in [c for c, v in row.items() if v is UNCHANGED and known and warehouse_name(c) not in known]:
+                row.pop(column)
         _toasted(pipeline, table, upserts)
         gone = [row for kind, row in last.values() if kind == "delete"]
         deleted[table.name] = (
@@ -652,14 +584,25 @@ def change_resources(
 
 
 def run_replication(
-    decl: PipelineDecl, warehouse: Warehouse, tables: list[str] | None, pipelines_dir: Any, full_refresh: bool
+    decl: PipelineDecl,
+    warehouse: Warehouse,
+    tables: list[str] | None,
+    pipelines_dir: Any,
+    full_refresh: bool,
+    reload: Any = None,
 ) -> Any:
-    """One replication run of ``decl`` (see the module's docstring); returns the runner's ``PipelineRun``."""
+    """One replication run of ``decl`` (see the module's docstring); returns the runner's ``PipelineRun``.
+
+    ``reload``: the runner's reload of one table whose source changed (``runner._reload``: migrate its retyped
+    columns, replace its rows through staging), passed in because the runner imports this module."""
     import os
 
+    from datamart.ingest.dropped import dropped_columns
+    from datamart.ingest.evolution import RetypeRefused
     from datamart.ingest.loading import (
         PipelineRun,
         TableLoad,
+        TablesFailed,
         _build_each,
         count_rows,
         finish_or_abort_pending,
@@ -693,6 +636,9 @@ def run_replication(
         else:
             state_slot = state.get("slot") or slot_id
         to_copy = [t for t in selected if copied.get(t.name) != state_slot]
+        # a table whose source dropped a loaded column is neither copied nor changed (as in cursor mode): dropped.py
+        stopped = {} if full_refresh else dropped_columns(decl, warehouse, names, pipeline.state)
+        to_copy = [t for t in to_copy if t.name not in stopped]
         file_format = loader_file_format(decl, warehouse)
         loads: list[TableLoad] = []
         if to_copy:
@@ -716,11 +662,25 @@ def run_replication(
                 "the changes since are applied by the next run"
             )
             return watch_slot(
-                decl, warehouse, conn, PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes)
+                decl,
+                warehouse,
+                conn,
+                PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes, stopped),
             )
         batch = read_changes(decl, conn, selected)
+        for name in stopped:  # copied whole again once it can be loaded: this batch's changes of it are skipped
+            batch.changes[name] = {}
+            batch.truncated.discard(name)
+        reloads, failed = apply_schema_changes(
+            pipeline, decl, conn, batch, [n for n in names if n not in stopped], reload, file_format
+        )
+        # copied whole again by the next run: a table stopped, or whose reload failed after it may have changed the
+        # warehouse (a refused retype changed nothing: the next run finds the change again and reloads it)
+        forget = [*stopped, *(n for n, e in failed.items() if not isinstance(e, RetypeRefused))]
         held: dict[str, list[str]] = {}
         resources, deleted = change_resources(pipeline, decl, batch, held)
+        if forget:
+            resources.append(_mark_copied(decl, {n: s for n, s in copied.items() if n not in forget}, state_slot))
         written: dict[str, int] = {}
         if resources:
             info = pipeline.run(resources, loader_file_format=file_format)
@@ -731,7 +691,8 @@ def run_replication(
             raise RuntimeError(f"{FAIL_ENV}=after-load: stopped after the load, before the slot was advanced")
         advance(decl, conn, batch.end_lsn)  # only now: the warehouse has committed the load
         after = count_rows(pipeline, names)[0]
-        for name in names:
+        loads += reloads
+        for name in [n for n in names if n not in stopped and n not in failed and n not in {r.table for r in reloads}]:
             gone = deleted.get(name, 0)
             inserted = max(after[name] - before[name] + gone, 0) if name not in batch.truncated else after[name]
             loads.append(
@@ -747,9 +708,17 @@ def run_replication(
             )
         if batch.truncated:
             notes.append(f"truncated in the source, replaced here: {', '.join(sorted(batch.truncated))}")
-        return watch_slot(
-            decl, warehouse, conn, PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes)
+        run = watch_slot(
+            decl,
+            warehouse,
+            conn,
+            PipelineRun(decl.name, decl.dataset, time.monotonic() - started, loads, notes, stopped),
         )
+        if failed:
+            raise TablesFailed(decl.name, failed, run) from next(iter(failed.values()))
+        return run
+    except TablesFailed:
+        raise  # the slot was measured and recorded with the run above
     except Exception as exc:
         watch_slot(decl, warehouse, conn, failure=exc)  # a failed run leaves the slot where it was: record it too
         raise

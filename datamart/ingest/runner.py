@@ -102,7 +102,7 @@ def _run_pipeline(
     from datamart.ingest.replication import is_replication, run_replication  # here: it imports this module
 
     if is_replication(decl):  # logical decoding instead of cursors and key sets
-        return run_replication(decl, warehouse, tables, pipelines_dir, full_refresh)
+        return run_replication(decl, warehouse, tables, pipelines_dir, full_refresh, reload=_reload)
     started = time.monotonic()
     deletions: dict[str, int] = {}
     held_back: dict[str, list[str]] = {}
