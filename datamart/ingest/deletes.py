@@ -298,3 +298,74 @@ def _to_arrow(columns: tuple[str, ...], batches: Any) -> pa.Table:
     if not tables:
         return pa.table({c: pa.array([], pa.int64()) for c in columns})
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+#: Column of a tombstone table: when the deletion was found (UTC), before the load that removes the rows.
+RECORDED_AT = "_datamart_deleted_at"
+#: Keys per statement when tombstones are written.
+_TOMBSTONE_BATCH = 1_000
+
+
+def tombstone_table(dataset: str, table: str) -> str:
+    """The ops table recording the rows removed from ``dataset.table`` by key-set deletes (unquoted, ``ops.…``)."""
+    from datamart.ingest.ops import OPS_SCHEMA
+
+    return f"{OPS_SCHEMA}.{warehouse_name(dataset)}__{warehouse_name(table)}__deleted"
+
+
+def tombstone_columns(pipeline: PipelineDecl, table: TableDecl, loaded: dict[str, str]) -> list[str]:
+    """What a tombstone keeps of a deleted row: its key and its references (``<table singular>_id``) to the other
+    tables of the pipeline that hold no personal column (``applications.mission_id``, not ``volunteer_id``): enough
+    for a model to find the rows its deletion changes, nothing that points at a person after an erasure."""
+    from datamart.privacy.erasure import reference_column
+
+    keys = [warehouse_name(c) for c in table.primary_key]
+    references = [
+        warehouse_name(reference_column(other.name))
+        for other in pipeline.tables
+        if other.name != table.name and not other.personal
+    ]
+    return keys + [c for c in references if c in loaded and c not in keys]
+
+
+def record_tombstones(pipeline: PipelineDecl, table: TableDecl, gone: pa.Table, warehouse: Warehouse) -> int:
+    """Copy into ``ops.<dataset>__<table>__deleted`` the key and references of each row about to be deleted.
+
+    dlt's merge removes a deleted row and keeps nothing of it; an incremental model needs to know which of its rows
+    a deletion touched (a withdrawn application changes its mission's counts). Written before the deletion load, with
+    the time it was found (``_datamart_deleted_at``): a load that then fails leaves a tombstone of a row still
+    present, which only makes a refresh recompute a row that did not change (the next run finds the key again);
+    a tombstone written after the load would be lost with a process killed in between. A table with personal
+    columns gets none (its deletions are erasures: the person's key goes too). The number of rows recorded.
+    """
+    dataset, name = warehouse_name(pipeline.dataset), warehouse_name(table.name)
+    if table.personal:
+        # a deleted row of a table with personal data is an erasure: even its key must not stay behind
+        return 0
+    loaded = warehouse.columns(dataset, name)
+    if not gone.num_rows or not loaded:
+        return 0
+    columns = tombstone_columns(pipeline, table, loaded)
+    target = ".".join(quote_identifier(p) for p in tombstone_table(pipeline.dataset, table.name).split("."))
+    relation = f"{quote_identifier(dataset)}.{quote_identifier(name)}"
+    selected = ", ".join(quote_identifier(c) for c in columns)
+    keys = [quote_identifier(warehouse_name(c)) for c in table.primary_key]
+    rows = list(zip(*(gone.column(c).to_pylist() for c in table.primary_key), strict=True))
+    now = datetime.now(UTC)
+    with warehouse.transaction() as cur:
+        warehouse.serialise(cur, "datamart.ops.ddl")
+        warehouse.ensure_schema(cur, tombstone_table(pipeline.dataset, table.name).split(".")[0])
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {target} AS SELECT {selected}, "
+            f"CAST(NULL AS TIMESTAMP WITH TIME ZONE) AS {RECORDED_AT} FROM {relation} WHERE 1 = 0"
+        )
+        mark = warehouse.placeholder
+        for start in range(0, len(rows), _TOMBSTONE_BATCH):
+            batch = rows[start : start + _TOMBSTONE_BATCH]
+            one = "(" + ", ".join([mark] * len(keys)) + ")"
+            cur.execute(
+                f"INSERT INTO {target} SELECT {selected}, {mark} FROM {relation} "
+                f"WHERE {table.current_only} AND ({', '.join(keys)}) IN ({', '.join([one] * len(batch))})",
+                [now, *(value for row in batch for value in row)],
+            )
+    return len(rows)
