@@ -245,6 +245,8 @@ def render_external_models(
 def render_ops_models() -> str:
     """The run-record tables of schema ``ops`` (written by every pipeline run, read by marts.data_freshness_v1)."""
     from datamart.ingest.ops import (
+        DELETED_ROWS_COLUMNS,
+        DELETED_ROWS_TABLE,
         OPS_SCHEMA,
         REFRESHES_COLUMNS,
         REFRESHES_TABLE,
@@ -260,6 +262,11 @@ def render_ops_models() -> str:
         REFRESHES_TABLE: (
             "One row per refresh of the published views: when, by which command, what it rebuilt.",
             REFRESHES_COLUMNS,
+        ),
+        DELETED_ROWS_TABLE: (
+            "One row per row a delete removed from a raw table, with what it referred to: what incremental marts "
+            "recompute.",
+            DELETED_ROWS_COLUMNS,
         ),
     }
     entries = [

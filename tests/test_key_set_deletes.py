@@ -140,22 +140,23 @@ def test_buckets_widen_with_the_table_so_their_summaries_stay_small() -> None:
     assert deletes.bucket_width(None) == 4096
 
 
-def test_deleted_rows_leave_a_tombstone_with_their_key_and_references(
+def test_deleted_rows_are_recorded_with_their_key_and_references(
     warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A withdrawn application leaves its id and its mission (what a mission's counts need), never its volunteer."""
+    """A withdrawn application leaves its id and its mission (what a mission's counts need) in ops.deleted_rows, a
+    soft- or hard-deleted mission its id; an erased volunteer leaves nothing, nor do its applications' volunteer ids."""
     url = f"sqlite:///{tmp_path / 'app.sqlite'}"
     monkeypatch.setenv("SOURCES__SHOP__CREDENTIALS", url)
     monkeypatch.setenv("DATAMART__PII_HMAC_KEY", "tombstone-test-key")
     src = Source(url)
     src.execute(
-        "CREATE TABLE missions (id BIGINT PRIMARY KEY, title TEXT, updated_at TIMESTAMP)",
+        "CREATE TABLE missions (id BIGINT PRIMARY KEY, title TEXT, updated_at TIMESTAMP, deleted_at TIMESTAMP)",
         "CREATE TABLE volunteers (id BIGINT PRIMARY KEY, email TEXT, updated_at TIMESTAMP)",
         "CREATE TABLE applications (id BIGINT PRIMARY KEY, mission_id BIGINT, volunteer_id BIGINT, "
         "updated_at TIMESTAMP)",
     )
     when = "2025-01-01 10:00:00"
-    src.execute(f"INSERT INTO missions VALUES (?, ?, '{when}')", rows=[(m, f"mission {m}") for m in range(1, 6)])
+    src.execute(f"INSERT INTO missions VALUES (?, ?, '{when}', NULL)", rows=[(m, f"mission {m}") for m in range(1, 6)])
     src.execute(f"INSERT INTO volunteers VALUES (?, ?, '{when}')", rows=[(v, f"v{v}@example.org") for v in (1, 2)])
     applications = {a: (a % 5 + 1, a % 2 + 1) for a in range(1, 21)}  # id → (mission, volunteer)
     src.execute(
@@ -170,7 +171,7 @@ def test_deleted_rows_leave_a_tombstone_with_their_key_and_references(
         "source": {"kind": "sql_database"},
         "dataset": "raw_shop",
         "tables": {
-            "missions": table,
+            "missions": {**table, "deletes": {"soft": "deleted_at", "hard": "key_set"}},
             "volunteers": {**table, "personal": {"email": "hash"}},
             "applications": table,
         },
@@ -178,24 +179,25 @@ def test_deleted_rows_leave_a_tombstone_with_their_key_and_references(
     (folder / "shop.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     decl = load_declaration(folder / "shop.yaml")
     run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "dlt")
-    assert not warehouse.table_exists("ops", "raw_shop__applications__deleted")  # nothing deleted yet
+    assert warehouse.query("SELECT count(*) FROM ops.deleted_rows")[0][0] == 0  # nothing deleted yet
 
     withdrawn = [3, 4, 17]
     src.execute(*(f"DELETE FROM applications WHERE id = {a}" for a in withdrawn), "DELETE FROM missions WHERE id = 2")
     src.execute("DELETE FROM volunteers WHERE id = 2")  # an erasure: no trace of the person's key in ops
+    later = "2025-01-02 10:00:00"
+    src.execute(f"UPDATE missions SET deleted_at = '{later}', updated_at = '{later}' WHERE id = 3")  # soft delete
     result = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "dlt")
-    assert {t.table: t.rows_deleted for t in result.tables} == {"missions": 1, "volunteers": 1, "applications": 3}
+    deleted = {t.table: t.rows_deleted for t in result.tables}
+    assert (deleted["volunteers"], deleted["applications"]) == (1, 3)
 
-    assert list(warehouse.columns("ops", "raw_shop__applications__deleted")) == [
-        "id",
-        "mission_id",
-        "_datamart_deleted_at",
-    ]
-    rows = warehouse.query("SELECT id, mission_id, _datamart_deleted_at FROM ops.raw_shop__applications__deleted")
-    assert sorted((int(a), int(m)) for a, m, _ in rows) == [(a, applications[a][0]) for a in withdrawn]
+    rows = warehouse.query(
+        "SELECT table_name, row_key, referenced_table, referenced_key, deleted_at FROM ops.deleted_rows"
+    )
     assert all(at is not None for *_, at in rows)
-    assert [int(r[0]) for r in warehouse.query("SELECT id FROM ops.raw_shop__missions__deleted")] == [2]
-    assert not warehouse.table_exists("ops", "raw_shop__volunteers__deleted")
+    assert sorted(r[:4] for r in rows) == sorted(
+        [("applications", str(a), "missions", str(applications[a][0])) for a in withdrawn]
+        + [("missions", "2", None, None), ("missions", "3", None, None)]
+    )  # nothing of volunteer 2, nor the volunteers of the withdrawn applications
 
     run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "dlt")  # nothing deleted: nothing recorded
-    assert warehouse.query("SELECT count(*) FROM ops.raw_shop__applications__deleted")[0][0] == 3
+    assert warehouse.query("SELECT count(*) FROM ops.deleted_rows")[0][0] == 5

@@ -23,7 +23,7 @@ from datamart.ingest.deletes import (
     deletion_marker,
     deletion_resource,
     gone_keys,
-    record_tombstones,
+    record_deleted_rows,
 )
 from datamart.ingest.history import apply_history_hints
 from datamart.ingest.personal import DROP, HASH, YEAR, personal_data_map, require_hmac_key, year_column
@@ -300,7 +300,7 @@ def build_deletions(
     for table, gone in zip(compared, found, strict=True):
         counter[table.name] = gone.num_rows
         if gone.num_rows:
-            record_tombstones(pipeline, table, gone, warehouse)  # what a deletion removes, for incremental models
+            record_deleted_rows(pipeline, table, gone, warehouse)  # for incremental marts
             deletions.append(deletion_resource(table, gone, deletion_marker(by_name[table.name], table)))
     return deletions
 
