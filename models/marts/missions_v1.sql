@@ -94,7 +94,8 @@ WITH touched AS (
   WHERE
     dataset = 'raw_app_db'
     AND (
-      table_name = 'missions' OR (
+      table_name = 'missions'
+      OR (
         table_name = 'applications' AND referenced_table = 'missions'
       )
     )
@@ -135,7 +136,8 @@ WITH touched AS (
     updated_at
   FROM staging.stg_app_db__missions
   WHERE
-    @start_ds <= '2025-10-01' OR mission_id IN (
+    @start_ds <= '2025-10-01'
+    OR mission_id IN (
       SELECT
         mission_id
       FROM touched
@@ -154,7 +156,8 @@ WITH touched AS (
     applications_pending
   FROM intermediate.int_mission_applications
   WHERE
-    @start_ds <= '2025-10-01' OR mission_id IN (
+    @start_ds <= '2025-10-01'
+    OR mission_id IN (
       SELECT
         mission_id
       FROM touched
@@ -236,4 +239,6 @@ SELECT
 FROM changes;
 
 /* the touched missions that no longer exist (see the top of this file) */
-DELETE FROM @this_model WHERE mission_status IS NULL
+DELETE FROM @this_model
+WHERE
+  mission_status IS NULL
