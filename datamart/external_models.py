@@ -245,6 +245,8 @@ def render_external_models(
 def render_ops_models() -> str:
     """The run-record tables of schema ``ops`` (written by every pipeline run, read by marts.data_freshness_v1)."""
     from datamart.ingest.ops import (
+        DELETED_ROWS_COLUMNS,
+        DELETED_ROWS_TABLE,
         OPS_SCHEMA,
         REFRESHES_COLUMNS,
         REFRESHES_TABLE,
@@ -266,6 +268,11 @@ def render_ops_models() -> str:
         SLOTS_TABLE: (
             "One row per run of a replication pipeline: its slot's retained WAL and lag on the source.",
             SLOTS_COLUMNS,
+        ),
+        DELETED_ROWS_TABLE: (
+            "One row per row a delete removed from a raw table, with what it referred to: what incremental marts "
+            "recompute.",
+            DELETED_ROWS_COLUMNS,
         ),
     }
     entries = [

@@ -151,13 +151,34 @@ def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: dateti
     The external models of those datasets are restated (SQLMesh restates everything downstream of them, one model
     after the other, each in one transaction).
     """
-    if not prod_existed:
-        return {}
+    restated, touched = _restate_raw_changes(context, warehouse, refresh_started) if prod_existed else ({}, set())
+    # SQLMesh restates an INCREMENTAL_BY_UNIQUE_KEY model whole (ModelKind.full_history_restatement_only): those
+    # models are left out of the restatement and brought up to date by a run of their intervals since their last run
+    # instead (ignore_cron, and allow_partials in the model: the interval ends now), which recomputes the keys touched
+    # meanwhile. Also after a first build, whose plan stopped at the last cron tick.
+    by_key = _incremental_by_key(context)
+    if by_key:
+        status = context.run("prod", ignore_cron=True, select_models=sorted(by_key), no_auto_upstream=True)
+        if status.is_failure:
+            raise PromotionError(
+                "SQLMesh's run of the incremental marts failed (the model and error are in the log above); their "
+                "published views keep their previous data"
+            )
+        if touched and not status.is_nothing_to_do:  # reported when a raw table they read changed
+            prod = context.state_reader.get_environment("prod")
+            snapshots = context.state_reader.get_snapshots(prod.snapshots).values()
+            restated.update({s.name: s for s in snapshots if s.name in touched})
+    return restated
+
+
+def _restate_raw_changes(context: Any, warehouse: Warehouse, refresh_started: datetime) -> tuple[dict, set[str]]:
+    """Restate the models reading the raw tables changed since the last refresh (see :func:`_restate_changed`); the
+    snapshots restated, and the incremental-by-key models reading those tables (refreshed by the caller's run)."""
     last = last_refresh(warehouse)
     if last is None:
         prod = context.state_reader.get_environment("prod")
         if prod is None or not prod.finalized_ts:
-            return {}
+            return {}, set()
         since_ms = prod.finalized_ts
     else:
         since_ms = int(last.timestamp() * 1000)
@@ -167,8 +188,13 @@ def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: dateti
     candidates = sorted(e for e in externals if e.split(".")[0] in fresh)
     restate = tables_changed_since(warehouse, candidates, since_ms)
     if not restate:
-        return {}
+        return {}, set()
     start = restatement_start(context, warehouse, restate, since_ms)
+    by_key = _incremental_by_key(context)
+    touched = {d for name in restate for d in context.dag.downstream(context.get_model(name).fqn)} & by_key
+    models = _restated_models(context, restate, by_key)
+    if not models:
+        return {}, touched
     # skip_linter, skip_tests: a restatement rebuilds prod's own versions from SQLMesh's state, never the checkout's
     # models, so neither the review gate (a linter rule comparing the checkout with prod) nor the checkout's unit tests
     # (run by the promotion that brought those versions to prod) have anything to say about it. The unit tests were
@@ -177,12 +203,37 @@ def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: dateti
         "prod",
         auto_apply=True,
         no_prompts=True,
-        restate_models=restate,
+        restate_models=models,
         start=start,
         skip_linter=True,
         skip_tests=True,
     )
-    return {plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements}
+    return {plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements}, touched
+
+
+def _incremental_by_key(context: Any) -> set[str]:
+    """Names (fqn) of prod's models of kind INCREMENTAL_BY_UNIQUE_KEY: refreshed by a run, never restated. Prod's
+    versions, not the checkout's: a refresh works from SQLMesh's state (see :func:`refresh_prod`)."""
+    prod = context.state_reader.get_environment("prod")
+    if prod is None:
+        return set()
+    snapshots = context.state_reader.get_snapshots(prod.snapshots).values()
+    return {s.name for s in snapshots if s.is_model and s.model.kind.is_incremental_by_unique_key}
+
+
+def _restated_models(context: Any, changed: list[str], by_key: set[str]) -> list[str]:
+    """What to restate for the changed external models: themselves when no incremental-by-key model reads them,
+    else each materialised model downstream of them except the incremental-by-key ones (views hold no data)."""
+    fqns = [context.get_model(name).fqn for name in changed]
+    downstream = {d for fqn in fqns for d in context.dag.downstream(fqn)}
+    if not downstream & by_key:
+        return changed
+    kept = []
+    for fqn in sorted(downstream - by_key):
+        model = context.get_model(fqn)
+        if model is not None and not model.kind.is_view and not model.kind.is_external:
+            kept.append(short_name(fqn))
+    return kept
 
 
 def _transform_run(

@@ -3,7 +3,8 @@ erasure, every mart holding data equals a from-scratch build of its model, row f
 
 The days go through both entry points of the one refresh path: ``make run`` (``run_flow``: loads, then
 ``apply_prod``) and the scheduled run (loads, then ``refresh_prod``, SQLMesh's run of due intervals + the
-restatement of what the loads changed).
+restatement of what the loads changed, SQLMesh's run of the incremental-by-key marts). A row planted in
+missions_v1's table before each refresh must survive it: a mart silently rebuilt whole would remove it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def _assert_exact(warehouse: Warehouse, when: str) -> None:
         )
 
 
+def _plant_sentinel(warehouse: Warehouse) -> str:
+    """A row no load touches (mission -1) in missions_v1's physical table: a refresh that rebuilds the table whole
+    removes it, one that recomputes only the touched missions keeps it. The table's name."""
+    state = sqlmesh_context(warehouse).state_reader
+    prod = state.get_environment("prod")
+    snapshots = state.get_snapshots(prod.snapshots).values()
+    table = next(s for s in snapshots if s.name.endswith('"missions_v1"')).table_name()  # prod's version
+    warehouse.query(
+        f"INSERT INTO {table} (mission_id, mission_status, applications_total, applications_accepted, "
+        "applications_pending) VALUES (-1, 'draft', 0, 0, 0)"
+    )
+    return table
+
+
+def _sentinel_kept(warehouse: Warehouse, table: str) -> bool:
+    """Whether the planted row survived the refresh; removed either way, so the comparison sees the real rows."""
+    kept = warehouse.query(f"SELECT count(*) FROM {table} WHERE mission_id = -1")[0][0] == 1
+    warehouse.query(f"DELETE FROM {table} WHERE mission_id = -1")
+    return kept
+
+
 def test_every_mart_equals_a_from_scratch_build_after_each_day(
     warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,6 +94,7 @@ def test_every_mart_equals_a_from_scratch_build_after_each_day(
             source.execute(
                 f"DELETE FROM volunteers WHERE id = {person}", f"DELETE FROM applications WHERE volunteer_id = {person}"
             )
+        sentinel = _plant_sentinel(warehouse)
         if day % 2:
             run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())  # make run
         else:
@@ -79,4 +102,6 @@ def test_every_mart_equals_a_from_scratch_build_after_each_day(
             assert not failures, [f.message() for f in failures]
             refresh = refresh_prod(warehouse)  # the scheduled run's refresh (Airflow's too)
             assert refresh.models_restated, f"day {day}: the refresh restated nothing"
+        # the refresh went through the incremental path: missions_v1 was merged into, not rebuilt whole
+        assert _sentinel_kept(warehouse, sentinel), f"day {day}: marts.missions_v1 was rebuilt whole"
         _assert_exact(warehouse, f"day {day} ({summary.date})")

@@ -138,3 +138,66 @@ def test_negative_keys_and_deletions_everywhere_compare_every_key(
 def test_buckets_widen_with_the_table_so_their_summaries_stay_small() -> None:
     assert [deletes.bucket_width(n) for n in (0, 2_000_000, 10_000_000, 100_000_000)] == [64, 64, 512, 4096]
     assert deletes.bucket_width(None) == 4096
+
+
+def test_deleted_rows_are_recorded_with_their_key_and_references(
+    warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A withdrawn application leaves its id and its mission (what a mission's counts need) in ops.deleted_rows, a
+    soft- or hard-deleted mission its id; an erased volunteer leaves nothing, nor do its applications' volunteer ids."""
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    monkeypatch.setenv("SOURCES__SHOP__CREDENTIALS", url)
+    monkeypatch.setenv("DATAMART__PII_HMAC_KEY", "tombstone-test-key")
+    src = Source(url)
+    src.execute(
+        "CREATE TABLE missions (id BIGINT PRIMARY KEY, title TEXT, updated_at TIMESTAMP, deleted_at TIMESTAMP)",
+        "CREATE TABLE volunteers (id BIGINT PRIMARY KEY, email TEXT, updated_at TIMESTAMP)",
+        "CREATE TABLE applications (id BIGINT PRIMARY KEY, mission_id BIGINT, volunteer_id BIGINT, "
+        "updated_at TIMESTAMP)",
+    )
+    when = "2025-01-01 10:00:00"
+    src.execute(f"INSERT INTO missions VALUES (?, ?, '{when}', NULL)", rows=[(m, f"mission {m}") for m in range(1, 6)])
+    src.execute(f"INSERT INTO volunteers VALUES (?, ?, '{when}')", rows=[(v, f"v{v}@example.org") for v in (1, 2)])
+    applications = {a: (a % 5 + 1, a % 2 + 1) for a in range(1, 21)}  # id → (mission, volunteer)
+    src.execute(
+        f"INSERT INTO applications VALUES (?, ?, ?, '{when}')",
+        rows=[(a, m, v) for a, (m, v) in applications.items()],
+    )
+    folder = tmp_path / "declarations"
+    folder.mkdir()
+    table = {"write_disposition": "merge", "primary_key": "id", "cursor": "updated_at", "deletes": {"hard": "key_set"}}
+    raw = {
+        "name": "shop",
+        "source": {"kind": "sql_database"},
+        "dataset": "raw_shop",
+        "tables": {
+            "missions": {**table, "deletes": {"soft": "deleted_at", "hard": "key_set"}},
+            "volunteers": {**table, "personal": {"email": "hash"}},
+            "applications": table,
+        },
+    }
+    (folder / "shop.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    decl = load_declaration(folder / "shop.yaml")
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "dlt")
+    assert warehouse.query("SELECT count(*) FROM ops.deleted_rows")[0][0] == 0  # nothing deleted yet
+
+    withdrawn = [3, 4, 17]
+    src.execute(*(f"DELETE FROM applications WHERE id = {a}" for a in withdrawn), "DELETE FROM missions WHERE id = 2")
+    src.execute("DELETE FROM volunteers WHERE id = 2")  # an erasure: no trace of the person's key in ops
+    later = "2025-01-02 10:00:00"
+    src.execute(f"UPDATE missions SET deleted_at = '{later}', updated_at = '{later}' WHERE id = 3")  # soft delete
+    result = run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "dlt")
+    deleted = {t.table: t.rows_deleted for t in result.tables}
+    assert (deleted["volunteers"], deleted["applications"]) == (1, 3)
+
+    rows = warehouse.query(
+        "SELECT table_name, row_key, referenced_table, referenced_key, deleted_at FROM ops.deleted_rows"
+    )
+    assert all(at is not None for *_, at in rows)
+    assert sorted(r[:4] for r in rows) == sorted(
+        [("applications", str(a), "missions", str(applications[a][0])) for a in withdrawn]
+        + [("missions", "2", None, None), ("missions", "3", None, None)]
+    )  # nothing of volunteer 2, nor the volunteers of the withdrawn applications
+
+    run_pipeline(decl, warehouse, pipelines_dir=tmp_path / "dlt")  # nothing deleted: nothing recorded
+    assert warehouse.query("SELECT count(*) FROM ops.deleted_rows")[0][0] == 5

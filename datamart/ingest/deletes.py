@@ -298,3 +298,128 @@ def _to_arrow(columns: tuple[str, ...], batches: Any) -> pa.Table:
     if not tables:
         return pa.table({c: pa.array([], pa.int64()) for c in columns})
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+#: Rows per statement when deleted rows are recorded.
+_RECORD_BATCH = 500
+
+
+def references(pipeline: PipelineDecl, table: TableDecl, columns: list[str]) -> dict[str, str]:
+    """The columns of ``table`` (among ``columns``) that refer to another table of the pipeline holding no personal
+    column, by the naming convention ``<table singular>_id``: column → the table it refers to
+    (``applications.mission_id`` → ``missions``; never ``volunteer_id``, which points at a person)."""
+    from datamart.privacy.erasure import reference_column
+
+    keys = {warehouse_name(c) for c in table.primary_key}
+    found = {}
+    for other in pipeline.tables:
+        column = warehouse_name(reference_column(other.name))
+        if other.name != table.name and not other.personal and column in columns and column not in keys:
+            found[column] = other.name
+    return found
+
+
+def record_deleted_rows(pipeline: PipelineDecl, table: TableDecl, gone: pa.Table, warehouse: Warehouse) -> int:
+    """Record in ``ops.deleted_rows`` each row about to be removed from the warehouse: its key and what it referred to.
+
+    dlt's merge removes a deleted row and keeps nothing of it, while an incremental mart must know which of its rows
+    the deletion changed (a withdrawn application changes its mission's counts). ``gone`` holds the keys (declared
+    key columns) and, for soft deletes, the references too (read from the source's row); for hard deletes the
+    references are read from the warehouse's row before it goes. Written before the load that deletes: a load that
+    then fails leaves the record of a row still present, which only makes a refresh recompute a row that did not
+    change (the next run finds the deletion again), whereas a record written after the load would be lost with a
+    process killed in between. A table with personal columns gets none: its deletions are erasures, and even the
+    person's key must go. The number of rows recorded.
+    """
+    from datamart.ingest.ops import DELETED_ROWS_COLUMNS, DELETED_ROWS_TABLE, OPS_SCHEMA, ensure_ops_tables
+
+    if table.personal or not gone.num_rows:
+        return 0
+    dataset, name = warehouse_name(pipeline.dataset), warehouse_name(table.name)
+    loaded = warehouse.columns(dataset, name)
+    if not loaded:
+        return 0  # never loaded: nothing of it is in any mart
+    keys = [warehouse_name(c) for c in table.primary_key]
+    refs = references(pipeline, table, list(loaded))
+    known = {warehouse_name(c): c for c in gone.column_names}
+    if refs and not all(r in known for r in refs):
+        gone = _with_references(warehouse, dataset, name, table, gone, list(refs))
+        known = {warehouse_name(c): c for c in gone.column_names}
+    columns = {k: gone.column(known[k]).to_pylist() for k in keys + [r for r in refs if r in known]}
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(gone.num_rows):
+        row_key = "|".join(str(columns[k][i]) for k in keys)
+        targets = [(refs[r], columns[r][i]) for r in refs if r in columns and columns[r][i] is not None]
+        for referenced, value in targets or [(None, None)]:
+            rows.append((dataset, name, row_key, referenced, None if value is None else str(value), now))
+    mark = warehouse.placeholder
+    one = "(" + ", ".join([mark] * len(DELETED_ROWS_COLUMNS)) + ")"
+    ensure_ops_tables(warehouse)
+    with warehouse.transaction() as cur:
+        for start in range(0, len(rows), _RECORD_BATCH):
+            batch = rows[start : start + _RECORD_BATCH]
+            cur.execute(
+                f"INSERT INTO {OPS_SCHEMA}.{DELETED_ROWS_TABLE} ({', '.join(DELETED_ROWS_COLUMNS)}) "
+                f"VALUES {', '.join([one] * len(batch))}",
+                [value for row in batch for value in row],
+            )
+    return gone.num_rows
+
+
+def _with_references(
+    warehouse: Warehouse, dataset: str, name: str, table: TableDecl, gone: pa.Table, refs: list[str]
+) -> pa.Table:
+    """The keys of ``gone`` with the reference columns of their current rows in the warehouse."""
+    keys = [quote_identifier(warehouse_name(c)) for c in table.primary_key]
+    relation = f"{quote_identifier(dataset)}.{quote_identifier(name)}"
+    selected = ", ".join(
+        [
+            *(f"{k} AS {quote_identifier(c)}" for k, c in zip(keys, table.primary_key, strict=True)),
+            *(quote_identifier(r) for r in refs),
+        ]
+    )
+    values = list(zip(*(gone.column(c).to_pylist() for c in table.primary_key), strict=True))
+    mark = warehouse.placeholder
+    one = "(" + ", ".join([mark] * len(keys)) + ")"
+    parts = []
+    for start in range(0, len(values), _RECORD_BATCH):
+        batch = values[start : start + _RECORD_BATCH]
+        columns, rows = warehouse.query_with_columns(
+            f"SELECT {selected} FROM {relation} WHERE {table.current_only} "
+            f"AND ({', '.join(keys)}) IN ({', '.join([one] * len(batch))})",
+            tuple(v for row in batch for v in row),
+        )
+        parts.append(pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}))
+    return pa.concat_tables(parts, promote_options="permissive") if parts else gone
+
+
+def record_soft_deletes(pipeline: PipelineDecl, resources: list[DltResource], warehouse: Warehouse) -> None:
+    """Make each resource of a table declaring ``deletes: {soft: <column>}`` record, as it is extracted, the rows
+    whose marker is set (dlt's merge then removes them) in ``ops.deleted_rows``, with the references the source's
+    row carries (see :func:`record_deleted_rows`)."""
+    for resource in resources:
+        table = pipeline.table(resource.name)
+        soft = table.deletes.get("soft")
+        if soft and not table.personal:
+            resource.add_map(_soft_delete_recorder(pipeline, table, soft, warehouse))
+
+
+def _soft_delete_recorder(pipeline: PipelineDecl, table: TableDecl, soft: str, warehouse: Warehouse) -> Any:
+    def record(item: Any) -> Any:
+        batch = item if isinstance(item, pa.Table) else None
+        if batch is None:
+            rows = item if isinstance(item, list) else [item]
+            if not rows or not isinstance(rows[0], dict):
+                return item
+            batch = pa.Table.from_pylist(rows)
+        if soft not in batch.column_names:
+            return item
+        marker = batch.column(soft)
+        deleted = pc.fill_null(marker, False) if pa.types.is_boolean(marker.type) else pc.is_valid(marker)
+        if pc.any(deleted).as_py():
+            wanted = [c for c in batch.column_names if c in table.primary_key or c.endswith("_id")]
+            record_deleted_rows(pipeline, table, batch.filter(deleted).select(wanted), warehouse)
+        return item
+
+    return record

@@ -8,6 +8,9 @@ redacted), ``host``, ``pid``.
 run that stopped a table whose source dropped a column, recorded failed with the reason) — ``run_id``,
 ``pipeline``, ``dataset``, ``table_name``, ``rows_read``, ``rows_inserted``, ``rows_updated``, ``rows_deleted`` (soft
 and hard), ``rows_in_warehouse``, ``ended_at``.
+``ops.deleted_rows``: one row per row a hard or soft delete removed from a raw table (and per table it referred
+to) — ``dataset``, ``table_name``, ``row_key``, ``referenced_table``, ``referenced_key``, ``deleted_at``: what an
+incremental mart recomputes after a deletion (datamart/ingest/deletes.py writes it).
 ``ops.datamart_refreshes``: one row per refresh of the published views (``python -m datamart run|promote|scheduled``)
 — ``refresh_id``, ``command``, ``started_at``, ``ended_at``, ``status``, ``models`` (rebuilt or restated), ``error``.
 ``ops.replication_slots``: one row per run of a replication pipeline (``changes: replication``), the slot measured on
@@ -105,6 +108,20 @@ REFRESHES_COLUMNS: dict[str, tuple[str, str]] = {
     "error": ("TEXT", "Why it failed (secrets redacted); empty otherwise."),
 }
 
+DELETED_ROWS_TABLE = "deleted_rows"
+DELETED_ROWS_COLUMNS: dict[str, tuple[str, str]] = {
+    "dataset": ("TEXT", "Warehouse schema of the table the row was removed from."),
+    "table_name": ("TEXT", "Table the row was removed from (by a hard or soft delete)."),
+    "row_key": ("TEXT", "Primary key of the removed row, as text (columns joined by | when composite)."),
+    "referenced_table": (
+        "TEXT",
+        "A table of the same pipeline, without personal data, that the row referred to (applications → missions); "
+        "empty when the row referred to none.",
+    ),
+    "referenced_key": ("TEXT", "Key of the row it referred to in that table (the row's <table singular>_id), as text."),
+    "deleted_at": ("TIMESTAMPTZ", "When the deletion was found (UTC), just before the load that removed the row."),
+}
+
 
 def _ddl(table: str, columns: dict[str, tuple[str, str]], key: str) -> str:
     body = ", ".join(f"{name} {sql_type}" for name, (sql_type, _) in columns.items())
@@ -119,6 +136,10 @@ def ensure_ops_tables(warehouse: Warehouse) -> None:
         _ddl(RUN_TABLES_TABLE, RUN_TABLES_COLUMNS, "run_id, table_name"),
         _ddl(REFRESHES_TABLE, REFRESHES_COLUMNS, "refresh_id"),
         _ddl(SLOTS_TABLE, SLOTS_COLUMNS, "pipeline, measured_at"),
+        # no key: a row deleted, loaded again and deleted again is recorded twice
+        f"CREATE TABLE IF NOT EXISTS {OPS_SCHEMA}.{DELETED_ROWS_TABLE} ("
+        + ", ".join(f"{name} {sql_type}" for name, (sql_type, _) in DELETED_ROWS_COLUMNS.items())
+        + ")",
     ]
     with warehouse.transaction() as cur:
         warehouse.serialise(cur, "datamart.ops.ddl")  # two first runs at once: one creates, the other waits

@@ -146,7 +146,7 @@ def _reload(
     """Deletions first (a key that comes back meanwhile is then inserted again by the upsert), then the upsert."""
     import time
 
-    from datamart.ingest.deletes import deletion_marker, deletion_resource
+    from datamart.ingest.deletes import deletion_marker, deletion_resource, record_deleted_rows
     from datamart.ingest.loading import TableLoad, count_rows, loader_file_format, make_pipeline
     from datamart.ingest.sources import build_resources
 
@@ -182,7 +182,9 @@ def _reload(
         gone = by_name[resource.name].gone
         if gone:
             table = decl.table(resource.name)
-            deletions.append(deletion_resource(table, _keys_table(table, gone), deletion_marker(resource, table)))
+            keys = _keys_table(table, gone)
+            record_deleted_rows(decl, table, keys, warehouse)  # for incremental marts
+            deletions.append(deletion_resource(table, keys, deletion_marker(resource, table)))
     if deletions:
         pipeline.run(deletions, loader_file_format=file_format).raise_on_failed_jobs()
     between = count_rows(pipeline, names)[0]

@@ -13,6 +13,7 @@ from dlt.common import logger
 from datamart.environments import check_environment
 from datamart.errors import is_transient, refused_credentials, root_cause
 from datamart.ingest.declarations import VALID_FROM, VALID_TO, PipelineDecl, warehouse_name
+from datamart.ingest.deletes import record_soft_deletes
 from datamart.ingest.dropped import TablesStopped, dropped_columns
 from datamart.ingest.evolution import RetypeRefused, SchemaChange, retype_columns, source_changes
 from datamart.ingest.loading import (
@@ -143,6 +144,7 @@ def _run_pipeline(
     columns_before = _columns(pipeline, names)
     failed: dict[str, BaseException] = {}  # tables that cannot be read this run: the others still load
     resources = _build_each(decl, names, columns_before, held_back, failed, notes)
+    record_soft_deletes(decl, resources, warehouse)  # what dlt's merge removes, for incremental marts
     names = [n for n in names if n not in failed]
     merged = [n for n in merged if n not in failed]
     profile: dict[str, float] = {}
@@ -176,6 +178,7 @@ def _run_pipeline(
             names.remove(table)
             merged = [n for n in merged if n != table]
             resources = _build_each(decl, names, columns_before, held_back, failed, [])  # notes taken once
+            record_soft_deletes(decl, resources, warehouse)
     if info is None:
         if not reloads:
             raise TablesFailed(decl.name, failed, None) from next(iter(failed.values()))

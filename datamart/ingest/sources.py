@@ -18,7 +18,13 @@ from datamart.ingest.checks import (
     is_child_endpoint,
 )
 from datamart.ingest.declarations import SQL_BACKENDS, DeclarationError, PipelineDecl, TableDecl, closest
-from datamart.ingest.deletes import apply_delete_hints, deletion_marker, deletion_resource, gone_keys
+from datamart.ingest.deletes import (
+    apply_delete_hints,
+    deletion_marker,
+    deletion_resource,
+    gone_keys,
+    record_deleted_rows,
+)
 from datamart.ingest.history import apply_history_hints
 from datamart.ingest.personal import DROP, HASH, YEAR, personal_data_map, require_hmac_key, year_column
 from datamart.ingest.rest import build_rest_resources
@@ -294,6 +300,7 @@ def build_deletions(
     for table, gone in zip(compared, found, strict=True):
         counter[table.name] = gone.num_rows
         if gone.num_rows:
+            record_deleted_rows(pipeline, table, gone, warehouse)  # for incremental marts
             deletions.append(deletion_resource(table, gone, deletion_marker(by_name[table.name], table)))
     return deletions
 

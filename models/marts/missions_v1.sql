@@ -1,10 +1,26 @@
-/* Kind FULL, on purpose for now: a mission's counts change when one of its applications is hard-deleted (withdrawn)
-   or its organization is soft-deleted, and a deletion leaves no row in the raw tables to tell which missions it
-   touched (dlt removes the row; ops.pipeline_run_tables keeps only a count). An INCREMENTAL_BY_UNIQUE_KEY version
-   needs the deleted keys recorded with their load id first; see docs/known-limits.md. */
+/* Kind INCREMENTAL_BY_UNIQUE_KEY: each refresh recomputes only the missions touched since the last one, and merges
+   them into the table by mission_id. Touched: a version of the mission, one of its applications or its organization
+   written by a dlt load of the interval (_dlt_load_id, the epoch second the load started), a version retired in it
+   (_dlt_valid_to: a deleted mission), or a row removed in it (ops.deleted_rows, written by the delete step: a
+   withdrawn application names its mission, a deleted organization its id). These load and deletion records are not
+   business data, so the staging views do not carry them: the touched keys are read here from the raw tables and
+   ops.deleted_rows, the mart's values still from staging and intermediate. A touched mission that no longer exists
+   comes out with an empty mission_status, merged like the others, and the statement after the query deletes it
+   (when_matched could delete it in the merge itself, but SQLMesh 0.236's DuckDB adapter merges by delete + insert
+   and refuses when_matched: LogicalMergeMixin, sqlmesh/core/engine_adapter/mixins.py). allow_partials and the refresh's
+   run with ignore_cron (datamart/transform.py) make an interval end at the refresh itself, not at a cron tick;
+   interval_unit day keeps SQLMesh's interval bookkeeping small (a 5-minute unit since the start: 120,000 intervals).
+   Deletions and retirements are re-read for one day (86400 s) before the interval: a refresh running while another
+   process deletes still sees them afterwards. A first build (or a restatement, which SQLMesh does whole for this
+   kind) starts at the project's start (2025-10-01, config.py) and computes every mission, with no deletion row. */
 MODEL (
   name marts.missions_v1,
-  kind FULL,
+  kind INCREMENTAL_BY_UNIQUE_KEY (
+    unique_key mission_id
+  ),
+  cron '*/5 * * * *',
+  interval_unit 'day',
+  allow_partials TRUE,
   grain mission_id,
   audits (
     not_null(
@@ -53,7 +69,60 @@ MODEL (
   )
 );
 
-WITH missions AS (
+WITH touched AS (
+  SELECT
+    id::BIGINT AS mission_id
+  FROM raw_app_db.missions
+  WHERE
+    (
+      _dlt_load_id::DOUBLE >= @start_epoch AND _dlt_load_id::DOUBLE < @end_epoch
+    )
+    OR (
+      EXTRACT(EPOCH FROM _dlt_valid_to) >= @start_epoch - 86400
+      AND EXTRACT(EPOCH FROM _dlt_valid_to) < @end_epoch
+    )
+  UNION
+  SELECT
+    mission_id::BIGINT AS mission_id
+  FROM raw_app_db.applications
+  WHERE
+    _dlt_load_id::DOUBLE >= @start_epoch AND _dlt_load_id::DOUBLE < @end_epoch
+  UNION
+  SELECT
+    CASE WHEN table_name = 'missions' THEN row_key ELSE referenced_key END::BIGINT AS mission_id
+  FROM ops.deleted_rows
+  WHERE
+    dataset = 'raw_app_db'
+    AND (
+      table_name = 'missions'
+      OR (
+        table_name = 'applications' AND referenced_table = 'missions'
+      )
+    )
+    AND EXTRACT(EPOCH FROM deleted_at) >= @start_epoch - 86400
+    AND EXTRACT(EPOCH FROM deleted_at) < @end_epoch
+  UNION
+  SELECT
+    mission_id
+  FROM staging.stg_app_db__missions
+  WHERE
+    organization_id IN (
+      SELECT
+        id::BIGINT
+      FROM raw_app_db.organizations
+      WHERE
+        _dlt_load_id::DOUBLE >= @start_epoch AND _dlt_load_id::DOUBLE < @end_epoch
+      UNION
+      SELECT
+        row_key::BIGINT
+      FROM ops.deleted_rows
+      WHERE
+        dataset = 'raw_app_db'
+        AND table_name = 'organizations'
+        AND EXTRACT(EPOCH FROM deleted_at) >= @start_epoch - 86400
+        AND EXTRACT(EPOCH FROM deleted_at) < @end_epoch
+    )
+), missions AS (
   SELECT
     mission_id,
     organization_id,
@@ -66,6 +135,13 @@ WITH missions AS (
     created_at,
     updated_at
   FROM staging.stg_app_db__missions
+  WHERE
+    @start_ds <= '2025-10-01'
+    OR mission_id IN (
+      SELECT
+        mission_id
+      FROM touched
+    )
 ), organizations AS (
   SELECT
     organization_id,
@@ -79,6 +155,13 @@ WITH missions AS (
     applications_accepted,
     applications_pending
   FROM intermediate.int_mission_applications
+  WHERE
+    @start_ds <= '2025-10-01'
+    OR mission_id IN (
+      SELECT
+        mission_id
+      FROM touched
+    )
 ), missions_with_applications AS (
   SELECT
     missions.mission_id,
@@ -101,6 +184,41 @@ WITH missions AS (
     ON missions.organization_id = organizations.organization_id
   LEFT JOIN mission_applications
     ON missions.mission_id = mission_applications.mission_id
+), gone AS (
+  /* touched missions that no longer exist: rows with an empty mission_status, deleted by the statement after the
+     query (never on a first build: 2025-10-01 is the project's start, config.py) */
+  SELECT
+    mission_id
+  FROM touched
+  WHERE
+    NOT mission_id IN (
+      SELECT
+        mission_id
+      FROM missions
+    )
+    AND @start_ds > '2025-10-01'
+), changes AS (
+  SELECT
+    *
+  FROM missions_with_applications
+  UNION ALL
+  SELECT
+    mission_id,
+    NULL AS mission_title,
+    NULL AS domain,
+    NULL AS department,
+    NULL AS mission_status,
+    NULL AS places,
+    NULL AS start_date,
+    NULL AS organization_id,
+    NULL AS organization_name,
+    NULL AS organization_kind,
+    NULL AS applications_total,
+    NULL AS applications_accepted,
+    NULL AS applications_pending,
+    NULL AS created_at,
+    NULL AS last_updated_at
+  FROM gone
 )
 SELECT
   mission_id,
@@ -118,4 +236,9 @@ SELECT
   applications_pending,
   created_at,
   last_updated_at
-FROM missions_with_applications
+FROM changes;
+
+/* the touched missions that no longer exist (see the top of this file) */
+DELETE FROM @this_model
+WHERE
+  mission_status IS NULL
