@@ -152,7 +152,7 @@ def counts(summary: str, table: str) -> tuple[int, ...]:
 @pytest.fixture(params=["duckdb", "postgres"])
 def setup(
     request: pytest.FixtureRequest, logical: ThrowawayPostgres, tmp_path: Path
-) -> tuple[Source, dict[str, str], Warehouse]:
+) -> Iterator[tuple[Source, dict[str, str], Warehouse]]:
     """A source database with the schema and first rows, a warehouse of each kind, and the command's environment."""
     url = create_database(logical.url(), f"src_{uuid.uuid4().hex[:8]}")
     if request.param == "duckdb":
@@ -169,10 +169,12 @@ def setup(
         "INSERT INTO tags SELECT 't' || i, 'tag ' || i FROM generate_series(1, 5) i",
     )
     source.execute("INSERT INTO docs VALUES (?, ?, ?)", rows=[(i, 1, big_text()) for i in (1, 2, 3)])
-    declare(
-        tmp_path / "declarations", slot=f"datamart_shop_{request.param}"
-    )  # slots are the cluster's, not a database's
-    return source, environment(tmp_path, url, warehouse), warehouse
+    slot = f"datamart_shop_{request.param}"  # slots are the cluster's, not a database's: dropped after the test
+    declare(tmp_path / "declarations", slot=slot)
+    yield source, environment(tmp_path, url, warehouse), warehouse
+    Source(logical.url()).execute(
+        f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    )
 
 
 def test_changes_are_replicated_exactly(setup: tuple[Source, dict[str, str], Warehouse]) -> None:
