@@ -45,18 +45,20 @@ def test_bench_at_a_tiny_scale_writes_every_row_and_removes_its_cluster(tmp_path
     by_key = {s["key"]: s for s in report["steps"]}
     source_rows = sum(report["source_rows"].values())
     assert report["source_rows"]["stats_events"] > 0
-    for key in ("copy", "dump_restore", "full_postgres", "full_duckdb"):
+    for key in ("copy", "dump_restore", "full_postgres", "full_duckdb", "replication_copy"):
         assert by_key[key]["rows"] == source_rows, key
         assert by_key[key]["seconds"] > 0 and by_key[key]["peak_rss_mb"] > 0, key
     assert by_key["copy"]["ratio_to_copy"] == pytest.approx(1.0)
     # 1 % of each table changed: at least the minimum of each kind, far fewer than the source holds
     assert 0 < by_key["incremental_postgres"]["rows"] < source_rows / 10
+    # the replication-mode run reads the same change (checked against the source's counts by the bench itself)
+    assert by_key["replication_after_change"]["rows"] == by_key["incremental_postgres"]["rows"]
     for key in ("full_postgres", "incremental_postgres", "no_change_postgres"):
         assert {"extract", "normalize", "load"} <= set(by_key[key]["profile"]), key
     for key in ("file_csv_duckdb", "file_parquet_duckdb"):  # the files' rows, each checked in the warehouse
         assert by_key[key]["rows"] >= 1000 and by_key[key]["peak_rss_mb"] > 0, key
         assert re.fullmatch(r"\d+ MB file", by_key[key]["note"]), by_key[key]["note"]
-    assert len(report["targets"]) == 9 and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert len(report["targets"]) == 10 and all(isinstance(t["met"], bool) for t in report["targets"])
     # the datamart's cost after 1 % changed: alone, and end to end with its load
     targets = {t["target"]: t["value"] for t in report["targets"]}
     alone = next(v for k, v in targets.items() if k.startswith("datamart after 1 % changed"))
@@ -65,6 +67,10 @@ def test_bench_at_a_tiny_scale_writes_every_row_and_removes_its_cluster(tmp_path
     assert alone == pytest.approx(after / first)
     full = by_key["full_postgres"]["seconds"] + first
     assert end_to_end == pytest.approx((by_key["incremental_postgres"]["seconds"] + after) / full)
+    replication = next(v for k, v in targets.items() if k.startswith("replication mode: run after 1 % changed"))
+    assert replication == pytest.approx(
+        by_key["replication_after_change"]["seconds"] / by_key["full_postgres"]["seconds"]
+    )
 
     table = output.with_suffix(".md").read_text()
     assert table in result.stdout, "the table printed is the one written"

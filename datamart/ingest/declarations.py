@@ -364,6 +364,12 @@ def _check_deletes(
             raise _fail(path, f"{where}.deletes.hard", "key_set needs the table's primary_key")
 
 
+def reference_column(table: str) -> str:
+    """The conventional column other tables use to refer to a row of ``table`` (``volunteers`` → ``volunteer_id``)."""
+    singular = table[:-3] + "y" if table.endswith("ies") else table[:-1] if table.endswith("s") else table
+    return f"{singular}_id"
+
+
 def warehouse_name(identifier: str) -> str:
     """How dlt names a declared table or column in the warehouse (its snake_case naming convention):
     ``Order Lines`` becomes ``order_lines``, ``Line ID`` becomes ``line_id``."""

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.declarations import PipelineDecl, TableDecl, warehouse_name
+from datamart.ingest.declarations import PipelineDecl, TableDecl, reference_column, warehouse_name
 from datamart.settings import Warehouse, quote_identifier
 
 DELETED_MARKER = "_datamart_deleted_at"
@@ -308,7 +308,6 @@ def references(pipeline: PipelineDecl, table: TableDecl, columns: list[str]) -> 
     """The columns of ``table`` (among ``columns``) that refer to another table of the pipeline holding no personal
     column, by the naming convention ``<table singular>_id``: column → the table it refers to
     (``applications.mission_id`` → ``missions``; never ``volunteer_id``, which points at a person)."""
-    from datamart.privacy.erasure import reference_column
 
     keys = {warehouse_name(c) for c in table.primary_key}
     found = {}

@@ -27,7 +27,7 @@ from typing import Any
 
 from datamart.gate.base import short_name
 from datamart.gate.lineage import LineageIndex, PersonalColumn
-from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_named
+from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl, load_named, reference_column
 from datamart.ingest.personal import HASH, pseudonym, require_hmac_key
 from datamart.settings import Warehouse, quote_identifier
 from datamart.transform import sqlmesh_context
@@ -46,12 +46,6 @@ class Trace:
     def format(self) -> str:
         """One line for the report."""
         return f"{self.where}: {self.detail}"
-
-
-def reference_column(table: str) -> str:
-    """The conventional column other tables use to refer to a row of ``table`` (``volunteers`` → ``volunteer_id``)."""
-    singular = table[:-3] + "y" if table.endswith("ies") else table[:-1] if table.endswith("s") else table
-    return f"{singular}_id"
 
 
 def find_traces(
