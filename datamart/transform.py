@@ -193,6 +193,8 @@ def _restate_raw_changes(context: Any, warehouse: Warehouse, refresh_started: da
     by_key = _incremental_by_key(context)
     touched = {d for name in restate for d in context.dag.downstream(context.get_model(name).fqn)} & by_key
     models = _restated_models(context, restate, by_key)
+    if touched:  # the views between the raw tables and the marts are not restated: their audits first, by hand
+        _audit_views(context, restate, start)
     if not models:
         return {}, touched
     # skip_linter, skip_tests: a restatement rebuilds prod's own versions from SQLMesh's state, never the checkout's
@@ -234,6 +236,56 @@ def _restated_models(context: Any, changed: list[str], by_key: set[str]) -> list
         if model is not None and not model.kind.is_view and not model.kind.is_external:
             kept.append(short_name(fqn))
     return kept
+
+
+def _audit_views(context: Any, changed: list[str], start: Any) -> None:
+    """Run the audits of prod's views downstream of the changed external models, and stop before any mart changes
+    when a blocking one fails.
+
+    A restatement of the external models would rebuild those views and run their audits before the marts reading them
+    (SQLMesh stops what is downstream of a failing audit), but it would also restate the incremental-by-key marts
+    whole, so :func:`_restated_models` leaves the views out: their audits (an unknown organization kind in staging)
+    are run here instead, with SQLMesh's own evaluator on prod's versions of the views.
+    """
+    prod = context.state_reader.get_environment("prod")
+    snapshots = {s.name: s for s in context.state_reader.get_snapshots(prod.snapshots).values()}
+    downstream = {d for name in changed for d in context.dag.downstream(context.get_model(name).fqn)}
+    failed: list[AuditError] = []
+    for name in sorted(downstream):
+        snapshot = snapshots.get(name)
+        if snapshot is None or not snapshot.is_model or not snapshot.model.kind.is_view:
+            continue
+        results = context.snapshot_evaluator.audit(
+            snapshot=snapshot, snapshots=snapshots, start=start, end=datetime.now(UTC)
+        )
+        for result in results:
+            if result.count and result.blocking and not result.skipped:
+                failed.append(
+                    AuditError(
+                        audit_name=result.audit.name,
+                        audit_args=result.audit_args,
+                        model=snapshot.model,
+                        count=result.count,
+                        query=result.query,
+                        adapter_dialect=context.snapshot_evaluator.adapter.dialect,
+                    )
+                )
+    if failed:
+        raise _failed_audits_error(failed)
+
+
+def _failed_audits_error(failed: list[AuditError]) -> PromotionError:
+    """The error naming each failed model and audit, and what to do."""
+    lines = [
+        f"model {e.model_name or '?'}: audit {e.audit_name} failed on {e.count} row(s); the rows: {e.sql()}"
+        for e in failed
+    ]
+    return PromotionError(
+        "the prod plan stopped on failing audits, the models that depend on them were not rebuilt and the "
+        "published views keep their previous data:\n"
+        + "\n".join(lines)
+        + "\nFix the source data (the next run loads the corrected rows) or the model, then run again."
+    )
 
 
 def _transform_run(
@@ -283,16 +335,7 @@ def audits_named_on_failure() -> Iterator[None]:
     except PlanError as exc:
         if not failed:
             raise
-        lines = [
-            f"model {e.model_name or '?'}: audit {e.audit_name} failed on {e.count} row(s); the rows: {e.sql()}"
-            for e in failed
-        ]
-        raise PromotionError(
-            "the prod plan stopped on failing audits, the models that depend on them were not rebuilt and the "
-            "published views keep their previous data:\n"
-            + "\n".join(lines)
-            + "\nFix the source data (the next run loads the corrected rows) or the model, then run again."
-        ) from exc
+        raise _failed_audits_error(failed) from exc
     finally:
         sqlmesh_logger.removeHandler(handler)
         sqlmesh_logger.setLevel(level)

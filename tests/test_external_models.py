@@ -138,6 +138,7 @@ def test_types_and_descriptions_follow_the_declarations(rendered: str) -> None:
         "ops.pipeline_run_tables",
         "ops.datamart_refreshes",  # the refreshes of the published views, read by marts.data_freshness_v1
         "ops.replication_slots",  # replication slots measured by each run, read by marts.data_freshness_v1
+        "ops.deleted_rows",  # what the delete steps removed, read by marts.missions_v1 (incremental)
     ]
     volunteers = models["raw_app_db.volunteers"]
     assert volunteers["columns"] == {

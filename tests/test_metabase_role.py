@@ -178,10 +178,7 @@ def _physical_table(warehouse: Warehouse, view: str) -> str:
 def _plan_changed_model(stack: Stack, tmp_path: Path) -> None:
     """Promote a changed marts.missions_v1 to prod from a copy of the project: a real view swap."""
     project = copy_project(tmp_path / "project", unit_tests=True)
-    model = project / "models" / "marts" / "missions_v1.sql"
-    text = model.read_text()
-    assert text.rstrip().endswith("FROM missions_with_applications")
-    model.write_text(text.rstrip() + "\nWHERE\n  NOT mission_id IS NULL\n")
+    _filter_missions(project, "NOT mission_id IS NULL")
     context = sqlmesh_context(stack.warehouse, project)
     context.plan("prod", auto_apply=True, no_prompts=True)
 
@@ -334,8 +331,8 @@ def _physical_tables(warehouse: Warehouse) -> int:
 
 def _filter_missions(project: Path, condition: str) -> None:
     """A new version of marts.missions_v1 (same columns, fewer rows): a real build and view swap in prod."""
-    model = project / "models" / "marts" / "missions_v1.sql"
-    model.write_text(model.read_text().rstrip() + f"\nWHERE\n  {condition}\n")
+    # the model's query ends at FROM changes (a statement deleting gone missions follows it)
+    edit(project, "models/marts/missions_v1.sql", "FROM changes;", f"FROM changes\nWHERE\n  {condition};")
 
 
 def _kill_when(process: subprocess.Popen[str], moment: Callable[[], bool], timeout: float = 600) -> bool:

@@ -26,19 +26,20 @@ pytestmark = pytest.mark.slow
 
 MISSIONS = "marts.missions_v1"
 FINAL_SELECT = "SELECT\n  mission_id,\n  mission_title,"
+FINAL_FROM = "FROM changes;"
 Snapshot = dict[str, tuple[int, str]]
 
 
 def _changed_project(tmp_path: Path, change: tuple[str, str] | None = None, append: str = "") -> Path:
-    """A copy of the SQLMesh project where missions_v1.sql has one replacement and/or an appended clause."""
+    """A copy of the SQLMesh project where missions_v1.sql has one replacement and/or a clause after its query."""
     project = copy_project(tmp_path / "project", unit_tests=True)
     model = project / "models" / "marts" / "missions_v1.sql"
-    text = model.read_text().rstrip()
-    assert text.endswith("FROM missions_with_applications")
-    if change is not None:
-        assert text.count(change[0]) == 1, f"{change[0]!r} not found once in missions_v1.sql"
-        text = text.replace(*change)
-    model.write_text(text + append + "\n")
+    text = model.read_text()
+    # the model's query ends at FROM changes; the statement after it deletes the missions that no longer exist
+    for old, new in [*([change] if change else []), (FINAL_FROM, FINAL_FROM.replace(";", append + ";"))]:
+        assert text.count(old) == 1, f"{old!r} not found once in missions_v1.sql"
+        text = text.replace(old, new)
+    model.write_text(text)
     return project
 
 

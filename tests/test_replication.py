@@ -332,12 +332,17 @@ def test_slot_is_measured_alerted_and_dropped(
     assert "dlt pipeline shop drop-replication" in alert
     assert "alert posted to the webhook" in alerted.stdout
 
-    # A slot's restart position moves to the source's latest snapshot record before the confirmed position, which the
-    # server writes at most every 15 s while busy: a checkpoint writes one now, so this run's advance moves it past
-    # the filler rather than the next run's
-    source.execute("CHECKPOINT")
-    second = run(env)  # reads the slot: the source may recycle that WAL
-    assert "WARNING" not in second and f"slot '{slot}' retains " in second, second
+    # A slot's restart position moves to a snapshot record the server writes at most every 15 s while busy (a
+    # checkpoint writes one now), and PostgreSQL takes the first one the run decodes past the last confirmed
+    # position: when the server wrote one between the first run and the filler, that run leaves the filler retained
+    # and the next one releases it. So: at most two runs, each after a checkpoint.
+    for _attempt in range(2):
+        source.execute("CHECKPOINT")
+        second = run(env)  # reads the slot: the source may recycle that WAL
+        assert f"slot '{slot}' retains " in second, second
+        if "WARNING" not in second:
+            break
+    assert "WARNING" not in second, second
     assert freshness(warehouse)["ledger"][-1] is False
     assert_equal(source.url, warehouse)
 

@@ -152,8 +152,17 @@ def run_review(
     # include_unmodified: every published view is in the environment (unchanged ones point at prod's tables), and a
     # branch identical to prod still gets its environment instead of an error
     # skip_linter: the linter's review gate would stop the build; the review reports the gate's checks instead
+    # allow_destructive_models: SQLMesh refuses a forward-only change that drops a column of an incremental model
+    # before any report exists; the review builds it in its own environment (a forward-only change gets a preview
+    # table there, prod's tables are not touched) and the contract check refuses it by name. Promotion keeps
+    # SQLMesh's own refusal.
     plan = context.plan_builder(
-        environment, skip_tests=True, forward_only=forward_only or None, include_unmodified=True, skip_linter=True
+        environment,
+        skip_tests=True,
+        forward_only=forward_only or None,
+        include_unmodified=True,
+        skip_linter=True,
+        allow_destructive_models=list(context.models),
     ).build()
     result.environment = plan.environment.name
 
