@@ -64,13 +64,13 @@ bench: $(STAMP) ## Benchmark against COPY and dump/restore (throwaway PostgreSQL
 	$(BIN)/python bench/run.py --scale $(or $(SCALE),500)
 
 lint: $(STAMP) ## ruff on Python, SQLMesh's linter (with the review gate) and format check on models
-	$(BIN)/ruff check datamart tests dags linter config.py
-	$(BIN)/ruff format --check datamart tests dags linter config.py
+	$(BIN)/ruff check datamart tests dags linter macros bench config.py
+	$(BIN)/ruff format --check datamart tests dags linter macros bench config.py
 	$(BIN)/sqlmesh lint
 	$(BIN)/sqlmesh format --check
 
 format: $(STAMP) ## Format Python (ruff) and SQL models (sqlmesh format)
-	$(BIN)/ruff format datamart tests dags linter config.py
+	$(BIN)/ruff format datamart tests dags linter macros bench config.py
 	$(BIN)/sqlmesh format
 
 # The URL reaches the command through the environment: make never echoes its password.

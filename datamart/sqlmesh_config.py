@@ -21,6 +21,8 @@ from typing import Any
 from datamart.settings import Warehouse, configure_environment, resolve_warehouse
 
 DEFAULT_STATE_SCHEMA = "sqlmesh"
+# The first day of the demo's history: every model's start (SQLMesh's model_defaults) and variable project_start.
+PROJECT_START = "2025-10-01"
 # SQLMesh's linter, run by `sqlmesh lint` and before every `sqlmesh plan`: an error stops the plan. The last
 # rules are the project's own: the modelling conventions (linter/conventions.py) and the review gate of
 # `make review`, inside SQLMesh (linter/gate.py).
@@ -77,14 +79,16 @@ def sqlmesh_config(warehouse: Warehouse | None = None) -> Any:
             "model_defaults": {
                 # Models are written in DuckDB's dialect, using only SQL SQLMesh transpiles correctly to PostgreSQL.
                 "dialect": "duckdb",
-                "start": "2025-10-01",
+                "start": PROJECT_START,
                 "cron": "@daily",
                 # An incremental table never loses a column silently; a removed column means a new version (_v2).
                 "on_destructive_change": "error",
             },
             # Small-cell suppression (macros/privacy.py, audits/assert_no_small_cells.sql): a published aggregate
             # never shows a group of fewer people than this.
-            "variables": {"small_cell_threshold": 5},
+            # project_start: an incremental-by-key mart computes everything when its interval starts there (a first
+            # build or SQLMesh's whole restatement), only the touched keys after (models/marts/missions_v1.sql).
+            "variables": {"small_cell_threshold": 5, "project_start": PROJECT_START},
             "linter": {"enabled": True, "rules": LINTER_RULES},
             # SQLMesh's anonymous usage analytics: off on every machine, not only in CI.
             "disable_anonymized_analytics": True,

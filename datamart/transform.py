@@ -16,7 +16,7 @@ from sqlmesh.utils.errors import AuditError, NodeAuditsErrors, PlanError, SQLMes
 from datamart.gate.base import is_published, short_name
 from datamart.gate.checks import enforce
 from datamart.grants import GrantReport, apply_metabase_grants
-from datamart.ingest.ops import ensure_ops_tables, last_refresh, recorded_refresh
+from datamart.ingest.ops import ensure_ops_tables, last_refresh, prune_deleted_rows, recorded_refresh
 from datamart.settings import PROJECT_ROOT, Warehouse, quote_identifier
 
 
@@ -151,12 +151,19 @@ def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: dateti
     The external models of those datasets are restated (SQLMesh restates everything downstream of them, one model
     after the other, each in one transaction).
     """
-    restated, touched = _restate_raw_changes(context, warehouse, refresh_started) if prod_existed else ({}, set())
+    # Prod's snapshots, read from SQLMesh's state once: a refresh works from prod's versions, not the checkout's
+    # (see refresh_prod), and a run or a restatement does not change which versions prod holds.
+    prod = context.state_reader.get_environment("prod")
+    snapshots = {} if prod is None else {s.name: s for s in context.state_reader.get_snapshots(prod.snapshots).values()}
+    by_key = {name for name, s in snapshots.items() if s.is_model and s.model.kind.is_incremental_by_unique_key}
+    if prod_existed:
+        restated, touched = _restate_raw_changes(context, warehouse, refresh_started, snapshots, by_key)
+    else:
+        restated, touched = {}, set()
     # SQLMesh restates an INCREMENTAL_BY_UNIQUE_KEY model whole (ModelKind.full_history_restatement_only): those
     # models are left out of the restatement and brought up to date by a run of their intervals since their last run
     # instead (ignore_cron, and allow_partials in the model: the interval ends now), which recomputes the keys touched
     # meanwhile. Also after a first build, whose plan stopped at the last cron tick.
-    by_key = _incremental_by_key(context)
     if by_key:
         status = context.run("prod", ignore_cron=True, select_models=sorted(by_key), no_auto_upstream=True)
         if status.is_failure:
@@ -165,15 +172,17 @@ def _restate_changed(context: Any, warehouse: Warehouse, refresh_started: dateti
                 "published views keep their previous data"
             )
         if touched and not status.is_nothing_to_do:  # reported when a raw table they read changed
-            prod = context.state_reader.get_environment("prod")
-            snapshots = context.state_reader.get_snapshots(prod.snapshots).values()
-            restated.update({s.name: s for s in snapshots if s.name in touched})
+            restated.update({name: snapshots[name] for name in touched})
+        prune_deleted_rows(warehouse, refresh_started)  # read by them up to now
     return restated
 
 
-def _restate_raw_changes(context: Any, warehouse: Warehouse, refresh_started: datetime) -> tuple[dict, set[str]]:
+def _restate_raw_changes(
+    context: Any, warehouse: Warehouse, refresh_started: datetime, snapshots: dict[str, Any], by_key: set[str]
+) -> tuple[dict, set[str]]:
     """Restate the models reading the raw tables changed since the last refresh (see :func:`_restate_changed`); the
-    snapshots restated, and the incremental-by-key models reading those tables (refreshed by the caller's run)."""
+    snapshots restated, and the incremental-by-key models reading those tables (refreshed by the caller's run).
+    ``snapshots``: prod's, by name; ``by_key``: the names of its incremental-by-key models."""
     last = last_refresh(warehouse)
     if last is None:
         prod = context.state_reader.get_environment("prod")
@@ -190,11 +199,11 @@ def _restate_raw_changes(context: Any, warehouse: Warehouse, refresh_started: da
     if not restate:
         return {}, set()
     start = restatement_start(context, warehouse, restate, since_ms)
-    by_key = _incremental_by_key(context)
-    touched = {d for name in restate for d in context.dag.downstream(context.get_model(name).fqn)} & by_key
-    models = _restated_models(context, restate, by_key)
+    downstream = {d for name in restate for d in context.dag.downstream(context.get_model(name).fqn)}
+    touched = downstream & by_key
+    models = _restated_models(context, restate, downstream, by_key)
     if touched:  # the views between the raw tables and the marts are not restated: their audits first, by hand
-        _audit_views(context, restate, start)
+        _audit_views(context, snapshots, downstream, start)
     if not models:
         return {}, touched
     # skip_linter, skip_tests: a restatement rebuilds prod's own versions from SQLMesh's state, never the checkout's
@@ -213,21 +222,10 @@ def _restate_raw_changes(context: Any, warehouse: Warehouse, refresh_started: da
     return {plan.snapshots[sid].name: plan.snapshots[sid] for sid in plan.restatements}, touched
 
 
-def _incremental_by_key(context: Any) -> set[str]:
-    """Names (fqn) of prod's models of kind INCREMENTAL_BY_UNIQUE_KEY: refreshed by a run, never restated. Prod's
-    versions, not the checkout's: a refresh works from SQLMesh's state (see :func:`refresh_prod`)."""
-    prod = context.state_reader.get_environment("prod")
-    if prod is None:
-        return set()
-    snapshots = context.state_reader.get_snapshots(prod.snapshots).values()
-    return {s.name for s in snapshots if s.is_model and s.model.kind.is_incremental_by_unique_key}
-
-
-def _restated_models(context: Any, changed: list[str], by_key: set[str]) -> list[str]:
-    """What to restate for the changed external models: themselves when no incremental-by-key model reads them,
-    else each materialised model downstream of them except the incremental-by-key ones (views hold no data)."""
-    fqns = [context.get_model(name).fqn for name in changed]
-    downstream = {d for fqn in fqns for d in context.dag.downstream(fqn)}
+def _restated_models(context: Any, changed: list[str], downstream: set[str], by_key: set[str]) -> list[str]:
+    """What to restate for the changed external models (``downstream``: everything downstream of them): themselves
+    when no incremental-by-key model reads them, else each materialised model downstream of them except the
+    incremental-by-key ones (views hold no data)."""
     if not downstream & by_key:
         return changed
     kept = []
@@ -238,18 +236,16 @@ def _restated_models(context: Any, changed: list[str], by_key: set[str]) -> list
     return kept
 
 
-def _audit_views(context: Any, changed: list[str], start: Any) -> None:
-    """Run the audits of prod's views downstream of the changed external models, and stop before any mart changes
-    when a blocking one fails.
+def _audit_views(context: Any, snapshots: dict[str, Any], downstream: set[str], start: Any) -> None:
+    """Run the audits of prod's views in ``downstream`` (of the changed external models), and stop before any mart
+    changes when a blocking one fails.
 
     A restatement of the external models would rebuild those views and run their audits before the marts reading them
     (SQLMesh stops what is downstream of a failing audit), but it would also restate the incremental-by-key marts
     whole, so :func:`_restated_models` leaves the views out: their audits (an unknown organization kind in staging)
-    are run here instead, with SQLMesh's own evaluator on prod's versions of the views.
+    are run here instead, with SQLMesh's own evaluator on prod's versions of the views. A failure is reported as an
+    AuditError, the error a plan's failing audit raises, so both read the same (:func:`_failed_audits_error`).
     """
-    prod = context.state_reader.get_environment("prod")
-    snapshots = {s.name: s for s in context.state_reader.get_snapshots(prod.snapshots).values()}
-    downstream = {d for name in changed for d in context.dag.downstream(context.get_model(name).fqn)}
     failed: list[AuditError] = []
     for name in sorted(downstream):
         snapshot = snapshots.get(name)

@@ -4,7 +4,8 @@ erasure, every mart holding data equals a from-scratch build of its model, row f
 The days go through both entry points of the one refresh path: ``make run`` (``run_flow``: loads, then
 ``apply_prod``) and the scheduled run (loads, then ``refresh_prod``, SQLMesh's run of due intervals + the
 restatement of what the loads changed, SQLMesh's run of the incremental-by-key marts). A row planted in
-missions_v1's table before each refresh must survive it: a mart silently rebuilt whole would remove it.
+each incremental-by-key mart's table before each refresh must survive it: a mart silently rebuilt whole would
+remove it. A deletion recorded more than a week before a refresh is pruned from ``ops.deleted_rows`` by it.
 """
 
 from __future__ import annotations
@@ -47,25 +48,48 @@ def _assert_exact(warehouse: Warehouse, when: str) -> None:
         )
 
 
-def _plant_sentinel(warehouse: Warehouse) -> str:
-    """A row no load touches (mission -1) in missions_v1's physical table: a refresh that rebuilds the table whole
-    removes it, one that recomputes only the touched missions keeps it. The table's name."""
+SENTINELS = {
+    "missions_v1": (
+        "(mission_id, mission_status, applications_total, applications_accepted, applications_pending) "
+        "VALUES (-1, 'draft', 0, 0, 0)",
+        "mission_id = -1",
+    ),
+    "organizations_v1": (
+        "(organization_id, organization_name, organization_kind, live_missions, published_missions, applications) "
+        "VALUES (-1, 'sentinel', 'association', 0, 0, 0)",
+        "organization_id = -1",
+    ),
+}
+
+
+def _plant_sentinels(warehouse: Warehouse) -> dict[str, str]:
+    """A row no load touches (key -1) in each incremental-by-key mart's physical table: a refresh that rebuilds the
+    table whole removes it, one that recomputes only the touched keys keeps it. Mart → its prod table."""
     state = sqlmesh_context(warehouse).state_reader
     prod = state.get_environment("prod")
     snapshots = state.get_snapshots(prod.snapshots).values()
-    table = next(s for s in snapshots if s.name.endswith('"missions_v1"')).table_name()  # prod's version
-    warehouse.query(
-        f"INSERT INTO {table} (mission_id, mission_status, applications_total, applications_accepted, "
-        "applications_pending) VALUES (-1, 'draft', 0, 0, 0)"
-    )
-    return table
+    tables = {}
+    for mart, (values, _) in SENTINELS.items():
+        table = next(s for s in snapshots if s.name.endswith(f'"{mart}"')).table_name()  # prod's version
+        warehouse.query(f"INSERT INTO {table} {values}")
+        tables[mart] = table
+    return tables
 
 
-def _sentinel_kept(warehouse: Warehouse, table: str) -> bool:
-    """Whether the planted row survived the refresh; removed either way, so the comparison sees the real rows."""
-    kept = warehouse.query(f"SELECT count(*) FROM {table} WHERE mission_id = -1")[0][0] == 1
-    warehouse.query(f"DELETE FROM {table} WHERE mission_id = -1")
-    return kept
+def _sentinels_lost(warehouse: Warehouse, tables: dict[str, str]) -> list[str]:
+    """The marts whose planted row did not survive the refresh; removed either way, so the comparison sees the real
+    rows."""
+    lost = []
+    for mart, table in tables.items():
+        where = SENTINELS[mart][1]
+        if warehouse.query(f"SELECT count(*) FROM {table} WHERE {where}")[0][0] != 1:
+            lost.append(mart)
+        warehouse.query(f"DELETE FROM {table} WHERE {where}")
+    return lost
+
+
+def _deleted_rows(warehouse: Warehouse) -> list[tuple]:
+    return warehouse.query("SELECT table_name, row_key FROM ops.deleted_rows ORDER BY table_name, row_key")
 
 
 def test_every_mart_equals_a_from_scratch_build_after_each_day(
@@ -94,7 +118,12 @@ def test_every_mart_equals_a_from_scratch_build_after_each_day(
             source.execute(
                 f"DELETE FROM volunteers WHERE id = {person}", f"DELETE FROM applications WHERE volunteer_id = {person}"
             )
-        sentinel = _plant_sentinel(warehouse)
+        sentinels = _plant_sentinels(warehouse)
+        # a deletion recorded more than a week ago: a succeeded refresh prunes it, keeps the recent ones
+        warehouse.query(
+            "INSERT INTO ops.deleted_rows (dataset, table_name, row_key, deleted_at) "
+            "VALUES ('raw_app_db', 'organizations', '-8', CURRENT_TIMESTAMP - INTERVAL '8 days')"
+        )
         if day % 2:
             run_flow(warehouse, pipelines_dir=pipelines, out=io.StringIO())  # make run
         else:
@@ -102,6 +131,9 @@ def test_every_mart_equals_a_from_scratch_build_after_each_day(
             assert not failures, [f.message() for f in failures]
             refresh = refresh_prod(warehouse)  # the scheduled run's refresh (Airflow's too)
             assert refresh.models_restated, f"day {day}: the refresh restated nothing"
-        # the refresh went through the incremental path: missions_v1 was merged into, not rebuilt whole
-        assert _sentinel_kept(warehouse, sentinel), f"day {day}: marts.missions_v1 was rebuilt whole"
+        # the refresh went through the incremental path: the by-key marts were merged into, not rebuilt whole
+        assert not _sentinels_lost(warehouse, sentinels), f"day {day}: rebuilt whole"
+        recorded = _deleted_rows(warehouse)
+        assert ("organizations", "-8") not in recorded, f"day {day}: a deletion older than a week was kept"
+        assert recorded, f"day {day}: the day's deletions were not recorded (or were pruned)"
         _assert_exact(warehouse, f"day {day} ({summary.date})")

@@ -80,5 +80,6 @@ def test_the_config_declares_only_the_selected_warehouse_and_no_analytics(tmp_pa
         assert config.disable_anonymized_analytics
         assert config.default_test_connection_.type_ == "duckdb"
         assert config.model_defaults.dialect == "duckdb" and config.model_defaults.cron == "@daily"
-        assert config.variables == {"small_cell_threshold": 5}
+        assert config.variables == {"small_cell_threshold": 5, "project_start": "2025-10-01"}
+        assert str(config.model_defaults.start) == "2025-10-01"  # the same day: a first build computes every key
         assert "reviewgate" in config.linter.rules and "noselectstar" in config.linter.rules

@@ -10,7 +10,8 @@ run that stopped a table whose source dropped a column, recorded failed with the
 and hard), ``rows_in_warehouse``, ``ended_at``.
 ``ops.deleted_rows``: one row per row a hard or soft delete removed from a raw table (and per table it referred
 to) — ``dataset``, ``table_name``, ``row_key``, ``referenced_table``, ``referenced_key``, ``deleted_at``: what an
-incremental mart recomputes after a deletion (datamart/ingest/deletes.py writes it).
+incremental mart recomputes after a deletion (datamart/ingest/deletes.py writes it; a succeeded refresh removes
+those older than a week, :func:`prune_deleted_rows`).
 ``ops.datamart_refreshes``: one row per refresh of the published views (``python -m datamart run|promote|scheduled``)
 — ``refresh_id``, ``command``, ``started_at``, ``ended_at``, ``status``, ``models`` (rebuilt or restated), ``error``.
 ``ops.replication_slots``: one row per run of a replication pipeline (``changes: replication``), the slot measured on
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from datamart.errors import root_cause
@@ -364,6 +365,28 @@ def recorded_refresh(warehouse: Warehouse, command: str) -> Iterator[RefreshReco
             )
         raise
     _end_refresh(record, "succeeded", None)
+
+
+# How long ops.deleted_rows keeps a deletion after a refresh of the incremental marts read it: they re-read one day
+# before their interval, the rest is there to look at (what a refresh recomputed, and why).
+DELETED_ROWS_RETENTION = timedelta(days=7)
+
+
+def prune_deleted_rows(warehouse: Warehouse, refreshed_at: datetime) -> int:
+    """Remove the deletions recorded more than ``DELETED_ROWS_RETENTION`` before ``refreshed_at``; how many.
+
+    Called once every incremental mart of prod ran past ``refreshed_at`` (datamart/transform.py): what they needed of
+    those rows is in their tables, so the table stays as small as a week of deletions instead of growing forever.
+    A refresh that fails prunes nothing, so a mart that missed runs still finds every deletion when it catches up.
+    """
+    if not warehouse.table_exists(OPS_SCHEMA, DELETED_ROWS_TABLE):
+        return 0
+    before = refreshed_at - DELETED_ROWS_RETENTION
+    where = f"FROM {OPS_SCHEMA}.{DELETED_ROWS_TABLE} WHERE deleted_at < {warehouse.placeholder}"
+    count = warehouse.query(f"SELECT count(*) {where}", (before,))[0][0]
+    if count:
+        warehouse.query(f"DELETE {where}", (before,))
+    return int(count)
 
 
 def _end_refresh(record: RefreshRecord, status: str, error: str | None) -> None:

@@ -10,9 +10,11 @@
    and refuses when_matched: LogicalMergeMixin, sqlmesh/core/engine_adapter/mixins.py). allow_partials and the refresh's
    run with ignore_cron (datamart/transform.py) make an interval end at the refresh itself, not at a cron tick;
    interval_unit day keeps SQLMesh's interval bookkeeping small (a 5-minute unit since the start: 120,000 intervals).
-   Deletions and retirements are re-read for one day (86400 s) before the interval: a refresh running while another
-   process deletes still sees them afterwards. A first build (or a restatement, which SQLMesh does whole for this
-   kind) starts at the project's start (2025-10-01, config.py) and computes every mission, with no deletion row. */
+   Deletions and retirements are re-read for one day before the interval: a refresh running while another process
+   deletes still sees them afterwards. A first build (or a restatement, which SQLMesh does whole for this kind) starts
+   at the project's start (variable project_start, datamart/sqlmesh_config.py) and computes every mission, with no
+   deletion row. The three conditions are macros (@loaded_in_interval, @ended_in_interval, @first_build:
+   macros/incremental.py), shared with organizations_v1. */
 MODEL (
   name marts.missions_v1,
   kind INCREMENTAL_BY_UNIQUE_KEY (
@@ -74,19 +76,13 @@ WITH touched AS (
     id::BIGINT AS mission_id
   FROM raw_app_db.missions
   WHERE
-    (
-      _dlt_load_id::DOUBLE >= @start_epoch AND _dlt_load_id::DOUBLE < @end_epoch
-    )
-    OR (
-      EXTRACT(EPOCH FROM _dlt_valid_to) >= @start_epoch - 86400
-      AND EXTRACT(EPOCH FROM _dlt_valid_to) < @end_epoch
-    )
+    @loaded_in_interval() OR @ended_in_interval(_dlt_valid_to)
   UNION
   SELECT
     mission_id::BIGINT AS mission_id
   FROM raw_app_db.applications
   WHERE
-    _dlt_load_id::DOUBLE >= @start_epoch AND _dlt_load_id::DOUBLE < @end_epoch
+    @loaded_in_interval()
   UNION
   SELECT
     CASE WHEN table_name = 'missions' THEN row_key ELSE referenced_key END::BIGINT AS mission_id
@@ -99,8 +95,7 @@ WITH touched AS (
         table_name = 'applications' AND referenced_table = 'missions'
       )
     )
-    AND EXTRACT(EPOCH FROM deleted_at) >= @start_epoch - 86400
-    AND EXTRACT(EPOCH FROM deleted_at) < @end_epoch
+    AND @ended_in_interval(deleted_at)
   UNION
   SELECT
     mission_id
@@ -111,7 +106,7 @@ WITH touched AS (
         id::BIGINT
       FROM raw_app_db.organizations
       WHERE
-        _dlt_load_id::DOUBLE >= @start_epoch AND _dlt_load_id::DOUBLE < @end_epoch
+        @loaded_in_interval()
       UNION
       SELECT
         row_key::BIGINT
@@ -119,8 +114,7 @@ WITH touched AS (
       WHERE
         dataset = 'raw_app_db'
         AND table_name = 'organizations'
-        AND EXTRACT(EPOCH FROM deleted_at) >= @start_epoch - 86400
-        AND EXTRACT(EPOCH FROM deleted_at) < @end_epoch
+        AND @ended_in_interval(deleted_at)
     )
 ), missions AS (
   SELECT
@@ -136,8 +130,7 @@ WITH touched AS (
     updated_at
   FROM staging.stg_app_db__missions
   WHERE
-    @start_ds <= '2025-10-01'
-    OR mission_id IN (
+    @first_build() OR mission_id IN (
       SELECT
         mission_id
       FROM touched
@@ -156,8 +149,7 @@ WITH touched AS (
     applications_pending
   FROM intermediate.int_mission_applications
   WHERE
-    @start_ds <= '2025-10-01'
-    OR mission_id IN (
+    @first_build() OR mission_id IN (
       SELECT
         mission_id
       FROM touched
@@ -186,7 +178,7 @@ WITH touched AS (
     ON missions.mission_id = mission_applications.mission_id
 ), gone AS (
   /* touched missions that no longer exist: rows with an empty mission_status, deleted by the statement after the
-     query (never on a first build: 2025-10-01 is the project's start, config.py) */
+     query (never on a first build) */
   SELECT
     mission_id
   FROM touched
@@ -196,7 +188,7 @@ WITH touched AS (
         mission_id
       FROM missions
     )
-    AND @start_ds > '2025-10-01'
+    AND NOT @first_build()
 ), changes AS (
   SELECT
     *
