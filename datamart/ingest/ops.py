@@ -372,21 +372,18 @@ def recorded_refresh(warehouse: Warehouse, command: str) -> Iterator[RefreshReco
 DELETED_ROWS_RETENTION = timedelta(days=7)
 
 
-def prune_deleted_rows(warehouse: Warehouse, refreshed_at: datetime) -> int:
-    """Remove the deletions recorded more than ``DELETED_ROWS_RETENTION`` before ``refreshed_at``; how many.
+def prune_deleted_rows(warehouse: Warehouse, refreshed_at: datetime) -> None:
+    """Remove the deletions recorded more than ``DELETED_ROWS_RETENTION`` before ``refreshed_at``.
 
     Called once every incremental mart of prod ran past ``refreshed_at`` (datamart/transform.py): what they needed of
     those rows is in their tables, so the table stays as small as a week of deletions instead of growing forever.
     A refresh that fails prunes nothing, so a mart that missed runs still finds every deletion when it catches up.
     """
-    if not warehouse.table_exists(OPS_SCHEMA, DELETED_ROWS_TABLE):
-        return 0
-    before = refreshed_at - DELETED_ROWS_RETENTION
-    where = f"FROM {OPS_SCHEMA}.{DELETED_ROWS_TABLE} WHERE deleted_at < {warehouse.placeholder}"
-    count = warehouse.query(f"SELECT count(*) {where}", (before,))[0][0]
-    if count:
-        warehouse.query(f"DELETE {where}", (before,))
-    return int(count)
+    if warehouse.table_exists(OPS_SCHEMA, DELETED_ROWS_TABLE):
+        before = refreshed_at - DELETED_ROWS_RETENTION
+        warehouse.query(
+            f"DELETE FROM {OPS_SCHEMA}.{DELETED_ROWS_TABLE} WHERE deleted_at < {warehouse.placeholder}", (before,)
+        )
 
 
 def _end_refresh(record: RefreshRecord, status: str, error: str | None) -> None:
