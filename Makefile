@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ENV ?= dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run scheduled verify test demo-advance plan review promote sqlmesh external-models \
+.PHONY: help install lock run scheduled verify test test-fast demo-advance plan review promote sqlmesh external-models \
 	privacy-check privacy-register lint format clean airflow-venv metabase-backup metabase-restore bench
 
 help: ## List every target with one line
@@ -35,6 +35,9 @@ verify: $(STAMP) ## Compare every pipeline's tables with their source (counts, k
 test: $(STAMP) ## Run the tests (DuckDB and a throwaway PostgreSQL started by the tests)
 	scripts/ensure-postgres.sh
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## Only the fast tier (neither slow nor postgres-marked tests): a few minutes, for the edit loop
+	$(BIN)/python -m pytest -m fast
 
 demo-advance: $(STAMP) ## Move the demo source one day forward (inserts, updates, soft and hard deletes)
 	$(BIN)/python -m datamart.demo --advance-day

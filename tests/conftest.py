@@ -45,6 +45,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_ISOLATED_DLT] = isolated
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tiers: a test marked neither ``slow`` nor ``postgres`` is ``fast`` (``make test-fast`` runs those only, in a
+    few minutes; ``make test``, which CI runs, runs every tier)."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("postgres") is None:
+            item.add_marker(pytest.mark.fast)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove the isolated dlt project folder."""
     isolated = config.stash.get(_ISOLATED_DLT, None)

@@ -27,6 +27,8 @@ from datamart.environments import EnvironmentMismatch, check_environment, wareho
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse, resolve_warehouse
 from datamart.testing.commands import BIN, MAKE_VARIABLES, PYTHON, clone_environment, environment, run
 
+pytestmark = pytest.mark.slow  # end-to-end: whole demo builds through the commands
+
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 

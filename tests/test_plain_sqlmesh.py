@@ -24,6 +24,8 @@ from datamart.testing.commands import BIN, clone_environment
 from datamart.testing.postgres import create_database, drop_database
 from datamart.testing.project import copy_project, edit
 
+pytestmark = pytest.mark.slow  # end-to-end: whole demo builds through the commands
+
 
 @dataclass
 class Loaded:

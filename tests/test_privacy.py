@@ -33,6 +33,8 @@ from datamart.testing.privacy import OTHER, expected_volunteer_activity
 from datamart.testing.project import copy_project, edit, failed_audits
 from datamart.transform import published_views, sqlmesh_context
 
+pytestmark = pytest.mark.slow  # end-to-end: whole demo builds through the commands
+
 KEY = "privacy-test-key"
 ACTIVITY = "models/marts/volunteer_activity_v1.sql"
 RARE_DEPARTMENT = "48"  # Lozère: exactly 3 volunteers in the demo, whatever the scale

@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from datamart.settings import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow  # end-to-end: whole demo builds through the commands
 
 LEFT_OUT = (
     ".git",
