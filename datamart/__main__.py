@@ -12,7 +12,7 @@ import psycopg2
 from sqlmesh.cli.main import cli as sqlmesh_cli
 from sqlmesh.utils.errors import SQLMeshError
 
-from datamart import scheduled
+from datamart import logs, scheduled
 from datamart.alerts import redact as alert_redact
 from datamart.environments import check_environment
 from datamart.errors import root_cause
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per entry of :data:`COMMANDS` (and ``scheduled``)."""
     parser = argparse.ArgumentParser(prog="python -m datamart", description=__doc__)
     parser.add_argument("--target", choices=TARGETS, help="warehouse (default: DATAMART_TARGET or duckdb)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show dlt's and SQLMesh's own logs (always in data/logs/)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="load every pipeline, then build and promote the datamart to prod")
     run.add_argument("--demo", action="store_true", help="generate the demo source and a local key if missing")
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     keep_files_private()
     configure_environment()
+    if args.command in LOGGED:
+        logs.setup(args.command, verbose=args.verbose)
     if args.command == "scheduled":
         return _scheduled(args)
     warehouse = None
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         code, message = _failure(exc, warehouse)
         print(message, file=sys.stderr)
         return code
+    finally:
+        if args.command in LOGGED:
+            print(logs.log_line(), flush=True)
 
 
 def _run(args: argparse.Namespace, warehouse: Warehouse) -> int:
@@ -143,6 +151,10 @@ def _unreachable(exc: BaseException, warehouse: Warehouse | None) -> str:
 
 # A refused login or a server that is down, as psycopg2 reports it (directly or from inside SQLMesh).
 WAREHOUSE_UNREACHABLE = (psycopg2.OperationalError,)
+
+#: The commands whose libraries' logs go to a file under data/logs/ (``query`` and ``env`` print only their answer;
+#: ``sqlmesh`` is SQLMesh's own command line, which configures its own logs).
+LOGGED = {"run", "scheduled", "promote", "review", "privacy"}
 
 #: The commands that run on a resolved warehouse: each returns its exit code.
 COMMANDS: dict[str, Callable[[argparse.Namespace, Warehouse], int]] = {
@@ -216,6 +228,7 @@ def _scheduled(args: argparse.Namespace) -> int:
     else:
         scheduled.send_alert(run)
     print(scheduled.summary(run))
+    print(logs.log_line())
     return 1 if run.failures else 0
 
 

@@ -82,6 +82,7 @@ class RunCommand:
     def configure_parser(self, parser: argparse.ArgumentParser) -> None:
         """Options of ``dlt pipeline <name> run``."""
         parser.add_argument("--table", action="append", dest="tables", metavar="TABLE", help="only this table")
+        _add_verbose(parser)
         parser.add_argument(
             "--full-refresh",
             action="store_true",
@@ -102,6 +103,7 @@ class RunCommand:
         """Run, then exit non-zero with the reason when anything failed."""
         from datamart.ingest.cli import run_command
 
+        _start_logging("run", args)
         code = run_command(
             name=args.pipeline_name,
             tables=args.tables,
@@ -112,6 +114,7 @@ class RunCommand:
             pipelines_dir=Path(args.pipelines_dir) if getattr(args, "pipelines_dir", None) else None,
             wait=args.wait,
         )
+        _print_log_line()
         if code:
             sys.exit(code)
 
@@ -136,6 +139,7 @@ class VerifyCommand:
     def configure_parser(self, parser: argparse.ArgumentParser) -> None:
         """Options of ``dlt pipeline <name> verify``."""
         parser.add_argument("--table", action="append", dest="tables", metavar="TABLE", help="only this table")
+        _add_verbose(parser)
         parser.add_argument("--target", choices=TARGETS, help="warehouse (default: DATAMART_TARGET)")
         parser.add_argument(
             "--full-compare",
@@ -156,6 +160,7 @@ class VerifyCommand:
         """Verify, then exit 1 on drift (3 when a run holds the lock, 2 on wrong input)."""
         from datamart.ingest.cli import verify_command
 
+        _start_logging("verify", args)
         code = verify_command(
             name=args.pipeline_name,
             tables=args.tables,
@@ -166,6 +171,7 @@ class VerifyCommand:
             repair=args.repair,
             pipelines_dir=Path(args.pipelines_dir) if getattr(args, "pipelines_dir", None) else None,
         )
+        _print_log_line()
         if code:
             sys.exit(code)
 
@@ -187,6 +193,7 @@ class DropReplicationCommand:
 
     def configure_parser(self, parser: argparse.ArgumentParser) -> None:
         """Options of ``dlt pipeline <name> drop-replication``."""
+        _add_verbose(parser)
         parser.add_argument("--target", choices=TARGETS, help="warehouse (default: DATAMART_TARGET)")
         parser.add_argument(
             "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for a running load up to SECONDS"
@@ -196,6 +203,7 @@ class DropReplicationCommand:
         """Drop, then exit non-zero when something is left (2: privileges, with the SQL; 3: a run holds the lock)."""
         from datamart.ingest.cli import drop_replication_command
 
+        _start_logging("drop-replication", args)
         code = drop_replication_command(
             name=args.pipeline_name,
             target=args.target,
@@ -204,6 +212,25 @@ class DropReplicationCommand:
         )
         if code:
             sys.exit(code)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show dlt's and SQLMesh's own logs (always in data/logs/)"
+    )
+
+
+def _start_logging(command: str, args: argparse.Namespace) -> None:
+    """Quiet console, full log file (datamart/logs.py); the file is named on the last line of the output."""
+    from datamart.logs import setup
+
+    setup(f"dlt-{command}", verbose=getattr(args, "verbose", False))
+
+
+def _print_log_line() -> None:
+    from datamart.logs import log_line
+
+    print(log_line())
 
 
 @plugins.hookimpl(specname="plug_cli")

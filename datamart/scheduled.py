@@ -377,13 +377,15 @@ def summary(run: ScheduledRun) -> str:
         f"started {run.started:%Y-%m-%d %H:%M:%S} UTC, {run.elapsed:.1f}s",
         "",
     ]
+    # labels are padded to the longest one: a long pipeline name never runs into its detail
+    width = max([24] + [len(result.label) + 2 for result in run.results])
     for result in run.results:
         status = "skipped" if result.skipped else "ok" if result.ok else "FAILED"
         text = result.detail if result.ok or result.skipped else _failure_text(result)
-        lines.append(f"  {status:<8}{result.label:<24}{text}")
+        lines.append(f"  {status:<8}{result.label:<{width}}{text}")
         if not result.ok and not result.skipped and result.command:
-            lines.append(f"  {'':<8}{'':<24}what to run: {result.command}")
-        lines += [f"  {'':<8}{'':<24}{note}" for note in result.notes]
+            lines.append(f"  {'':<8}{'':<{width}}what to run: {result.command}")
+        lines += [f"  {'':<8}{'':<{width}}{note}" for note in result.notes]
     if run.loads:
         lines += ["", *_table_lines(run.loads)]
     lines += ["", f"result: {'FAILED' if failed else 'ok'}" + (f", {run.alert}" if run.alert else "")]

@@ -37,7 +37,7 @@ def test_make_install_and_the_image_use_the_constraints() -> None:
         text=True,
         check=True,
     ).stdout
-    assert '-m pip install --quiet -c constraints.txt -e ".[dev]"' in dry
+    assert '-m pip install --quiet --quiet -c constraints.txt -e ".[dev]"' in dry
     dockerfile = (PROJECT_ROOT / "deploy" / "Dockerfile").read_text()
     assert "COPY pyproject.toml README.md constraints.txt ./" in dockerfile
     assert "pip install --no-cache-dir -c constraints.txt ." in dockerfile

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from datamart.settings import Warehouse, postgres_warehouse
+from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.commands import PYTHON, clone_environment, run
 from datamart.testing.privacy import OTHER, expected_volunteer_activity
 from datamart.testing.sources import source_rows
@@ -157,7 +157,12 @@ def _assert_no_clear_personal_value_in_the_warehouse(stack: Stack) -> None:
 
 
 def test_whole_flow_then_next_day_loads_only_what_changed(stack: Stack) -> None:
-    first = _run(stack, "-m", "datamart", "run", "--demo")
+    result = run([PYTHON, "-m", "datamart", "run", "--demo"], stack.env, timeout=900, expect=0)
+    first = result.stdout
+    # quiet by default (datamart/logs.py): what it did and the summary, no library logs on the console
+    assert len((result.stdout + result.stderr).splitlines()) <= 40, result.stdout + result.stderr
+    assert "INFO" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+    assert "Log: " in first
     assert "Published views (what Metabase reads): marts." in first
     secrets_file = Path(stack.env["DLT_PROJECT_DIR"]) / ".dlt" / "secrets.toml"
     if "DATAMART__PII_HMAC_KEY" not in stack.env:  # the fresh-clone path: a key was written, then used
@@ -216,3 +221,11 @@ def test_whole_flow_then_next_day_loads_only_what_changed(stack: Stack) -> None:
     third = _run(stack, "-m", "datamart", "run")
     assert _loaded_now(third, "raw_app_db.stats_events") == 0
     assert "Models built: 0" in third
+
+    # -v shows SQLMesh's and dlt's own logs; the log file holds them either way
+    verbose = run([PYTHON, "-m", "datamart", "-v", "promote"], stack.env, timeout=900, expect=0)
+    assert "INFO sqlmesh" in verbose.stderr
+    quiet = run([PYTHON, "-m", "datamart", "promote"], stack.env, timeout=900, expect=0)
+    assert "INFO" not in quiet.stderr, quiet.stderr
+    log_file = re.search(r"^Log: (\S+)", quiet.stdout, re.MULTILINE).group(1)
+    assert "INFO sqlmesh" in (PROJECT_ROOT / log_file).read_text()

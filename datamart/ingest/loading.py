@@ -4,7 +4,6 @@ loaded, and a load left pending by an earlier run."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,8 @@ from dlt.common import logger
 from datamart.errors import in_chain, is_transient, refused_credentials, root_cause
 from datamart.ingest.declarations import VALID_TO, PipelineDecl, warehouse_name
 from datamart.ingest.sources import build_resources
+from datamart.logs import progress_collector
 from datamart.settings import Warehouse, pipelines_dir_for
-
-PROGRESS_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -73,8 +71,8 @@ def make_pipeline(decl: PipelineDecl, warehouse: Warehouse, pipelines_dir: Path 
         destination=warehouse.dlt_destination(),
         dataset_name=decl.dataset,
         pipelines_dir=str(pipelines_dir or default_pipelines_dir(warehouse)),
-        # progress of long loads (rows and files per step) on stderr, every PROGRESS_SECONDS
-        progress=dlt.progress.log(log_period=PROGRESS_SECONDS, logger=sys.stderr, dump_system_stats=False),
+        # bars on a terminal, periodic lines in the log file elsewhere (datamart/logs.py)
+        progress=progress_collector(),
     )
 
 
