@@ -148,6 +148,46 @@ def test_a_count_of_distinct_pseudonyms_passes(tmp_path: Path) -> None:
     assert violations(findings) == []
 
 
+# A mart a team would write: counts of distinct volunteers per department, every convention but small cells kept.
+COUNTING_MART = """MODEL (
+  name marts.volunteers_per_department_v1,
+  kind FULL,
+  grain department,
+  audits (not_null(columns := (department)), assert_no_personal_columns{small_cells}),
+  description 'How many volunteers live in each department, one row per department. Answers: where do they live?',
+  column_descriptions (
+    department = 'Department code where the volunteers live.',
+    volunteers = 'Volunteers signed up on the platform.'
+  )
+);
+
+SELECT
+  department,
+  COUNT(DISTINCT volunteer_id) AS volunteers
+FROM staging.stg_app_db__volunteers
+GROUP BY
+  department
+"""
+
+
+def test_a_count_of_people_without_small_cell_suppression_is_refused_by_plain_sqlmesh(tmp_path: Path) -> None:
+    """Whoever writes the mart, a count of people is refused unless the model suppresses small cells (its audit
+    assert_no_small_cells fails any group under the threshold): `sqlmesh lint`, and so every `sqlmesh plan`."""
+    project = _copy_project(tmp_path)
+    mart = project / "models/marts/volunteers_per_department_v1.sql"
+    mart.write_text(COUNTING_MART.format(small_cells=""))
+    env = environment(DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "lint.duckdb"))
+    refused = run([str(Path(PYTHON).parent / "sqlmesh"), "-p", str(project), "lint"], env, timeout=600)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    output = " ".join((refused.stdout + refused.stderr).split())
+    assert "[Small cells] marts.volunteers_per_department_v1 counts people: COUNT(DISTINCT volunteer_id) over" in (
+        output
+    ), output
+    mart.write_text(COUNTING_MART.format(small_cells=", assert_no_small_cells(people := volunteers)"))
+    accepted = run([str(Path(PYTHON).parent / "sqlmesh"), "-p", str(project), "lint"], env, timeout=600)
+    assert "Small cells" not in accepted.stdout + accepted.stderr, accepted.stdout + accepted.stderr
+
+
 def test_other_aggregates_and_undeclared_uses_are_refused(tmp_path: Path) -> None:
     project = _project_publishing(tmp_path, "MAX(pseudonym) AS last_pseudonym", "GROUP BY\n  department")
     # and the birth decade without its declaration

@@ -276,6 +276,8 @@ def test_report_structure(prod: Prod) -> None:
         "| published view | against prod | column changes |",
         "## Personal data",
         "| published column | personal source column | verdict |",
+        "## Small cells",
+        "| published model | counts people | small cells |",
         "## Data diff against prod",
         "### `marts.missions_v1`",
         "| rows in prod | rows in branch | only in prod | only in branch | identical | changed values |",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from datamart.gate import contract, lineage
+from datamart.gate import contract, lineage, small_cells
 from datamart.gate.base import Check, GateInput, Violation, short_name
 from datamart.settings import PROJECT_ROOT, Warehouse
 
@@ -40,6 +40,7 @@ __all__ = [
 CHECKS: list[Check] = [
     Check(contract.TITLE, contract.check_published_contract, contract.describe_published_columns),
     Check("Personal data", lineage.check_personal_data, lineage.describe_personal_data),
+    Check("Small cells", small_cells.check_small_cells, small_cells.describe_small_cells),
 ]
 
 

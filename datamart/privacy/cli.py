@@ -87,17 +87,19 @@ def privacy_command(args: argparse.Namespace, warehouse: Warehouse, out: TextIO 
 def check_command(context: Any, out: TextIO | None = None) -> int:
     """Print every published column deriving from personal data; 1 if any is not allowed."""
     out = out or sys.stdout
+    from datamart.gate.base import GateInput
     from datamart.gate.lineage import check_published_lineage, dropped_columns_loaded, violations
+    from datamart.gate.small_cells import check_small_cells
 
     findings = check_published_lineage(context)
-    leaks = dropped_columns_loaded(context)
+    leaks = dropped_columns_loaded(context) + [v.message for v in check_small_cells(GateInput(context=context))]
     for finding in findings:
         print(f"{'ok  ' if finding.allowed else 'FAIL'} {finding.message}", file=out)
     for leak in leaks:
         print(f"FAIL {leak}", file=out)
     refused = violations(findings)
     if refused or leaks:
-        print(f"privacy check failed: {len(refused) + len(leaks)} personal column use(s) not allowed", file=out)
+        print(f"privacy check failed: {len(refused) + len(leaks)} personal data use(s) not allowed", file=out)
         return 1
     print(f"privacy check passed: {len(findings)} published column(s) derive from personal data, all allowed", file=out)
     return 0
