@@ -19,8 +19,10 @@ default privileges above. Everything else is revoked from the role and, where PU
 other schema (raw datasets, staging, intermediate, SQLMesh's physical ``sqlmesh__*`` schemas and its state schema,
 other environments' ``<schema>__<env>``), CREATE on ``marts``, CREATE on schema ``public`` (PostgreSQL 15 no longer
 gives it to PUBLIC, older servers still do: any role could create tables there) and CREATE on the database (never a
-default, revoked in case someone granted it). PUBLIC keeps USAGE on schema ``public`` (extensions' functions live there)
-and CONNECT/TEMP on the database, PostgreSQL's defaults; the datamart database is a dedicated one. Running it again is
+default, revoked in case someone granted it) and TEMPORARY on the database (no scratch tables: the job's own user keeps
+it). PUBLIC keeps USAGE on schema ``public`` (extensions' functions live there) and CONNECT on the database; the
+datamart database is a dedicated one. The server's other databases are not ours to change: the report names those
+the role can connect to (PostgreSQL gives CONNECT to PUBLIC) and the statement their owner runs. Running it again is
 harmless (every statement is idempotent, in one transaction): ``make promote`` and ``make run`` do, to revoke what new
 schemas may give.
 
@@ -62,6 +64,7 @@ class GrantReport:
     warnings: list[str] = field(default_factory=list)
     created: bool = False
     can_login: bool = False
+    other_databases: list[str] = field(default_factory=list)  # of the same server, that the role can connect to
 
     def format(self) -> str:
         """Lines for the run summary (never the password)."""
@@ -70,6 +73,13 @@ class GrantReport:
         login = "" if self.can_login else ", NOLOGIN"
         lines = [f"Metabase role {self.role}{created}{login}: may read {views} (and nothing else)"]
         lines += [f"WARNING: {warning}" for warning in self.warnings]
+        if self.other_databases:
+            shown = ", ".join(self.other_databases[:5]) + (", …" if len(self.other_databases) > 5 else "")
+            lines.append(
+                f"  it can also connect to {len(self.other_databases)} other database(s) of the server ({shown}), "
+                "as PostgreSQL lets every role: their owner closes each with REVOKE CONNECT ON DATABASE <name> "
+                "FROM PUBLIC (docs/privacy.md)"
+            )
         return "\n".join(lines)
 
 
@@ -172,9 +182,13 @@ def _apply(cur: Any, conn: Any, role: str, password: str | None, database: str) 
         )
     _check_memberships(cur, role, report)
 
-    # The database: connect, never create schemas; PUBLIC must not give CREATE either.
+    cur.execute("SELECT current_user")
+    creator = sql.Identifier(cur.fetchone()[0])  # the user dlt and SQLMesh connect as: the views' creator
+    # The database: connect, never create schemas nor temporary tables; PUBLIC must not give CREATE or TEMP either
+    # (the job's own user keeps TEMP, whether or not it owns the database).
     cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, who))
-    cur.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM PUBLIC, {}").format(db, who))
+    cur.execute(sql.SQL("REVOKE CREATE, TEMPORARY ON DATABASE {} FROM PUBLIC, {}").format(db, who))
+    cur.execute(sql.SQL("GRANT TEMPORARY ON DATABASE {} TO {}").format(db, creator))
     # Schema public: PostgreSQL < 15 lets every role create tables there (PUBLIC has CREATE); 15 no longer does.
     cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'public'")
     if cur.fetchone():
@@ -204,8 +218,6 @@ def _apply(cur: Any, conn: Any, role: str, password: str | None, database: str) 
     cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(published, who))
     cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA {} FROM PUBLIC, {}").format(published, who))
     # Every view the warehouse user creates there is readable from its creation, in the creating transaction.
-    cur.execute("SELECT current_user")
-    creator = sql.Identifier(cur.fetchone()[0])  # the user dlt and SQLMesh connect as: the views' creator
     cur.execute(
         sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
             creator, published, who
@@ -226,6 +238,14 @@ def _apply(cur: Any, conn: Any, role: str, password: str | None, database: str) 
             f"schema {PUBLISHED_SCHEMA} holds no view yet: Metabase will see each view from the prod plan that creates "
             "it (sqlmesh plan, make promote)."
         )
+
+    # The server's other databases: PostgreSQL gives CONNECT on each to PUBLIC; only their owner can take it back.
+    cur.execute(
+        "SELECT datname FROM pg_database WHERE datallowconn AND datname <> %s "
+        "AND has_database_privilege(%s, datname, 'CONNECT') ORDER BY datname",
+        (database, role),
+    )
+    report.other_databases = [name for (name,) in cur.fetchall()]
 
     _verify(cur, role, database, report)
     return report
@@ -256,13 +276,16 @@ def _check_memberships(cur: Any, role: str, report: GrantReport) -> None:
 def _verify(cur: Any, role: str, database: str, report: GrantReport) -> None:
     """Fail the transaction if a revoke silently did nothing (REVOKE only warns when we do not own the object)."""
     cur.execute(
-        "SELECT has_database_privilege(%s, %s, 'CREATE')",  # counts what PUBLIC gives too
-        (role, database),
+        "SELECT has_database_privilege(%s, %s, 'CREATE'), has_database_privilege(%s, %s, 'TEMPORARY')",
+        (role, database, role, database),  # counts what PUBLIC gives too
     )
-    if cur.fetchone()[0]:
+    held = cur.fetchone()
+    can = [what for what, has in zip(("create schemas", "create temporary tables"), held, strict=True) if has]
+    if can:
         raise GrantError(
-            f"the Metabase role {role!r} can still create schemas in database {database!r}: run the job as the "
-            f"database's owner, or as the owner run REVOKE CREATE ON DATABASE {database} FROM PUBLIC, {role}."
+            f"the Metabase role {role!r} can still {' and '.join(can)} in database {database!r}: run the job as "
+            f"the database's owner, or as the owner run REVOKE CREATE, TEMPORARY ON DATABASE {database} FROM "
+            f"PUBLIC, {role}."
         )
     cur.execute(
         "SELECT n.nspname FROM pg_namespace n WHERE n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema' "

@@ -183,7 +183,10 @@ def _plan_changed_model(stack: Stack, tmp_path: Path) -> None:
     context.plan("prod", auto_apply=True, no_prompts=True)
 
 
-def test_metabase_reads_published_views_only_after_every_promotion(stack: Stack, tmp_path: Path) -> None:
+def test_metabase_reads_published_views_only_after_every_promotion(
+    stack: Stack, tmp_path: Path, pg_database_factory: Callable[[str], str], pg_admin_url: str
+) -> None:
+    other = psycopg2.extensions.parse_dsn(pg_database_factory("other"))["dbname"]  # another database of the server
     flow = run_flow(stack.warehouse, pipelines_dir=stack.pipelines_dir, out=io.StringIO())
     published = published_views(sqlmesh_context(stack.warehouse))
     assert published and flow.transform is not None and flow.transform.published_views == published
@@ -224,12 +227,31 @@ def test_metabase_reads_published_views_only_after_every_promotion(stack: Stack,
                 _rows(conn, f"CREATE TABLE {schema}.metabase_scratch (id int)")
         with pytest.raises(errors.InsufficientPrivilege):
             _rows(conn, "CREATE SCHEMA metabase_scratch")
+        # 5b. nor a temporary one
+        with pytest.raises(errors.InsufficientPrivilege):
+            _rows(conn, "CREATE TEMP TABLE metabase_scratch (id int)")
     finally:
         conn.close()
+
+    # 5c. The server's other databases: named, with the statement their owner runs; run as written, it closes them.
+    assert other in report.other_databases
+    line = next(line for line in report.format().splitlines() if "other database(s)" in line)
+    statement = re.search(r"(REVOKE CONNECT ON DATABASE <name> FROM PUBLIC)", line).group(1)
+    admin = psycopg2.connect(pg_admin_url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(statement.replace("<name>", sql.Identifier(other).as_string(admin)))
+    finally:
+        admin.close()
+    pg = stack.warehouse.pg
+    with pytest.raises(psycopg2.OperationalError, match="permission denied for database"):
+        psycopg2.connect(host=pg.host, port=pg.port, user=stack.role, password=PASSWORD, dbname=other).close()
 
     # Idempotent: a second application changes nothing and creates nothing.
     again = apply_metabase_grants(stack.warehouse)
     assert again is not None and not again.created and again.views == published
+    assert other not in again.other_databases
 
     # 6a. The next day: new rows, marts restated by the prod plan.
     oids = _view_oids(stack.warehouse)
