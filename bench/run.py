@@ -47,6 +47,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from datamart.testing.postgres import ThrowawayPostgres, create_database  # noqa: E402
 
+RESULTS_DIR = PROJECT_ROOT / "bench" / "results"  # the committed figures of the last run
+
 TABLES = ("organizations", "missions", "volunteers", "applications", "stats_events")
 MERGE_TABLES = ("organizations", "missions", "volunteers", "applications")
 SOFT_DELETED = ("organizations", "missions")  # deletes: {soft: deleted_at} in pipelines/app_db.yaml
@@ -163,13 +165,15 @@ class Bench:
         result_file = self.work / f"{key}.json"
         log = self.work / f"{key}.log"
         with open(log, "w") as log_file:
-            code = subprocess.run(
+            process = subprocess.Popen(
                 [sys.executable, "-c", _WRAPPER, str(result_file), *command],
                 env=env or self.env(),
                 cwd=PROJECT_ROOT,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-            ).returncode
+                start_new_session=True,  # its own process group: a step stopped by the watchdog takes its children
+            )
+            code = self.watch(key, label, process)
         if code != 0:
             tail = "\n".join(log.read_text().splitlines()[-40:])
             raise RuntimeError(f"{label} failed (exit {code}): {shlex.join(command)}\n{tail}")
@@ -186,6 +190,56 @@ class Bench:
             f"{step.rows_per_s:,.0f} rows/s, peak RSS {step.peak_rss_mb:.0f} MB" + (f" ({profile})" if profile else "")
         )
         return step
+
+    def watch(self, key: str, label: str, process: subprocess.Popen[bytes]) -> int:
+        """Wait for a step; say so when it runs far past its last figure (``LATE`` times the last run's seconds,
+        scaled to this run's size), with what the database server is running; stop it past ``GIVE_UP`` times.
+
+        A bench that waits for ever measures nothing: on 1 Dec a first build planned before the raw tables had
+        statistics sat in one statement for more than 6 minutes where it had taken 102 s."""
+        expected = expected_seconds(key, self.scale)
+        warned = False
+        started = time.monotonic()
+        while True:
+            try:
+                return process.wait(timeout=min(5.0, LATE_FLOOR))
+            except subprocess.TimeoutExpired:
+                pass
+            elapsed = time.monotonic() - started
+            if expected is None:
+                continue
+            if not warned and elapsed > max(LATE * expected, LATE_FLOOR):
+                warned = True
+                self.say(
+                    f"  {label}: {elapsed:.0f}s, more than {LATE}× its last figure ({expected:.0f}s at this scale); "
+                    f"the server is running: {self.running_statements()}"
+                )
+            if elapsed > max(GIVE_UP * expected, GIVE_UP_FLOOR):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise RuntimeError(
+                    f"{label} stopped after {elapsed:.0f}s, {GIVE_UP}× its last figure ({expected:.0f}s at this "
+                    f"scale): a step that far off is a defect to find (a plan without statistics, a quadratic "
+                    f"query), not a figure. The server was running: {self.running_statements()}"
+                )
+
+    def running_statements(self) -> str:
+        """The statements active on the bench's servers (``pg_stat_activity``), for a step that runs late."""
+        found = []
+        for server in (self.server, self.replica_server):
+            if server is None:
+                continue
+            try:
+                rows = self.psql(
+                    server.url(),
+                    "SELECT datname || ': ' || round(extract(epoch FROM now() - query_start)) || 's ' || "
+                    "left(regexp_replace(query, '\\s+', ' ', 'g'), 160) FROM pg_stat_activity "
+                    "WHERE state = 'active' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                )
+            except Exception as exc:  # noqa: BLE001 - a look at the server, never the reason a bench fails
+                rows = f"(could not ask: {exc})"
+            found += [line for line in rows.splitlines() if line.strip()]
+        return "; ".join(found) or "nothing (the time is spent in the client)"
 
     def psql(self, url: str, statement: str) -> str:
         """Run one statement with psql; return its unaligned output."""
@@ -559,6 +613,25 @@ class Bench:
         }
 
 
+#: A step is reported when it runs past LATE times its last figure, and stopped past GIVE_UP times (make bench);
+#: never before the floors (seconds): start-up costs make small steps' figures noisy.
+LATE, LATE_FLOOR = 3, 60.0
+GIVE_UP, GIVE_UP_FLOOR = 10, 300.0
+
+
+def expected_seconds(key: str, scale: float) -> float | None:
+    """The step's seconds in the last committed run (bench/results/latest.json), scaled linearly to ``scale``."""
+    try:
+        last = json.loads((RESULTS_DIR / "latest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    steps = last.get("steps", [])
+    step = next((s for s in (steps.values() if isinstance(steps, dict) else steps) if s.get("key") == key), None)
+    if step is None or not last.get("scale"):
+        return None
+    return float(step["seconds"]) * max(scale / float(last["scale"]), 0.01)
+
+
 def datamart_targets(steps: dict[str, Step]) -> list[dict[str, Any]]:
     """The datamart after 1 % changed, alone (the promotion's refresh / the first prod build) and end to end (the
     incremental load + that promotion / the full load + the first prod build): what a 1 % change costs the night."""
@@ -652,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output",
         type=Path,
-        default=PROJECT_ROOT / "bench" / "results" / "latest",
+        default=RESULTS_DIR / "latest",
         help="path without extension: writes <output>.md and <output>.json (default bench/results/latest)",
     )
     args = parser.parse_args(argv)

@@ -5,10 +5,13 @@ No timing is asserted: timings at this scale measure start-up costs, and the mac
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,36 @@ def test_bench_at_a_tiny_scale_writes_every_row_and_removes_its_cluster(tmp_path
     assert re.search(r"^\[\d\d:\d\d:\d\d\] full load → PostgreSQL", result.stdout, re.MULTILINE)
     cluster = re.search(r"starting a throwaway PostgreSQL \(.*\) in (\S+)", result.stdout).group(1)
     assert not Path(cluster).exists()
+
+
+def test_a_step_far_past_its_last_figure_is_reported_then_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bench never waits for ever: a step running far past its last figure (scaled to the run's size) is
+    reported with what the server runs, then stopped with its whole process tree, and the bench fails naming it."""
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "LATE_FLOOR", 0.5)
+    monkeypatch.setattr(bench, "GIVE_UP_FLOOR", 2.0)
+    monkeypatch.setattr(bench, "expected_seconds", lambda key, scale: 0.2)
+    out = io.StringIO()
+    run = bench.Bench(scale=1, work=tmp_path, out=out)
+    monkeypatch.setattr(run, "running_statements", lambda: "warehouse: 3s CREATE TABLE marts…")
+    child = tmp_path / "child.pid"
+    # a step whose own child would outlive it if only the step were killed
+    command = [
+        sys.executable,
+        "-c",
+        f"import subprocess, time; p = subprocess.Popen(['sleep', '600']); "
+        f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(600)",
+    ]
+    with pytest.raises(RuntimeError, match=r"stopped after \d+s, 10× its last figure"):
+        run.measure("sqlmesh_first_build", command, rows=0, env=dict(os.environ))
+    assert "more than 3× its last figure" in out.getvalue()
+    assert "CREATE TABLE marts" in out.getvalue()
+    pid = int(child.read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's child {pid} outlived it")
