@@ -148,7 +148,7 @@ def _read_yaml(path: Path) -> Any:
 
 
 def _position(mark: Any) -> str:
-    """``line L, column C`` of a PyYAML mark (0-based inside)."""
+    """``line L, column C`` of a PyYAML mark, counted from 1 as editors do (PyYAML counts from 0)."""
     return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
