@@ -24,6 +24,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from datamart.settings import DATA_DIR
 
@@ -155,13 +156,16 @@ def log_line() -> str:
     return f"Log: {shown} (dlt's and SQLMesh's own logs; -v or DATAMART_VERBOSE=1 shows them here)"
 
 
-def progress_collector() -> object:
-    """dlt's progress for a load: bars on a terminal (dlt's tqdm collector), otherwise periodic lines into the log
-    file only (cron, CI and Airflow get our one line per step, not progress frames)."""
+def progress_collector() -> tuple[type, dict[str, Any]]:
+    """dlt's progress collector for a load, as its class and options: bars on a terminal (dlt's tqdm collector),
+    otherwise periodic lines into the log file only (cron, CI and Airflow get our one line per step, not progress
+    frames)."""
     import dlt
 
     if sys.stderr.isatty():
-        return dlt.progress.tqdm(colour="green")
-    return dlt.progress.log(
-        log_period=PROGRESS_SECONDS, logger=logging.getLogger("datamart.progress"), dump_system_stats=False
-    )
+        return dlt.progress.tqdm, {"colour": "green"}
+    return dlt.progress.log, {
+        "log_period": PROGRESS_SECONDS,
+        "logger": logging.getLogger("datamart.progress"),
+        "dump_system_stats": False,
+    }

@@ -9,9 +9,12 @@ import subprocess
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from datamart import demo
 from datamart.settings import DEMO_PIPELINES_DIR, PROJECT_ROOT
+
+pytestmark = pytest.mark.slow  # `make run` on a copy of the project: whole builds
 
 
 def test_make_run_with_the_demo_app_db_replaced_by_an_own_pipeline(tmp_path: Path) -> None:

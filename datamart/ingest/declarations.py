@@ -118,6 +118,61 @@ def refuse_unknown(path: Path, where: str, keys: Any, allowed: Any) -> None:
         raise _fail(path, key, f"unknown key{closest(unknown[0], allowed)}; allowed: {', '.join(sorted(allowed))}")
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of declaration file ``path``; a file that is not YAML (an unclosed ``{``, a bad indent) is a
+    :class:`DeclarationError` of one line naming the file, the line and column, and the key it belongs to: PyYAML's
+    own message spans several lines and names a ``"<unicode string>"``, not the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(path, "(file)", f"not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        # A `{`, `[` or quote left open is noticed lines later: the line that opened it leads. Anything else (a bad
+        # indent, a tab) is where PyYAML stopped.
+        opened = exc.context_mark is not None and any(w in (exc.context or "") for w in ("flow", "quoted"))
+        mark = exc.context_mark if opened else exc.problem_mark
+        if mark is None:
+            raise _fail(path, "(file)", f"not valid YAML: {' '.join(str(exc).split())}") from exc
+        problem = " ".join(str(exc.problem or "").split())
+        if exc.context and exc.context_mark is not None:
+            problem = f"{exc.context} at {_position(exc.context_mark)}, {problem}"
+            if opened and exc.problem_mark is not None:
+                problem += f" at {_position(exc.problem_mark)}"
+        key = _key_at(text.splitlines(), mark.line) or "(file)"
+        message = f"line {mark.line + 1}: {key}: not valid YAML: {problem}; fix the file, then run again"
+        raise DeclarationError(f"{path.name}: {message}") from exc
+    except yaml.YAMLError as exc:
+        raise _fail(path, "(file)", f"not valid YAML: {' '.join(str(exc).split())}") from exc
+
+
+def _position(mark: Any) -> str:
+    """``line L, column C`` of a PyYAML mark, counted from 1 as editors do (PyYAML counts from 0)."""
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+_KEY_LINE = re.compile(r"^(?P<indent>\s*)(?:-\s+)?(?P<key>[^\s#:{}\[\],'\"][^:#{}\[\]]*?)\s*:(?:\s|$)")
+
+
+def _key_at(lines: list[str], index: int) -> str:
+    """The dotted key (``tables.missions.deletes``) that line ``index`` of a block-style YAML text belongs to: the
+    key on that line (or the nearest one above it) and the keys of the less indented lines above, up to the top."""
+    path: list[str] = []
+    indent = None
+    for line in reversed(lines[: index + 1]):
+        match = _KEY_LINE.match(line)
+        if match is None:
+            continue
+        depth = len(match["indent"])
+        if indent is None or depth < indent:
+            path.insert(0, match["key"].strip())
+            indent = depth
+        if depth == 0:
+            break
+    return ".".join(path)
+
+
 def _as_tuple(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -128,7 +183,7 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
 
 def load_declaration(path: Path) -> PipelineDecl:
     """Read and check one declaration file."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise _fail(path, "(file)", "expected a mapping with name, source, dataset and tables")
     refuse_unknown(path, "", raw, _TOP_KEYS)

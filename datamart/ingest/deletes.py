@@ -363,6 +363,8 @@ def record_deleted_rows(pipeline: PipelineDecl, table: TableDecl, gone: pa.Table
                 f"VALUES {', '.join([one] * len(batch))}",
                 [value for row in batch for value in row],
             )
+    # the incremental marts join it to whole tables: their next build plans with what was just recorded
+    warehouse.analyze([(OPS_SCHEMA, DELETED_ROWS_TABLE)])
     return gone.num_rows
 
 

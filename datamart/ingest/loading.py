@@ -65,14 +65,68 @@ def default_pipelines_dir(warehouse: Warehouse) -> Path:
 
 
 def make_pipeline(decl: PipelineDecl, warehouse: Warehouse, pipelines_dir: Path | None = None) -> dlt.Pipeline:
-    """The dlt pipeline of a declaration, bound to the warehouse; its state lives in the warehouse too."""
+    """The dlt pipeline of a declaration, bound to the warehouse; its state lives in the warehouse too. Every load
+    step it runs leaves the planner statistics on the tables it changed (:class:`AnalyzeLoaded`)."""
     return dlt.pipeline(
         pipeline_name=decl.name,
         destination=warehouse.dlt_destination(),
         dataset_name=decl.dataset,
         pipelines_dir=str(pipelines_dir or default_pipelines_dir(warehouse)),
-        # bars on a terminal, periodic lines in the log file elsewhere (datamart/logs.py)
-        progress=progress_collector(),
+        # bars on a terminal, periodic lines in the log file elsewhere (datamart/logs.py), and the statistics
+        progress=analyzing_collector(warehouse),
+    )
+
+
+def analyzing_collector(warehouse: Warehouse) -> Any:
+    """dlt's progress collector of :func:`datamart.logs.progress_collector` (its class and options), made to
+    analyse what each load step changed (:class:`AnalyzeLoaded`)."""
+    base, options = progress_collector()
+    return type(f"AnalyzeLoaded{base.__name__}", (AnalyzeLoaded, base), {})(warehouse, **options)
+
+
+class AnalyzeLoaded:
+    """Mixed into dlt's progress collector (bars or log lines): also analyses, at the end of each load step, the
+    tables that step changed (:meth:`Warehouse.analyze`: ``ANALYZE`` on PostgreSQL, nothing on DuckDB), so that the
+    planner of SQLMesh's next build has their statistics.
+
+    dlt never analyses what it loads, and offers no hook of its own after a load but its collector's
+    ``on_end_trace_step``, called for every step of every ``run``/``load`` of the pipeline: the one place every way of
+    loading passes through (a cursor run, its deletions and reloads, a full refresh, a load left pending, replication,
+    ``verify --repair``), whichever code calls dlt. A failed ANALYZE does not fail the load (its rows are committed; a
+    warning names the tables, which autovacuum analyses later).
+    """
+
+    def __init__(self, warehouse: Warehouse, **options: Any) -> None:
+        super().__init__(**options)
+        self.warehouse = warehouse
+
+    def on_end_trace_step(self, trace: Any, step: Any, pipeline: Any, step_info: Any, send_state: bool) -> None:
+        super().on_end_trace_step(trace, step, pipeline, step_info, send_state)
+        if step.step != "load" or step_info is None:  # a failed load step gives the jobs it completed too
+            return
+        tables = loaded_tables(step_info)
+        try:
+            self.warehouse.analyze((pipeline.dataset_name, table) for table in tables)
+        except Exception as exc:  # noqa: BLE001 - statistics only: the load itself is committed (see above)
+            logger.warning(
+                "%s: could not analyse %s after the load (%s); autovacuum will",
+                pipeline.pipeline_name,
+                ", ".join(tables),
+                root_cause(exc),
+            )
+
+
+def loaded_tables(info: Any) -> list[str]:
+    """The tables whose load jobs completed in the load step ``info`` (dlt's LoadInfo): rows written, merged,
+    replaced or deleted, nested tables included; dlt's own bookkeeping tables (``_dlt_…``) left out, which only dlt
+    reads."""
+    return sorted(
+        {
+            job.job_file_info.table_name
+            for package in info.load_packages
+            for job in package.jobs.get("completed_jobs", [])
+            if not job.job_file_info.table_name.startswith("_dlt_")
+        }
     )
 
 
