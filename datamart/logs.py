@@ -58,11 +58,18 @@ class _Noise(logging.Filter):
         'with write disposition "replace"',
     )
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: set[str] = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "datamart_understood", False):
             return False
         message = record.getMessage()
-        return not any(noise in message for noise in self.MESSAGES)
+        if any(noise in message for noise in self.MESSAGES) or message in self.shown:
+            return False  # a warning repeated (one per batch of a table) is shown once; the log file has each
+        self.shown.add(message)
+        return True
 
 
 class _ArrowHints(logging.Filter):
