@@ -273,17 +273,35 @@ def _reload(
     before = count_rows(pipeline, [name])[0][name]
     try:
         if change.retyped:
-            retype_columns(pipeline, name, change, resource)
+
+            def rebuild(scratch: dlt.Pipeline) -> None:  # the source's rows, whole, where no cast exists
+                errors: dict[str, BaseException] = {}
+                fresh = _build_each(decl, [name], _columns(pipeline, [name]), {}, errors)
+                if errors:
+                    raise errors[name]
+                replace_through_staging(scratch, decl, fresh, [name])
+                scratch.run(fresh, loader_file_format=file_format).raise_on_failed_jobs()
+
+            retype_columns(pipeline, name, change, resource, rebuild, history=bool(decl.table(name).history))
         replace_through_staging(pipeline, decl, [resource], [name])
         info = pipeline.run([resource], loader_file_format=file_format)
         info.raise_on_failed_jobs()
     except RetypeRefused as exc:
+        if exc.view:  # checked: that view failed to be created over the new type
+            hint = (
+                f"change the model behind {exc.view} so that it computes on the new type (a new version of a "
+                f"published view if Metabase reads it), then rerun `dlt pipeline {decl.name} run`: the column is "
+                "migrated and the table reloaded"
+            )
+        else:
+            hint = (
+                "convert the past values yourself, in the warehouse: "
+                f"`ALTER TABLE {decl.dataset}.{warehouse_name(name)} ALTER COLUMN <column> TYPE <type> USING "
+                "<an expression of yours>` (column and type as above), then "
+                f"rerun `dlt pipeline {decl.name} run`: the table is then reloaded"
+            )
         failed[name] = RetypeRefused(
-            f"{exc}; nothing was changed, nothing of that table was loaded",
-            table=name,
-            hint=f"if a view computes on the old type, change that model first (a new version of a published view "
-            f"if Metabase reads it), then rerun `dlt pipeline {decl.name} run`: the column is migrated and the "
-            "table reloaded",
+            f"{exc}; nothing was changed, nothing of that table was loaded", table=name, hint=hint, view=exc.view
         )
         return None
     except Exception as exc:
