@@ -252,6 +252,19 @@ def test_a_retype_a_view_cannot_follow_changes_nothing_and_stops_only_its_table(
     assert warehouse.query("SELECT sum(next) FROM public.amounts") == [(sum(i * 10 + 1 for i in range(1, 41)),)]
     assert warehouse.query("SELECT city FROM raw_evolving.people WHERE id = 3") == [("Moved",)]
 
+    # verify never calls that table equal while its runs fail: rows past its cursor are compared, not "pending"
+    source.execute("UPDATE payments SET amount = '7', updated_at = updated_at + interval '1 year' WHERE id <= 4")
+    repaired = dlt(env, "pipeline", "evolving", "verify", "--repair")
+    assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+    out = repaired.stdout
+    assert "raw_evolving.payments: NOT LOADED BY RUNS, its loads fail: the last run (" in out, out
+    assert "view public.amounts cannot be created again over the new type" in out
+    assert "raw_evolving.payments: column amount was loaded as bigint, the source's type is now text" in out
+    assert "raw_evolving.payments: 4 row(s) with different values" in out
+    assert re.search(r"\npayments +0 +0 +0  NOT REPAIRED: its loads fail", out) and "DRIFT in payments" in out
+    assert "fix with `dlt pipeline evolving verify --repair" not in out  # not a way out for it
+    assert "no drift" not in out and "equal to the source" not in out
+
 
 # Issue 24: type changes the warehouse cannot cast in place (PostgreSQL has no boolean <-> bigint cast; neither engine
 # turns 'A7' into a number): the table is rebuilt from the source with the new type, in the same run, both engines.
@@ -356,6 +369,33 @@ def test_a_retype_without_a_cast_rebuilds_the_table_in_the_same_run(
     assert third.returncode == 0, third.stdout + third.stderr
     assert "reloaded" not in third.stdout, third.stdout
     assert table_row(third.stdout, "customers", "raw_retyping")[:3] == ["1", "0", "1"]
+    assert_retyped_equal(warehouse, source.url)
+    verified = dlt(env, "pipeline", "retyping", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    # a column gone from the source stops the table (dropped.py); verify --repair says so, never "equal"
+    source.execute(
+        "ALTER TABLE customers DROP COLUMN plan",
+        "UPDATE customers SET code = 1, updated_at = '2029-01-01 00:00:00+00' WHERE id IN (1, 2, 3)",
+    )
+    stopped = dlt(env, "pipeline", "retyping", "run")
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    repaired = dlt(env, "pipeline", "retyping", "verify", "--repair")
+    assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+    out = repaired.stdout
+    assert (
+        "raw_retyping.customers: NOT LOADED BY RUNS, its loads are stopped: column(s) plan no longer in the source"
+    ) in out, out
+    assert "raw_retyping.customers: 3 row(s) with different values" in out
+    assert re.search(r"\ncustomers +0 +0 +0  NOT REPAIRED: its loads are stopped", out)
+    assert "no drift" not in out and "equal to the source" not in out
+    # the way out it names: bring the column back, rerun
+    source.execute(
+        "ALTER TABLE customers ADD COLUMN plan tier",
+        "UPDATE customers SET plan = 'pro', updated_at = '2030-01-01 00:00:00+00'",
+    )
+    back = dlt(env, "pipeline", "retyping", "run")
+    assert back.returncode == 0, back.stdout + back.stderr
     assert_retyped_equal(warehouse, source.url)
     verified = dlt(env, "pipeline", "retyping", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
