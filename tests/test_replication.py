@@ -455,9 +455,14 @@ def test_schema_changes_in_the_stream(setup: tuple[Source, dict[str, str], Wareh
     assert_equal(url, warehouse)
 
     # a dropped column stops its table (exit 1, named), the others load
-    source.execute("ALTER TABLE events DROP COLUMN label", "UPDATE ledger SET amount = 0 WHERE id = 4")
+    source.execute(
+        "ALTER TABLE events DROP COLUMN label",
+        "UPDATE ledger SET amount = 0 WHERE id = 4",
+        "DELETE FROM events WHERE id = 5",  # erased while its table is stopped: leaves the warehouse all the same
+    )
     stopped = dlt(env, "pipeline", "shop", "run")
     assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert warehouse.query("SELECT count(*) FROM raw_shop.events WHERE id = 5") == [(0,)]
     assert "raw_shop.events: NOT LOADED: column(s) label no longer in the source table events" in stopped.stdout
     assert "bring the column back" in stopped.stderr and "events is copied whole again" in stopped.stderr
     same_rows(url, warehouse, "ledger", "id, amount, note, currency, rate")
