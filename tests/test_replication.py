@@ -480,8 +480,8 @@ def test_a_retype_without_a_cast_rebuilds_the_table(setup: tuple[Source, dict[st
     source, env, warehouse = setup
     url = source.url
     source.execute(
-        "ALTER TABLE ledger ADD COLUMN cleared boolean, ADD COLUMN priority smallint",
-        "UPDATE ledger SET cleared = id % 2 = 0, priority = id % 3",
+        "ALTER TABLE ledger ADD COLUMN cleared boolean, ADD COLUMN priority smallint, ADD COLUMN ref text",
+        "UPDATE ledger SET cleared = id % 2 = 0, priority = id % 3, ref = 'R' || id",
         "ALTER TABLE events ADD COLUMN urgent boolean",
         "UPDATE events SET urgent = id % 2 = 1",
     )
@@ -493,7 +493,7 @@ def test_a_retype_without_a_cast_rebuilds_the_table(setup: tuple[Source, dict[st
         )
     source.execute(
         "ALTER TABLE ledger ALTER COLUMN cleared TYPE smallint USING cleared::int, "
-        "ALTER COLUMN priority TYPE boolean USING priority > 0",
+        "ALTER COLUMN priority TYPE boolean USING priority > 0, ALTER COLUMN ref TYPE integer USING 7 * id",
         "ALTER TABLE events ALTER COLUMN urgent TYPE smallint USING urgent::int",
         "UPDATE ledger SET cleared = 5, note = 'after the retype' WHERE id = 3",
         "DELETE FROM ledger WHERE id IN (7, 8)",  # erased customers' lines
@@ -503,14 +503,14 @@ def test_a_retype_without_a_cast_rebuilds_the_table(setup: tuple[Source, dict[st
     changed = run(env)
     assert re.search(
         r"raw_shop\.ledger: column cleared retyped boolean → bigint, column priority retyped bigint → boolean, "
-        r"table reloaded \(28 rows, ",
+        r"column ref retyped \S+ → bigint, table reloaded \(28 rows, ",
         changed,
         re.I,
     ), changed
     assert re.search(
         r"raw_shop\.events: column urgent retyped boolean → bigint, table reloaded \(11 rows", changed, re.I
     )
-    same_rows(url, warehouse, "ledger", "id, amount, note, cleared, priority")
+    same_rows(url, warehouse, "ledger", "id, amount, note, cleared, priority, ref")
     same_rows(url, warehouse, "events", "id, day, label, urgent")
     assert_equal(url, warehouse)
     if warehouse.target == "postgres":
@@ -520,7 +520,7 @@ def test_a_retype_without_a_cast_rebuilds_the_table(setup: tuple[Source, dict[st
     source.execute("UPDATE ledger SET priority = false WHERE id = 1", "UPDATE events SET urgent = 9 WHERE id = 300")
     after = run(env)
     assert "reloaded" not in after, after
-    same_rows(url, warehouse, "ledger", "id, amount, note, cleared, priority")
+    same_rows(url, warehouse, "ledger", "id, amount, note, cleared, priority, ref")
     same_rows(url, warehouse, "events", "id, day, label, urgent")
     verified = dlt(env, "pipeline", "shop", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
