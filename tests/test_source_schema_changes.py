@@ -354,6 +354,9 @@ def test_a_retype_without_a_cast_rebuilds_the_table_in_the_same_run(
         "DELETE FROM customers WHERE id IN (10, 11)",  # erased customers: their rows must leave the warehouse
         "INSERT INTO sessions VALUES (81, '2026-03-01', 3)",
     )
+    # a run that stops between the steps (the rows rebuilt, dlt's schema not saved) loses nothing: the next converges
+    killed = dlt({**env, "DATAMART_TEST_REBUILD_FAIL": "after-swap"}, "pipeline", "retyping", "run")
+    assert killed.returncode == 1 and "after-swap" in killed.stderr, killed.stdout + killed.stderr
     second = dlt(env, "pipeline", "retyping", "run")
     assert second.returncode == 0, second.stdout + second.stderr
     out = second.stdout
@@ -363,7 +366,11 @@ def test_a_retype_without_a_cast_rebuilds_the_table_in_the_same_run(
         out,
         re.I,
     ), out
-    assert re.search(r"raw_retyping\.sessions: column mobile retyped \S+ → bigint, table reloaded \(81 rows", out, re.I)
+    # DuckDB casts boolean to bigint in place: there sessions was migrated and reloaded by the stopped run already
+    both = killed.stdout + out
+    assert re.search(
+        r"raw_retyping\.sessions: column mobile retyped \S+ → bigint, table reloaded \(81 rows", both, re.I
+    )
     assert_retyped_equal(warehouse, source.url)
     assert not warehouse.query(
         "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'raw_retyping_rebuild%'"

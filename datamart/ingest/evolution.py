@@ -38,6 +38,7 @@ personal data, held back as before (see ``sources._select_adapter``); variant mo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,8 @@ class _CastRefused(RuntimeError):
 
 
 REBUILD_SUFFIX = "_rebuild"  # one underscore: dlt normalises "__" in dataset names
+#: Injected failure for tests: set to ``after-swap`` to stop once the rebuilt rows are in, before dlt's schema is saved.
+FAIL_ENV = "DATAMART_TEST_REBUILD_FAIL"
 
 
 def source_changes(
@@ -290,6 +293,8 @@ def _rebuild(pipeline: Any, name: str, sql_types: dict[str, str], load: Any, pos
                 client.execute_sql(f"DELETE FROM {qualified}")
                 client.execute_sql(f"INSERT INTO {qualified} ({listed}) SELECT {listed} FROM {source}")
                 _create_views(client, views)
+        if os.environ.get(FAIL_ENV) == "after-swap":
+            raise RuntimeError(f"{FAIL_ENV}=after-swap: stopped after the rebuild, before dlt's schema was saved")
     finally:
         _drop_scratch(scratch)
         shutil.rmtree(work, ignore_errors=True)
