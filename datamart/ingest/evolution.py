@@ -234,7 +234,7 @@ def _alter(client: Any, name: str, sql_types: dict[str, str], postgres: bool, co
     _drop_views(client, views)
     for column, sql_type in sql_types.items():
         escaped = client.escape_column_name(column)
-        using = conversion.format(column=escaped, type=sql_type)
+        using = conversion.replace("{column}", escaped).replace("{type}", sql_type)  # a name may hold braces
         try:
             client.execute_sql(f"ALTER TABLE {qualified} ALTER COLUMN {escaped} TYPE {sql_type} USING {using}")
         except Exception as exc:
