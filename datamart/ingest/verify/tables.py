@@ -172,7 +172,8 @@ def _why_not_loaded(
 
     why = dropped_columns(decl, warehouse, [table.name], state or {}).get(table.name)
     if why:
-        return f"its loads are stopped: {why}", TablesStopped(None, {table.name: why}, decl).hint
+        hint = TablesStopped(None, {table.name: why}, decl).hint.removesuffix(". The other tables were loaded")
+        return f"its loads are stopped: {why}", hint  # the hint a run prints, less what only a run can say
     failure = last_failure(warehouse, decl, table)
     if failure:
         hint = f"run `dlt pipeline {decl.name} run`: its message names the cause and the way out; then verify again"
