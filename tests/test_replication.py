@@ -455,9 +455,14 @@ def test_schema_changes_in_the_stream(setup: tuple[Source, dict[str, str], Wareh
     assert_equal(url, warehouse)
 
     # a dropped column stops its table (exit 1, named), the others load
-    source.execute("ALTER TABLE events DROP COLUMN label", "UPDATE ledger SET amount = 0 WHERE id = 4")
+    source.execute(
+        "ALTER TABLE events DROP COLUMN label",
+        "UPDATE ledger SET amount = 0 WHERE id = 4",
+        "DELETE FROM events WHERE id = 5",  # erased while its table is stopped: leaves the warehouse all the same
+    )
     stopped = dlt(env, "pipeline", "shop", "run")
     assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert warehouse.query("SELECT count(*) FROM raw_shop.events WHERE id = 5") == [(0,)]
     assert "raw_shop.events: NOT LOADED: column(s) label no longer in the source table events" in stopped.stdout
     assert "bring the column back" in stopped.stderr and "events is copied whole again" in stopped.stderr
     same_rows(url, warehouse, "ledger", "id, amount, note, currency, rate")
@@ -465,6 +470,59 @@ def test_schema_changes_in_the_stream(setup: tuple[Source, dict[str, str], Wareh
     assert "initial copy of events" in run(env)
     assert_equal(url, warehouse)
     verified = dlt(env, "pipeline", "shop", "verify")  # verify agrees, added and retyped columns included
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_retype_without_a_cast_rebuilds_the_table(setup: tuple[Source, dict[str, str], Warehouse]) -> None:
+    """Issue 24: boolean -> smallint and smallint -> boolean (PostgreSQL has no cast between boolean and bigint), on a
+    plain and a partitioned table: the table is rebuilt with the new type in the run that finds the change, the rows
+    of erased customers leave the warehouse in it, and the stream applies the later changes on top."""
+    source, env, warehouse = setup
+    url = source.url
+    source.execute(
+        "ALTER TABLE ledger ADD COLUMN cleared boolean, ADD COLUMN priority smallint, ADD COLUMN ref text",
+        "UPDATE ledger SET cleared = id % 2 = 0, priority = id % 3, ref = 'R' || id",
+        "ALTER TABLE events ADD COLUMN urgent boolean",
+        "UPDATE events SET urgent = id % 2 = 1",
+    )
+    run(env)  # the initial copy
+    if warehouse.target == "postgres":  # as SQLMesh's staging views read the raw tables
+        warehouse.query(
+            "CREATE SCHEMA staging; CREATE VIEW staging.ledger AS SELECT id, cleared, priority FROM raw_shop.ledger; "
+            "CREATE VIEW staging.events AS SELECT id, day, urgent FROM raw_shop.events"
+        )
+    source.execute(
+        "ALTER TABLE ledger ALTER COLUMN cleared TYPE smallint USING cleared::int, "
+        "ALTER COLUMN priority TYPE boolean USING priority > 0, ALTER COLUMN ref TYPE integer USING 7 * id",
+        "ALTER TABLE events ALTER COLUMN urgent TYPE smallint USING urgent::int",
+        "UPDATE ledger SET cleared = 5, note = 'after the retype' WHERE id = 3",
+        "DELETE FROM ledger WHERE id IN (7, 8)",  # erased customers' lines
+        "DELETE FROM accounts WHERE id IN (2, 3)",
+        "INSERT INTO events VALUES (300, '2025-07-01', 'new', 2)",
+    )
+    changed = run(env)
+    assert re.search(
+        r"raw_shop\.ledger: column cleared retyped boolean → bigint, column priority retyped bigint → boolean, "
+        r"column ref retyped \S+ → bigint, table reloaded \(28 rows, ",
+        changed,
+        re.I,
+    ), changed
+    assert re.search(
+        r"raw_shop\.events: column urgent retyped boolean → bigint, table reloaded \(11 rows", changed, re.I
+    )
+    same_rows(url, warehouse, "ledger", "id, amount, note, cleared, priority, ref")
+    same_rows(url, warehouse, "events", "id, day, label, urgent")
+    assert_equal(url, warehouse)
+    if warehouse.target == "postgres":
+        assert warehouse.query("SELECT cleared, priority FROM staging.ledger WHERE id = 3") == [(5, False)]
+
+    # the stream goes on over the new types
+    source.execute("UPDATE ledger SET priority = false WHERE id = 1", "UPDATE events SET urgent = 9 WHERE id = 300")
+    after = run(env)
+    assert "reloaded" not in after, after
+    same_rows(url, warehouse, "ledger", "id, amount, note, cleared, priority, ref")
+    same_rows(url, warehouse, "events", "id, day, label, urgent")
+    verified = dlt(env, "pipeline", "shop", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 

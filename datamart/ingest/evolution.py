@@ -13,9 +13,22 @@ so readers see the old rows or the new ones, and SQLMesh's views over the table 
 A retyped column is first migrated in the warehouse (``ALTER COLUMN … TYPE … USING CAST``), its dlt schema column
 updated, then the table reloaded. On PostgreSQL a column read by a view cannot change type: the views reading the
 table (SQLMesh's staging views and the views over them) are dropped and created again from their own definitions,
-with their grants, owner and comment, in the same transaction as the ``ALTER`` — never missing for a reader. If a
-view cannot be created over the new type (a model computing on the old one), nothing changes, and the table is not
-loaded, with a message saying to change the model first.
+with their grants, owner and comment, in the same transaction as the ``ALTER`` — never missing for a reader.
+
+Where the warehouse has no cast from the old type to the new one (PostgreSQL: boolean ↔ bigint; either engine: text
+holding values that are not numbers becoming a number, …), the table is rebuilt instead (:func:`_rebuild`): the
+source's rows are loaded whole, with the new type, into a scratch dataset ``<dataset>_rebuild`` by dlt, then one
+transaction empties the column (``USING NULL``: no cast needed), replaces the table's rows with the scratch copy and
+creates the views again; the reload that follows every retype then runs as usual. Why this loses nothing whatever
+fails between the steps: until that transaction commits the table is untouched and dlt's schema still has the old
+type, so the next run finds the same change and starts again; once it commits, the table holds the source's rows in
+the new type, and the next run finds either the change again (dlt's schema not saved yet: the cast is then from the
+new type to itself) or a reset incremental state (the reload's), which reads the table whole. A history table
+(``history: scd2``) is never rebuilt (its past versions exist nowhere else): its values are converted through
+``integer`` or ``text`` where the warehouse can, else nothing changes and the message says so.
+
+A view that cannot be created over the new type (a model computing on the old one) is named in the message; nothing
+changes then, and the table is not loaded until that model changes.
 
 Not handled here: a column dropped from the source (stops the table, see ``dropped.py``); file tables (a new column
 in a file arrives with that file's rows; earlier files did not have it); a new unclassified column of a table with
@@ -25,6 +38,7 @@ personal data, held back as before (see ``sources._select_adapter``); variant mo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,13 +65,27 @@ class SchemaChange:
 
 
 class RetypeRefused(RuntimeError):
-    """The warehouse refused to migrate a column of ``table`` to its new type (nothing was changed); ``hint``: what
-    to do (set by the runner, which knows the pipeline)."""
+    """A retype of ``table`` that changed nothing: a view cannot be created over the new type (``view``, named), or a
+    history table's values have no conversion; ``hint``: what to do (set by the runner, which knows the pipeline)."""
 
-    def __init__(self, message: str, table: str = "", hint: str = "") -> None:
+    def __init__(self, message: str, table: str = "", hint: str = "", view: str = "") -> None:
         super().__init__(message)
         self.table = table
         self.hint = hint
+        self.view = view
+
+
+class _CastRefused(RuntimeError):
+    """The warehouse has no cast for the values of ``column`` to ``sql_type`` (the table is rebuilt instead)."""
+
+    def __init__(self, column: str, sql_type: str, error: BaseException) -> None:
+        super().__init__(f"cannot cast {column} to {sql_type} ({_first_line(error)})")
+        self.column, self.sql_type = column, sql_type
+
+
+REBUILD_SUFFIX = "_rebuild"  # one underscore: dlt normalises "__" in dataset names
+#: Injected failure for tests: set to ``after-swap`` to stop once the rebuilt rows are in, before dlt's schema is saved.
+FAIL_ENV = "DATAMART_TEST_REBUILD_FAIL"
 
 
 def source_changes(
@@ -121,11 +149,21 @@ def _size(column: dict[str, Any]) -> tuple[Any, Any]:
     return (column.get("precision"), column.get("scale"))
 
 
-def retype_columns(pipeline: Any, table: str, change: SchemaChange, resource: Any) -> None:
+def retype_columns(
+    pipeline: Any,
+    table: str,
+    change: SchemaChange,
+    resource: Any,
+    rebuild: Any = None,
+    history: bool = False,
+) -> None:
     """Migrate the retyped columns of ``table`` in the warehouse (and its staging copy), then in dlt's schema.
 
-    ``change.retyped`` is rewritten with the warehouse's SQL types (for the summary). Raises
-    :class:`RetypeRefused` when the warehouse refuses; nothing is changed then.
+    Where the warehouse has no cast, the table is rebuilt from the source (see the module's docstring): ``rebuild``
+    loads the source's rows of the table, with the new types, into a dataset it is given (a callable taking the
+    scratch pipeline). ``change.retyped`` is rewritten with the warehouse's SQL types (for the summary). Raises
+    :class:`RetypeRefused` when a view cannot be created over the new type, or a ``history`` table has no
+    conversion; nothing is changed then.
     """
     schema = pipeline.default_schema
     name = warehouse_name(table)
@@ -138,28 +176,41 @@ def retype_columns(pipeline: Any, table: str, change: SchemaChange, resource: An
             updated[column].pop(key, None)
             if key in hint:
                 updated[column][key] = hint[key]
+    postgres = pipeline.destination.destination_name == "postgres"
     with pipeline.destination_client() as job:
         prepared = {**schema.tables[name], "columns": {**columns, **updated}}
         sql_types = {c: job.type_mapper.to_destination_type(updated[c], prepared) for c in updated}
-        client = job.sql_client
         before = {c: job.type_mapper.to_destination_type(columns[c], prepared) for c in updated}
-        with client.begin_transaction():
+        conversions = ["CAST({column} AS {type})"]
+        if history:  # never rebuilt: its past versions exist nowhere else (boolean <-> integer goes through integer)
+            conversions += ["CAST(CAST({column} AS INTEGER) AS {type})", "CAST(CAST({column} AS TEXT) AS {type})"]
+        refused: _CastRefused | None = None
+        for conversion in conversions:
             try:
-                _alter(client, name, sql_types, postgres=pipeline.destination.destination_name == "postgres")
-                with client.with_staging_dataset():  # dlt's staging copy of the table, for merges and replaces
-                    if client.has_dataset() and _table_exists(client, name):
-                        _alter(client, name, sql_types, postgres=False)
-            except Exception as exc:
-                raise RetypeRefused(
-                    f"the warehouse refused to change {', '.join(sql_types)} to {', '.join(sql_types.values())} "
-                    f"({str(exc).strip().splitlines()[0]})"
-                ) from exc
+                with job.sql_client.begin_transaction():
+                    _alter(job.sql_client, name, sql_types, postgres, conversion)
+                refused = None
+                break
+            except _CastRefused as exc:
+                refused = exc
+    if refused is not None:
+        if history or rebuild is None:
+            raise RetypeRefused(
+                f"the warehouse has no conversion of {refused.column} to {refused.sql_type} "
+                f"({str(refused.__cause__ or refused).strip().splitlines()[0]}), and a history table keeps its past "
+                "versions, which exist nowhere else: it is not rebuilt from the source"
+            ) from refused
+        _rebuild(pipeline, name, sql_types, rebuild, postgres)
     # taken again: opening the destination client may reload the live schema from storage (new dicts)
     schema = pipeline.default_schema
     schema.tables[name]["columns"].update(updated)
     schema._bump_version()
     pipeline.schemas.save_schema(schema)
     change.retyped = [(c, before[c], sql_types[c]) for c in updated]
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _table_exists(client: Any, name: str) -> bool:
@@ -172,21 +223,112 @@ def _table_exists(client: Any, name: str) -> bool:
     return True
 
 
-def _alter(client: Any, name: str, sql_types: dict[str, str], postgres: bool) -> None:
-    """ALTER the columns' types, casting the values held; on PostgreSQL, the views reading the table are created
-    again around it (same transaction: the caller's)."""
+def _alter(client: Any, name: str, sql_types: dict[str, str], postgres: bool, conversion: str) -> None:
+    """ALTER the columns' types, converting the values held with ``conversion`` (``{column}``, ``{type}``); dlt's
+    staging copy of the table is emptied instead (its rows are the last load's, never read again: the next load
+    truncates it). On PostgreSQL, the views reading the table are created again around it. The caller's
+    transaction; raises :class:`_CastRefused` when a value has no conversion, :class:`RetypeRefused` naming the view
+    that cannot be created over the new type."""
     qualified = client.make_qualified_table_name(name)
     views = _dependent_views(client, qualified) if postgres else []
-    for view in reversed(views):  # the views over views first
-        client.execute_sql(f"DROP VIEW {view['name']}")
+    _drop_views(client, views)
     for column, sql_type in sql_types.items():
         escaped = client.escape_column_name(column)
-        client.execute_sql(
-            f"ALTER TABLE {qualified} ALTER COLUMN {escaped} TYPE {sql_type} USING CAST({escaped} AS {sql_type})"
-        )
+        using = conversion.replace("{column}", escaped).replace("{type}", sql_type)  # a name may hold braces
+        try:
+            client.execute_sql(f"ALTER TABLE {qualified} ALTER COLUMN {escaped} TYPE {sql_type} USING {using}")
+        except Exception as exc:
+            raise _CastRefused(column, sql_type, exc) from exc
+    _empty_staging_columns(client, name, sql_types)
+    _create_views(client, views)
+
+
+def _empty_staging_columns(client: Any, name: str, sql_types: dict[str, str]) -> None:
+    with client.with_staging_dataset():  # dlt's staging copy of the table, for merges and replaces
+        if client.has_dataset() and _table_exists(client, name):
+            staged = client.make_qualified_table_name(name)
+            for column, sql_type in sql_types.items():
+                escaped = client.escape_column_name(column)
+                client.execute_sql(
+                    f"ALTER TABLE {staged} ALTER COLUMN {escaped} TYPE {sql_type} USING CAST(NULL AS {sql_type})"
+                )
+
+
+def _rebuild(pipeline: Any, name: str, sql_types: dict[str, str], load: Any, postgres: bool) -> None:
+    """Rebuild table ``name`` with the new ``sql_types`` where the warehouse cannot cast: ``load`` loads the
+    source's rows into a scratch pipeline's dataset ``<dataset>_rebuild`` (dlt creates it with the new types);
+    then, in one transaction, the columns are emptied (``USING NULL``: no cast), the rows replaced by the scratch
+    copy, the views created again. The scratch dataset is dropped afterwards (and before: a killed rebuild's)."""
+    import shutil
+    import tempfile
+
+    import dlt
+
+    work = tempfile.mkdtemp(prefix=f"datamart-rebuild-{pipeline.pipeline_name}-")
+    scratch = dlt.pipeline(
+        pipeline_name=f"{pipeline.pipeline_name}{REBUILD_SUFFIX}",
+        destination=pipeline.destination,
+        dataset_name=f"{pipeline.dataset_name}{REBUILD_SUFFIX}",
+        pipelines_dir=work,
+    )
+    try:
+        _drop_scratch(scratch)
+        load(scratch)
+        with scratch.sql_client() as scratch_client:
+            source = scratch_client.make_qualified_table_name(name)
+        with pipeline.destination_client() as job:
+            client = job.sql_client
+            qualified = client.make_qualified_table_name(name)
+            with client.begin_transaction():
+                views = _dependent_views(client, qualified) if postgres else []
+                _drop_views(client, views)
+                for column, sql_type in sql_types.items():
+                    escaped = client.escape_column_name(column)
+                    client.execute_sql(
+                        f"ALTER TABLE {qualified} ALTER COLUMN {escaped} TYPE {sql_type} USING CAST(NULL AS {sql_type})"
+                    )
+                _empty_staging_columns(client, name, sql_types)
+                common = [c for c in _table_columns(client, qualified) if c in set(_table_columns(client, source))]
+                listed = ", ".join(client.escape_column_name(c) for c in common)
+                client.execute_sql(f"DELETE FROM {qualified}")
+                client.execute_sql(f"INSERT INTO {qualified} ({listed}) SELECT {listed} FROM {source}")
+                _create_views(client, views)
+        if os.environ.get(FAIL_ENV) == "after-swap":
+            raise RuntimeError(f"{FAIL_ENV}=after-swap: stopped after the rebuild, before dlt's schema was saved")
+    finally:
+        _drop_scratch(scratch)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _table_columns(client: Any, qualified: str) -> list[str]:
+    """The columns of a table as the warehouse has them (a column dlt's schema knows may not exist yet)."""
+    with client.execute_query(f"SELECT * FROM {qualified} WHERE 1 = 0") as cursor:
+        return [d[0] for d in cursor.description]
+
+
+def _drop_scratch(scratch: Any) -> None:
+    with scratch.sql_client() as client:
+        for dataset in (client.fully_qualified_dataset_name(), client.fully_qualified_dataset_name(staging=True)):
+            client.execute_sql(f"DROP SCHEMA IF EXISTS {dataset} CASCADE")
+
+
+def _drop_views(client: Any, views: list[dict[str, Any]]) -> None:
+    for view in reversed(views):  # the views over views first
+        client.execute_sql(f"DROP VIEW {view['name']}")
+
+
+def _create_views(client: Any, views: list[dict[str, Any]]) -> None:
+    """Create the views again as they were (definition, options, owner, grants, comment); raises
+    :class:`RetypeRefused` naming the first that cannot be created over the new types."""
     for view in views:
         options = f" WITH ({', '.join(view['options'])})" if view["options"] else ""
-        client.execute_sql(f"CREATE VIEW {view['name']}{options} AS {view['definition']}")
+        try:
+            client.execute_sql(f"CREATE VIEW {view['name']}{options} AS {view['definition']}")
+        except Exception as exc:
+            raise RetypeRefused(
+                f"view {view['name']} cannot be created again over the new type ({_first_line(exc)})",
+                view=view["name"],
+            ) from exc
         if view["owner"] != view["current_user"]:
             client.execute_sql(f"ALTER VIEW {view['name']} OWNER TO {view['owner']}")
         for grantee, privilege in view["grants"]:

@@ -20,7 +20,9 @@ pipeline's lock:
    verifies again: exit 0 when every table is equal, 1 with the remaining drift.
 
 Not repaired (named in the report, with their fix): tables without a primary key (counted only), file and REST
-tables, tables never loaded, and columns held back because the table holds personal data.
+tables, tables never loaded, tables whose runs do not load them (stopped by a gone source column, or failing: the
+repair would write what the run refuses to), tables with a column retyped in the source (the run migrates it), and
+columns held back because the table holds personal data.
 """
 
 from __future__ import annotations
@@ -131,6 +133,10 @@ def repair_pipeline(
 
 def _not_repairable(decl: PipelineDecl, check: TableCheck) -> str:
     """Why the repair leaves a drifted table to another command ('' when it reloads it)."""
+    if check.stopped:  # reloading rows a run would not load: the same harm (a gone column NULL on each of them)
+        return f"{check.stopped}; what to do: {check.stopped_hint}"
+    if check.retyped:  # the rows of the new type do not fit the column of the old one
+        return f"a column's type changed in the source: run `dlt pipeline {decl.name} run` (it migrates the column)"
     if decl.kind != "sql_database":
         return f"{decl.kind} tables are not reloaded by key range; fix with `{check.fix}`"
     if check.method == "not loaded":

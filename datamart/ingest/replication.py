@@ -518,8 +518,9 @@ def run_replication(
             )
         batch = read_changes(decl, conn, selected)
         lap("read changes")
-        for name in stopped:  # copied whole again once it can be loaded: this batch's changes of it are skipped
-            batch.changes[name] = {}
+        for name in stopped:  # copied whole again once it can be loaded: this batch's changes of it are skipped,
+            # but its deletes (an erased person's rows leave the warehouse whatever stops their table)
+            batch.changes[name] = {k: c for k, c in batch.changes[name].items() if c[0] == "delete"}
             batch.truncated.discard(name)
         reloads, failed = apply_schema_changes(
             pipeline, decl, conn, batch, [n for n in names if n not in stopped], reload, file_format

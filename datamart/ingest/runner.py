@@ -139,6 +139,7 @@ def _run_pipeline(
         merged = [n for n in merged if n not in stopped]
         tables = names
         if not names:
+            _erase_in_unloaded(pipeline, decl, warehouse, list(stopped), loader_file_format(decl, warehouse), notes)
             elapsed = time.monotonic() - started
             return PipelineRun(decl.name, decl.dataset, elapsed, notes=notes, stopped=stopped)
     columns_before = _columns(pipeline, names)
@@ -179,7 +180,11 @@ def _run_pipeline(
             merged = [n for n in merged if n != table]
             resources = _build_each(decl, names, columns_before, held_back, failed, [])  # notes taken once
             record_soft_deletes(decl, resources, warehouse)
+    # the keys deleted in the source leave the tables this run does not load too (an erased person's rows); after
+    # the rows' load, whose trace the counts below read
+    unloaded = [*stopped, *(n for n, e in failed.items() if isinstance(e, RetypeRefused))]
     if info is None:
+        _erase_in_unloaded(pipeline, decl, warehouse, unloaded, file_format, notes)
         if not reloads:
             raise TablesFailed(decl.name, failed, None) from next(iter(failed.values()))
         run = PipelineRun(decl.name, decl.dataset, time.monotonic() - started, reloads, notes, stopped, profile)
@@ -217,6 +222,7 @@ def _run_pipeline(
         finally:
             _save_whole_trace(pipeline, rows_trace)
         deleted.raise_on_failed_jobs()
+    _erase_in_unloaded(pipeline, decl, warehouse, unloaded, file_format, notes)
     columns_after = _columns(pipeline, names)
     # each key found gone was one row of the warehouse (a key is unique there, and we hold the pipeline's lock)
     totals = {n: after[n] - deletions.get(n, 0) for n in names}
@@ -273,17 +279,35 @@ def _reload(
     before = count_rows(pipeline, [name])[0][name]
     try:
         if change.retyped:
-            retype_columns(pipeline, name, change, resource)
+
+            def rebuild(scratch: dlt.Pipeline) -> None:  # the source's rows, whole, where no cast exists
+                errors: dict[str, BaseException] = {}
+                fresh = _build_each(decl, [name], _columns(pipeline, [name]), {}, errors)
+                if errors:
+                    raise errors[name]
+                replace_through_staging(scratch, decl, fresh, [name])
+                scratch.run(fresh, loader_file_format=file_format).raise_on_failed_jobs()
+
+            retype_columns(pipeline, name, change, resource, rebuild, history=bool(decl.table(name).history))
         replace_through_staging(pipeline, decl, [resource], [name])
         info = pipeline.run([resource], loader_file_format=file_format)
         info.raise_on_failed_jobs()
     except RetypeRefused as exc:
+        if exc.view:  # checked: that view failed to be created over the new type
+            hint = (
+                f"change the model behind {exc.view} so that it computes on the new type (a new version of a "
+                f"published view if Metabase reads it), then rerun `dlt pipeline {decl.name} run`: the column is "
+                "migrated and the table reloaded"
+            )
+        else:
+            hint = (
+                "convert the past values yourself, in the warehouse: "
+                f"`ALTER TABLE {decl.dataset}.{warehouse_name(name)} ALTER COLUMN <column> TYPE <type> USING "
+                "<an expression of yours>` (column and type as above), then "
+                f"rerun `dlt pipeline {decl.name} run`: the table is then reloaded"
+            )
         failed[name] = RetypeRefused(
-            f"{exc}; nothing was changed, nothing of that table was loaded",
-            table=name,
-            hint=f"if a view computes on the old type, change that model first (a new version of a published view "
-            f"if Metabase reads it), then rerun `dlt pipeline {decl.name} run`: the column is migrated and the "
-            "table reloaded",
+            f"{exc}; nothing was changed, nothing of that table was loaded", table=name, hint=hint, view=exc.view
         )
         return None
     except Exception as exc:
@@ -310,6 +334,35 @@ def _reload(
         updated=min(before, after),
         change=change.describe(after, seconds),
     )
+
+
+def _erase_in_unloaded(
+    pipeline: dlt.Pipeline,
+    decl: PipelineDecl,
+    warehouse: Warehouse,
+    tables: list[str],
+    file_format: str | None,
+    notes: list[str],
+) -> None:
+    """Remove from ``tables`` — not loaded by this run: stopped by a gone source column (``dropped.py``), or a retype
+    a view refuses — the keys deleted in the source, for those declaring ``deletes: {hard: key_set}``, as a run does
+    for the tables it loads: an erased person's rows leave the warehouse at the next run whatever else stops their
+    table. Only keys are read and only rows are removed, so what stopped the table (a column that would be NULL,
+    a type) is not touched; their incremental state does not move."""
+    from datamart.ingest.loading import _build_each
+
+    erased = [n for n in tables if decl.table(n).deletes.get("hard") == "key_set"]
+    if not erased:
+        return
+    failed: dict[str, BaseException] = {}
+    resources = _build_each(decl, erased, _columns(pipeline, erased), {}, failed)
+    counts: dict[str, int] = {}
+    deletions = build_deletions(decl, resources, warehouse, counts, [r.name for r in resources])
+    if deletions:
+        pipeline.run(deletions, loader_file_format=file_format).raise_on_failed_jobs()
+    for name, count in counts.items():
+        if count:
+            notes.append(f"{decl.dataset}.{name}: not loaded, but the {count:,} key(s) deleted in the source removed")
 
 
 def refresh_mode(pipeline: dlt.Pipeline, decl: PipelineDecl, resources: list[Any], names: list[str]) -> str | None:

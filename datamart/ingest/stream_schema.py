@@ -55,7 +55,7 @@ def apply_schema_changes(
     other tables load their changes (see the module's docstring). The stream alone would not do: a column added with
     a DEFAULT emits no change at all. Returns the reloads (``TableLoad``, with the change and its cost) and the
     tables that failed."""
-    from datamart.ingest.evolution import source_changes
+    from datamart.ingest.evolution import RetypeRefused, source_changes
     from datamart.ingest.loading import _build_each
 
     schema = pipeline.default_schema if pipeline.default_schema_name else None
@@ -79,11 +79,14 @@ def apply_schema_changes(
     by_name = {r.name: r for r in resources}
     reloads = []
     for name, change in changes.items():
+        read = batch.changes[name]
         batch.changes[name] = {}
         batch.truncated.discard(name)
         loaded = reload(pipeline, decl, change, by_name[name], file_format, {}, None, failed)
         if loaded is not None:
             reloads.append(replace(loaded, held_back=tuple(held_back.get(name, []))))
+        elif isinstance(failed.get(name), RetypeRefused):  # nothing changed: its deletes still apply (erasures)
+            batch.changes[name] = {k: c for k, c in read.items() if c[0] == "delete"}
     return reloads, failed
 
 

@@ -18,9 +18,13 @@ How a table is read and compared, by kind:
   in the warehouse's state (``_dlt_pipeline_state``, minus the table's ``lag``) is *pending* (the next run loads
   it); it is counted, not compared. A row at or below that value missing from the warehouse is drift: no run
   reads it again (rows lost by a restore or a failover). Without a state, the warehouse's highest value stands
-  in. A soft-deleted source row must be absent from the warehouse. Keys deleted from the source stay in the
-  warehouse by design when the table declares no ``deletes: {hard: key_set}``: they are counted as *kept*, not
-  drift; with ``hard: key_set`` they are drift until the next run removes them (run, then verify).
+  in. Unless runs do not load the table: stopped (a source column gone, ``dropped.py``) or failing (the latest run
+  that selected it failed without loading it, ``ops.pipeline_runs``): then it is drift with the reason, and every
+  row is compared (nothing is pending). A column whose source type differs from the type it was loaded with (dlt's
+  schema in the warehouse) is drift too. A soft-deleted source row must be absent from the warehouse. Keys deleted
+  from the source stay in the warehouse by design when the table declares no ``deletes: {hard: key_set}``: they
+  are counted as *kept*, not drift; with ``hard: key_set`` they are drift until the next run removes them (run,
+  then verify).
 - **History tables** (``history: scd2``): their current versions (``_dlt_valid_to`` null) are compared as above,
   one per key like the source; the retired versions are history, compared with nothing. ``full_compare`` compares
   the current versions of both loads.

@@ -61,6 +61,12 @@ class TableCheck:
     held_back_columns: tuple[str, ...] = ()
     note: str = ""
     fix: str = ""
+    # why runs do not load the table (a source column gone, or its last run failed without loading it), and what
+    # to do: drift whatever the rows compare, and rows past dlt's cursor are compared instead of counted as pending
+    stopped: str = ""
+    stopped_hint: str = ""
+    # columns whose source type (as dlt maps it) differs from the type loaded: (column, loaded, source)
+    retyped: list[tuple[str, str, str]] = field(default_factory=list)
     # for ``verify --repair`` (datamart/ingest/repair.py), not printed: the runs of consecutive differing keys as
     # [first, last, equal keys since the previous run], and the warehouse keys to delete (gone from the source
     # where deletions must follow)
@@ -73,6 +79,8 @@ class TableCheck:
         """True when the warehouse does not hold what the source holds."""
         if self.method == "skipped":
             return False
+        if self.stopped or self.retyped:
+            return True
         if self.method == "not loaded":
             return bool(self.source_rows)
         if self.method == "counts":
@@ -125,6 +133,16 @@ class VerifyReport:
             if not t.drift:
                 continue
             where = f"{self.dataset}.{t.table}"
+            if t.stopped:
+                lines.append(
+                    f"  {where}: NOT LOADED BY RUNS, {t.stopped} (its rows past dlt's cursor are compared, not "
+                    f"pending); what to do: {t.stopped_hint}"
+                )
+            for column, loaded, now in t.retyped:
+                lines.append(
+                    f"  {where}: column {column} was loaded as {loaded}, the source's type is now {now} (`dlt pipeline "
+                    f"{self.pipeline} run` migrates it and reloads the table)"
+                )
             if t.missing_examples:
                 lines.append(
                     f"  {where}: {t.missing:,} key(s) missing from the warehouse, e.g. {_ex(t.missing_examples)}"

@@ -25,7 +25,9 @@ from datamart.ingest.verify.source_side import (
 )
 from datamart.ingest.verify.values import coerce, value_kind
 from datamart.ingest.verify.warehouse_side import (
+    last_failure,
     state_cursor,
+    stored_schema,
     stored_state,
     table_count,
     warehouse_high_water,
@@ -99,11 +101,14 @@ def verify_table(
     # a history table mirrors the source by its current versions: the retired ones are compared with nothing
     current = table.current_only
     high_water, recorded = None, None
-    if cursor:
-        # Rows beyond the cursor dlt recorded are pending: the next run reads them. The warehouse's own highest
-        # value is only a stand-in when dlt's state is gone: rows lost from the warehouse (a restore, a failover)
-        # below dlt's cursor are never read again, hence drift, not pending.
-        recorded = state_cursor(stored_state(warehouse, decl), decl, table)
+    state = stored_state(warehouse, decl)
+    stopped, stopped_hint = _why_not_loaded(decl, warehouse, table, state)
+    if cursor and not stopped:
+        # Rows beyond the cursor dlt recorded are pending: the next run reads them — unless the runs do not load
+        # the table (stopped, or failing): then every row is compared. The warehouse's own highest value is only a
+        # stand-in when dlt's state is gone: rows lost from the warehouse (a restore, a failover) below dlt's cursor
+        # are never read again, hence drift, not pending.
+        recorded = state_cursor(state, decl, table)
         kind = value_kind(types[cursor])
         if recorded is not None:
             high_water = coerce(recorded, kind)
@@ -114,15 +119,18 @@ def verify_table(
     window_from = _reread_from(high_water, value_kind(types[cursor]), table.lag) if cursor and table.lag else None
     plan = Plan(keys, columns, types, source_names, cursor, high_water, soft, window_from)
     missing_columns, held_back = _columns_not_loaded(decl, table, types, source_names, soft)
+    retyped = _retyped(decl, warehouse, table)
     if not keys:
         check = _counts_only(decl, warehouse, table, plan, refresh)
         check.missing_columns, check.held_back_columns = missing_columns, held_back
+        check.stopped, check.stopped_hint, check.retyped = stopped, stopped_hint, retyped
         return check
     # SQL tables: the repair reloads only the key ranges that differ (datamart/ingest/repair.py); files are read whole
     repair = f"dlt pipeline {decl.name} verify --repair --table {table.name}"
     fix = repair if decl.kind == "sql_database" else refresh
     check = TableCheck(table=table.name, method="keys+checksums", columns=tuple(columns), fix=fix)
     check.missing_columns, check.held_back_columns = missing_columns, held_back
+    check.stopped, check.stopped_hint, check.retyped = stopped, stopped_hint, retyped
     chunks = (
         sql_chunks(decl, table, plan, chunk_size)
         if decl.kind == "sql_database"
@@ -145,10 +153,52 @@ def verify_table(
             f"dlt's state says rows up to {table.cursor} = {_plain(recorded)} were loaded: missing ones are never "
             "read again by a run (lost from the warehouse after a load, e.g. by a restore or a failover)"
         )
-    if check.extra and not (check.missing or check.changed) and table.deletes.get("hard") == "key_set":
+    if stopped:  # the way out is the stop's (printed with it): a repair would write what the run refuses to
+        check.fix = ""
+    elif retyped:
+        check.fix = f"dlt pipeline {decl.name} run"
+    elif check.extra and not (check.missing or check.changed) and table.deletes.get("hard") == "key_set":
         # keys deleted at the source since the last run: the next run removes them
         check.fix = f"dlt pipeline {decl.name} run --table {table.name}` (then verify again; if it persists: `{fix}"
     return check
+
+
+def _why_not_loaded(
+    decl: PipelineDecl, warehouse: Warehouse, table: TableDecl, state: dict[str, Any] | None
+) -> tuple[str, str]:
+    """Why runs do not load ``table``, and what to do ('' twice when they do): a source column gone (checked now,
+    as a run checks it: ``dropped.py``), or the latest run that selected it failed without loading it (``ops``)."""
+    from datamart.ingest.dropped import TablesStopped, dropped_columns
+
+    why = dropped_columns(decl, warehouse, [table.name], state or {}).get(table.name)
+    if why:
+        hint = TablesStopped(None, {table.name: why}, decl).hint.removesuffix(". The other tables were loaded")
+        return f"its loads are stopped: {why}", hint  # the hint a run prints, less what only a run can say
+    failure = last_failure(warehouse, decl, table)
+    if failure:
+        hint = f"run `dlt pipeline {decl.name} run`: its message names the cause and the way out; then verify again"
+        return f"its loads fail: {failure}", hint
+    return "", ""
+
+
+def _retyped(decl: PipelineDecl, warehouse: Warehouse, table: TableDecl) -> list[tuple[str, str, str]]:
+    """The columns whose type in the source (as dlt maps it) differs from the type they were loaded with (dlt's
+    schema kept in the warehouse): found as a run finds them (``evolution.source_changes``), SQL tables only."""
+    from datamart.ingest.evolution import INTERNAL_PREFIXES as INTERNAL
+    from datamart.ingest.evolution import source_changes
+    from datamart.ingest.loading import _build_each
+
+    if decl.kind != "sql_database":
+        return []
+    schema = stored_schema(warehouse, decl)
+    if schema is None:
+        return []
+    loaded = schema.tables.get(normalize(table.name), {}).get("columns", {})
+    known = {table.name: [c for c in loaded if not c.startswith(INTERNAL)]}
+    failed: dict[str, BaseException] = {}
+    resources = _build_each(decl, [table.name], known, {}, failed)
+    change = source_changes(decl, resources, known, schema).get(table.name)
+    return list(change.retyped) if change else []
 
 
 def _columns_not_loaded(

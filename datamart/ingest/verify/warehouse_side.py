@@ -89,3 +89,53 @@ def state_cursor(state: dict[str, Any] | None, decl: PipelineDecl, table: TableD
     resources = state.get("sources", {}).get(decl.name, {}).get("resources", {})
     incremental = resources.get(table.name, {}).get("incremental", {})
     return incremental.get(cursor_path(table.cursor), {}).get("last_value")
+
+
+def stored_schema(warehouse: Warehouse, decl: PipelineDecl) -> Any:
+    """dlt's schema of the pipeline as the warehouse keeps it (``_dlt_version``, the newest): the types its tables
+    were loaded with; None when the warehouse has none. Stored as JSON, or zlib-compressed base64 (dlt's choice)."""
+    import base64
+    import binascii
+    import json
+    import zlib
+
+    from dlt.common.schema import Schema
+
+    if not warehouse.table_exists(decl.dataset, "_dlt_version"):
+        return None
+    rows = warehouse.query(
+        f"SELECT schema FROM {quote_identifier(decl.dataset)}._dlt_version WHERE schema_name = "
+        f"{warehouse.placeholder} ORDER BY inserted_at DESC LIMIT 1",
+        (decl.name,),
+    )
+    if not rows:
+        return None
+    text = rows[0][0]
+    try:
+        text = zlib.decompress(base64.b64decode(text, validate=True)).decode("utf-8")
+    except (binascii.Error, zlib.error, ValueError):
+        pass  # plain JSON
+    return Schema.from_dict(json.loads(text))
+
+
+def last_failure(warehouse: Warehouse, decl: PipelineDecl, table: TableDecl) -> str:
+    """Why the latest finished run that selected ``table`` did not load it (``ops.pipeline_runs``: failed, and no
+    ``ops.pipeline_run_tables`` row for the table); '' when it loaded it, or no run is recorded."""
+    from datamart.ingest.ops import OPS_SCHEMA, RUN_TABLES_TABLE, RUNS_TABLE
+
+    if not warehouse.table_exists(OPS_SCHEMA, RUNS_TABLE):
+        return ""
+    p = warehouse.placeholder
+    rows = warehouse.query(
+        f"SELECT r.status, r.ended_at, r.error, (SELECT count(*) FROM {OPS_SCHEMA}.{RUN_TABLES_TABLE} t "
+        f"WHERE t.run_id = r.run_id AND t.table_name = {p}) FROM {OPS_SCHEMA}.{RUNS_TABLE} r "
+        f"WHERE r.pipeline = {p} AND r.status <> 'running' "
+        f"AND (coalesce(r.tables, '') = '' OR ',' || r.tables || ',' LIKE {p}) ORDER BY r.started_at DESC LIMIT 1",
+        (table.name, decl.name, f"%,{table.name},%"),
+    )
+    if not rows or rows[0][0] != "failed" or rows[0][3]:
+        return ""
+    _status, ended, error, _loaded = rows[0]
+    when = ended.strftime("%Y-%m-%d %H:%M UTC") if ended is not None else "at an unknown time"
+    cause = " ".join(str(error or "no error recorded").split())
+    return f"the last run ({when}) did not load it: {cause[:400]}{'…' if len(cause) > 400 else ''}"
