@@ -16,9 +16,10 @@ pipeline's lock:
    replace tables, whose own strategy would skip or not key the rows). A row read with its soft-delete marker set
    (deleted below the cursor) is removed by the merge and recorded in ``ops.deleted_rows`` first, like the keys of
    step 2 and like a run's deletions: the incremental marts recompute what they find there, and the rewritten rows
-   carry the repair's load id, which they read as touched (``macros/incremental.py``). The resources are read without their
-   cursor: dlt's incremental state is neither read nor written, so the next run continues where the last one
-   stopped. A table that lacks a source column (never loaded) is reloaded whole the same way, the column with it;
+   carry the repair's load id, which they read as touched (``macros/incremental.py``). The resources are read
+   without their cursor: dlt's incremental state is neither read nor written, so the next run continues where the
+   last one stopped. A table that lacks a source column (never loaded) is reloaded whole the same way, the column
+   with it;
 4. records the repair in ``ops.pipeline_runs`` like a run (the scheduled refresh restates what it changed), then
    verifies again: exit 0 when every table is equal, 1 with the remaining drift.
 
