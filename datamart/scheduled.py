@@ -161,10 +161,20 @@ def refresh(run: ScheduledRun) -> list[StepResult]:
     The same refresh as ``make run`` and ``make promote`` end with: the models reading a raw table loaded since the
     last refresh are restated, after SQLMesh's run of prod's due intervals.
     """
+    from datamart.gate.published import PublishedGateError
     from datamart.transform import NeverPromoted, refresh_prod
 
     try:
         done = refresh_prod(run.warehouse, execution_time=run.execution_time)
+    except PublishedGateError as exc:  # published past the gate: taken away from Metabase, the run stops
+        return [
+            StepResult(
+                "refresh",
+                False,
+                error=str(exc),
+                command="restore or fix the models the lines name, then `make review` and `make promote`",
+            )
+        ]
     except NeverPromoted as exc:
         return [
             StepResult(

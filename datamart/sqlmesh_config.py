@@ -90,6 +90,10 @@ def sqlmesh_config(warehouse: Warehouse | None = None) -> Any:
             # build or SQLMesh's whole restatement), only the touched keys after (models/marts/missions_v1.sql).
             "variables": {"small_cell_threshold": 5, "project_start": PROJECT_START},
             "linter": {"enabled": True, "rules": LINTER_RULES},
+            # The review gate where no linter flag reaches (`sqlmesh plan --skip-linter`): at the start of every prod
+            # plan and run, then the contract recorded at their end (macros/published.py, datamart/gate/published.py).
+            "before_all": ["@published_gate()"],
+            "after_all": ["@record_published_contract()"],
             # SQLMesh's anonymous usage analytics: off on every machine, not only in CI.
             "disable_anonymized_analytics": True,
         }

@@ -14,7 +14,8 @@ from typing import Any
 from sqlmesh.utils.errors import AuditError, NodeAuditsErrors, PlanError, SQLMeshError
 
 from datamart.gate.base import is_published, short_name
-from datamart.gate.checks import enforce
+from datamart.gate.checks import GateError, enforce
+from datamart.gate.published import PublishedGateError, take_away_violations
 from datamart.grants import GrantReport, apply_metabase_grants
 from datamart.ingest.ops import ensure_ops_tables, last_refresh, prune_deleted_rows, recorded_refresh
 from datamart.settings import PROJECT_ROOT, Warehouse, quote_identifier
@@ -61,8 +62,10 @@ def sqlmesh_context(warehouse: Warehouse, project: Path | None = None, **kwargs:
 def apply_prod(warehouse: Warehouse, project: Path | None = None, command: str = "promote") -> TransformRun:
     """Apply model changes to prod, then rebuild what reads raw data loaded since the published views last did.
 
-    First the review gate (``datamart.gate.checks.CHECKS``, the contract of the published views) runs against what
-    prod serves: a refused change raises ``GateError`` before anything is planned, and prod is not touched. Then a
+    First what prod publishes now is checked (a view published past the gate is dropped from the published schema:
+    ``datamart.gate.published``), then the review gate (``datamart.gate.checks.CHECKS``, the contract of the
+    published views) runs against the contract of the last good promotion: a refused change raises ``GateError``
+    before anything is planned, and prod is not touched. Then a
     prod plan builds the changed models, and :func:`refresh_prod` restates what the loads since the last refresh
     changed. A failing audit raises a :class:`PromotionError` naming the model and the audit, before the views are
     swapped and before the models downstream of it are rebuilt: those keep serving their previous data.
@@ -70,7 +73,18 @@ def apply_prod(warehouse: Warehouse, project: Path | None = None, command: str =
     started = time.monotonic()
     ensure_ops_tables(warehouse)  # marts.data_freshness_v1 reads them, even before any pipeline ran
     context = sqlmesh_context(warehouse, project)
-    enforce(context, project, warehouse)
+    # a view published past the gate (a plan without its hooks) is taken away from Metabase first; promoting a
+    # project that passes the gate is then the way back
+    _, taken_away = take_away_violations(context, warehouse, project)
+    try:
+        enforce(context, project, warehouse)
+    except GateError as exc:
+        if taken_away:
+            exc.add_note(
+                f"Taken away from Metabase (prod published them past the gate): {', '.join(taken_away)}; promoting "
+                "a project that passes the gate publishes them again."
+            )
+        raise
     # The role and the published schema's default privileges exist before the plan creates its first view.
     setup = apply_metabase_grants(warehouse)
     with audits_named_on_failure(), recorded_refresh(warehouse, command) as record:
@@ -88,6 +102,8 @@ def apply_prod(warehouse: Warehouse, project: Path | None = None, command: str =
 def refresh_prod(warehouse: Warehouse, execution_time: str | None = None) -> RefreshRun:
     """Bring prod's published views up to the raw tables, without promoting anything: the scheduled run's refresh.
 
+    First what prod publishes is checked: a view published past the review gate (``datamart.gate.published``) is
+    dropped from the published schema and the refresh stops with :class:`PublishedGateError`. Then
     SQLMesh's run of prod's due intervals (each model on its ``cron``), then a restatement of the models reading a
     raw table loaded (or deleted from) since the last refresh. A restatement plan works from SQLMesh's state, not
     from the project's files (SQLMesh ignores local changes when restating), so prod keeps its own model versions
@@ -102,6 +118,10 @@ def refresh_prod(warehouse: Warehouse, execution_time: str | None = None) -> Ref
             "prod has never been built in this warehouse: there is nothing to refresh; run `make promote` once (it "
             "builds prod from the project through the review gate), then the scheduled run"
         )
+    # what prod publishes passes the gate, whatever plan put it there; else it is taken away and the refresh stops
+    found, taken_away = take_away_violations(context, warehouse)
+    if found:
+        raise PublishedGateError(found, taken_away, planned=False)
     in_prod = {s.name: s.fingerprint for s in prod.snapshots}
     in_project = {s.name: s.fingerprint for s in context.snapshots.values()}
     refresh = RefreshRun(

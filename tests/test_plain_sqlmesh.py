@@ -146,3 +146,149 @@ def test_plain_plan_refuses_a_published_personal_column(loaded: Loaded) -> None:
         "app_db.volunteers.birth_date"
     ) in output, output
     assert _prod_views(loaded) == before
+
+
+# --- the gate where no linter flag reaches (issue 25): SQLMesh's before_all, then the repository's commands ----------
+
+LEAK_MODEL = """MODEL (
+  name marts.volunteer_contacts_v1,
+  kind VIEW,
+  grain volunteer_id,
+  description 'Volunteers to contact.',
+  column_descriptions (volunteer_id = 'Number.', contact = 'E-mail pseudonym.', birth_year = 'Year of birth.')
+);
+
+SELECT
+  id::BIGINT AS volunteer_id,
+  email AS contact,
+  birth_year::BIGINT AS birth_year
+FROM raw_app_db.volunteers
+"""
+# no audit, no small-cell suppression: what only --skip-linter lets through the linter
+LEAK_COLUMNS = {"volunteer_id", "contact", "birth_year"}
+# a plan typed from a checkout whose config has no hooks (one from before them, a hand-made config.py)
+NO_HOOKS_CONFIG = """from datamart.sqlmesh_config import sqlmesh_config
+
+config = sqlmesh_config().copy(update={"before_all": None, "after_all": None})
+"""
+
+
+def _broken_project(destination: Path, hooks: bool = True) -> Path:
+    """A project publishing the e-mail pseudonym and birth year straight from raw, and marts.mission_status_history_v1
+    with a column renamed and one removed; ``hooks=False``: with a config without SQLMesh's before_all / after_all."""
+    project = copy_project(destination)
+    (project / "models" / "marts" / "volunteer_contacts_v1.sql").write_text(LEAK_MODEL)
+    history = "models/marts/mission_status_history_v1.sql"
+    edit(project, history, "AS status_changed_at,\n  valid_from", "AS changed_at,\n  valid_from")
+    edit(project, history, ",\n  (\n    valid_to IS NULL\n  )::BOOLEAN AS is_current\n", "\n")
+    edit(project, history, "        status_changed_at,\n        is_current\n", "        changed_at\n")
+    edit(project, history, "    status_changed_at = 'When", "    changed_at = 'When")
+    text = (project / history).read_text()
+    (project / history).write_text("\n".join(line for line in text.split("\n") if "is_current = '" not in line))
+    if not hooks:
+        (project / "config.py").write_text(NO_HOOKS_CONFIG)
+    return project
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return " ".join((result.stdout + result.stderr).split())
+
+
+def test_skip_linter_does_not_skip_the_gate(loaded: Loaded) -> None:
+    _ok(loaded.outputs["prod"])
+    before = _prod_views(loaded)
+    project = _broken_project(loaded.tmp / "skip_linter")
+    result = run(loaded.env, "sqlmesh", "-p", str(project), "plan", "--skip-linter", "--auto-apply", "--no-prompts")
+    output = _output(result)
+    assert result.returncode != 0, output
+    assert "refused by the review gate before the prod plan, prod was not touched" in output, output
+    assert (
+        "[Personal data] marts.volunteer_contacts_v1.contact derives from personal column app_db.volunteers.email"
+        in (output)
+    )
+    assert "marts.mission_status_history_v1: column `is_current` would be removed" in output, output
+    assert "column `status_changed_at` would be renamed to `changed_at`" in output
+    assert _prod_views(loaded) == before
+
+
+def _drop_role(warehouse: Warehouse, role: str) -> None:
+    with warehouse.transaction() as cur:
+        cur.execute(f'DROP OWNED BY "{role}"')
+        cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def _columns_the_role_reads(warehouse: Warehouse, role: str, password: str) -> dict[str, set[str]]:
+    """Each view the role can list in the published schema, with its columns, as Metabase's sync sees them."""
+    import psycopg2
+
+    pg = warehouse.pg
+    conn = psycopg2.connect(host=pg.host, port=pg.port, user=role, password=password, dbname=pg.database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'marts' "
+                "AND has_table_privilege(quote_ident(table_schema) || '.' || quote_ident(table_name), 'SELECT')"
+            )
+            found: dict[str, set[str]] = {}
+            for table, column in cur.fetchall():
+                found.setdefault(table, set()).add(column)
+            return found
+    finally:
+        conn.close()
+
+
+def test_a_view_published_past_the_gate_is_taken_away_and_the_way_back_is_accepted(loaded: Loaded) -> None:
+    """A plan from a config without the hooks publishes personal columns and breaks a published view (nothing can
+    refuse it beforehand); the scheduled run takes both views away from Metabase, fails and says what to do; the
+    documented way back (the original project, `make review`, `make promote`) is accepted and publishes them again."""
+    warehouse = loaded.warehouse
+    role = f"metabase_{uuid.uuid4().hex[:8]}"
+    password = "gate-test-password"
+    env = dict(loaded.env, DATAMART__METABASE_ROLE=role, DATAMART__METABASE_PASSWORD=password)
+    try:
+        _ok(run(env, "python", "-m", "datamart", "promote"))  # the role and its default privileges (PostgreSQL)
+        project = _broken_project(loaded.tmp / "no_hooks", hooks=False)
+        _ok(run(env, "sqlmesh", "-p", str(project), "plan", "--skip-linter", "--auto-apply", "--no-prompts"))
+        assert _count(warehouse, "marts.volunteer_contacts_v1") > 0  # published past the gate
+        if warehouse.target == "postgres":
+            assert _columns_the_role_reads(warehouse, role, password)["volunteer_contacts_v1"] == LEAK_COLUMNS
+
+        scheduled = run(env, "python", "-m", "datamart", "scheduled", "--no-alert")
+        output = _output(scheduled)
+        assert scheduled.returncode == 1, output
+        assert "prod publishes 5 violation(s) of the review gate (applied past the gate)" in output, output
+        assert "[Personal data] marts.volunteer_contacts_v1.contact derives from personal column" in output
+        assert (
+            "Taken away from Metabase (dropped from the published schema): marts.mission_status_history_v1, " in output
+        )
+        assert "then `make review` and `make promote`" in output
+        published = {
+            name
+            for (name,) in warehouse.query(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'marts'"
+            )
+        }
+        assert not published & {"volunteer_contacts_v1", "mission_status_history_v1"}, published
+        if warehouse.target == "postgres":
+            readable = _columns_the_role_reads(warehouse, role, password)
+            assert readable and "volunteer_contacts_v1" not in readable, readable
+            assert not any(columns & {"contact", "birth_year"} for columns in readable.values()), readable
+        again = run(env, "python", "-m", "datamart", "scheduled", "--no-alert", "--only", "refresh")
+        assert again.returncode == 1, _output(again)  # refuses to go on until the way back is taken
+
+        # the way back, as documented: the original project through the repository's own commands
+        review = run(
+            env, "python", "-m", "datamart", "review", "--env", "pr_restore", "--output", str(loaded.tmp / "r.md")
+        )
+        assert review.returncode == 0, _output(review)
+        _ok(run(env, "python", "-m", "datamart", "promote"))
+        assert "is_current" in warehouse.columns("marts", "mission_status_history_v1")
+        assert _count(warehouse, "marts.mission_status_history_v1") > 0
+        assert not warehouse.table_exists("marts", "volunteer_contacts_v1")
+        if warehouse.target == "postgres":
+            readable = _columns_the_role_reads(warehouse, role, password)
+            assert "is_current" in readable["mission_status_history_v1"], readable
+        _ok(run(env, "python", "-m", "datamart", "scheduled", "--no-alert", "--only", "refresh"))
+    finally:
+        if warehouse.target == "postgres":
+            _drop_role(warehouse, role)

@@ -45,6 +45,9 @@ class GateInput:
     forward_only: set[str] = field(default_factory=set)  # fqns of models whose change is applied forward-only
     project: Path = PROJECT_ROOT
     warehouse: Warehouse | None = None  # the warehouse prod lives in, for checks that query it
+    # the published views' columns recorded by the last good promotion (datamart/gate/published.py), by view; the
+    # contract check compares with it rather than with prod's snapshots when set
+    contract: dict[str, dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,15 @@ def gate_input(
     forward_only: set[str] | None = None,
     warehouse: Warehouse | None = None,
 ) -> GateInput:
-    """The input of every check for ``context`` against the prod environment recorded in its state."""
+    """The input of every check for ``context`` against the prod environment recorded in its state, and the contract
+    recorded by the last good promotion when there is one (datamart/gate/published.py)."""
     return GateInput(
         context=context,
         prod_snapshots=prod_snapshots(context),
         forward_only=forward_only or set(),
         project=project or PROJECT_ROOT,
         warehouse=warehouse,
+        contract=contract.contract_of_adapter(context.engine_adapter),
     )
 
 

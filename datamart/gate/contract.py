@@ -1,8 +1,10 @@
 """The contract of the published views: what Metabase reads may gain columns, never lose, rename or retype one.
 
-The comparison is against what prod serves: the columns of each published model in the prod environment's snapshots
-(SQLMesh's record of the views it swapped in), not against git. A change that needs to drop, rename or retype a
-column publishes a new version beside the old one (``missions_v2`` next to ``missions_v1``). A published view
+The comparison is against what prod serves: the contract recorded by the last good promotion
+(``ops.published_contract``, datamart/gate/published.py) or, before any was recorded, the columns of each published
+model in the prod environment's snapshots (SQLMesh's record of the views it swapped in); never against git. A change
+that needs to drop, rename or retype a column publishes a new version beside the old one (``missions_v2`` next to
+``missions_v1``). A published view
 disappears only when it is declared retired in ``retired_views.yaml`` at the project root::
 
     retired_views:
@@ -13,6 +15,7 @@ disappears only when it is declared retired in ``retired_views.yaml`` at the pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,19 @@ from datamart.settings import PUBLISHED_SCHEMA, SettingsError
 
 TITLE = "Contract of the published views"
 RETIRED_FILE = "retired_views.yaml"
+
+# The contract recorded by the last good promotion (written by datamart/gate/published.py)
+CONTRACT_SCHEMA = "ops"
+CONTRACT_TABLE = "published_contract"
+CONTRACT_COLUMNS: dict[str, tuple[str, str]] = {
+    "view_name": ("TEXT", "Published view (marts.<name>) as the last good promotion left it."),
+    "column_name": ("TEXT", "One of its columns."),
+    "position": ("BIGINT", "The column's position in the view (1 = first)."),
+    "data_type": ("TEXT", "The column's type, as SQLMesh derives it."),
+    "recorded_at": ("TIMESTAMPTZ", "When the promotion that recorded it ended (UTC)."),
+}
+#: The view's columns and types, by published view (``marts.<name>``).
+Contract = dict[str, dict[str, str]]
 
 
 class RetiredDeclarationError(SettingsError):
@@ -92,12 +108,17 @@ def retired_views(project: Path) -> dict[str, dict[str, str]]:
     return retired
 
 
-def _columns(model: Any) -> dict[str, str] | None:
+def model_columns(model: Any) -> dict[str, str] | None:
     """A model's output columns and their types as SQL text, or None when SQLMesh cannot derive them."""
     columns = model.columns_to_types
     if not columns:
         return None
     return {name: dtype.sql(dialect=model.dialect or "duckdb").upper() for name, dtype in columns.items()}
+
+
+def _columns(published: Any) -> dict[str, str] | None:
+    """The columns of prod's side: a recorded contract's (already a mapping) or a model's."""
+    return dict(published) if isinstance(published, dict) else model_columns(published)
 
 
 def _known(dtype: str) -> bool:
@@ -137,10 +158,15 @@ def column_changes(prod: dict[str, str], branch: dict[str, str]) -> list[ColumnC
 
 def compare_published(gate: GateInput) -> list[ViewComparison]:
     """Every published view of prod and of the project, with its column changes against prod."""
-    prod = {
-        fqn: s.model for fqn, s in gate.prod_snapshots.items() if is_published(fqn) and not s.model.kind.is_external
-    }
     branch = {fqn: m for fqn, m in gate.context.models.items() if is_published(fqn) and not m.kind.is_external}
+    if gate.contract is not None:
+        # what the last good promotion published (datamart/gate/published.py), not a prod applied past the gate
+        by_view = {short_name(fqn): fqn for fqn in branch}
+        prod: dict[str, Any] = {by_view.get(view, view): columns for view, columns in gate.contract.items()}
+    else:
+        prod = {
+            fqn: s.model for fqn, s in gate.prod_snapshots.items() if is_published(fqn) and not s.model.kind.is_external
+        }
     retired = retired_views(gate.project)
     comparisons = []
     for fqn in sorted(prod.keys() | branch.keys(), key=short_name):
@@ -151,7 +177,7 @@ def compare_published(gate: GateInput) -> list[ViewComparison]:
         if fqn not in prod:
             comparisons.append(_new_view(view, branch[fqn], prod))
             continue
-        old, new = _columns(prod[fqn]), _columns(branch[fqn])
+        old, new = _columns(prod[fqn]), model_columns(branch[fqn])
         if new is None or old is None:
             comparisons.append(ViewComparison(view, "unchanged", unknown_columns=new is None and old is not None))
             continue
@@ -160,6 +186,31 @@ def compare_published(gate: GateInput) -> list[ViewComparison]:
             ViewComparison(view, "changed" if changes else "unchanged", changes, forward_only=fqn in gate.forward_only)
         )
     return comparisons
+
+
+def read_contract(exists: bool, fetchall: Callable[[str], list[tuple]]) -> Contract | None:
+    """The recorded contract (None when none was recorded yet); ``fetchall`` runs a query on the warehouse."""
+    if not exists:
+        return None
+    rows = fetchall(
+        f"SELECT view_name, column_name, data_type FROM {CONTRACT_SCHEMA}.{CONTRACT_TABLE} ORDER BY view_name, position"
+    )
+    if not rows:
+        return None
+    contract: Contract = {}
+    for view, column, data_type in rows:
+        contract.setdefault(str(view), {})[str(column)] = str(data_type)
+    return contract
+
+
+def contract_of_adapter(adapter: Any) -> Contract | None:
+    """The recorded contract through a SQLMesh engine adapter (the linter's context, a before_all macro)."""
+    return read_contract(adapter.table_exists(f"{CONTRACT_SCHEMA}.{CONTRACT_TABLE}"), adapter.fetchall)
+
+
+def contract_of_warehouse(warehouse: Any) -> Contract | None:
+    """The recorded contract of ``warehouse`` (datamart.settings.Warehouse)."""
+    return read_contract(warehouse.table_exists(CONTRACT_SCHEMA, CONTRACT_TABLE), warehouse.query)
 
 
 def _previous_version(view: str) -> str:
@@ -173,7 +224,7 @@ def _new_view(view: str, model: Any, prod: dict[str, Any]) -> ViewComparison:
     comparison = ViewComparison(view, "new")
     previous = _previous_version(view)
     old_model = next((m for fqn, m in prod.items() if short_name(fqn) == previous), None)
-    old, new = (_columns(old_model) if old_model is not None else None), _columns(model)
+    old, new = (_columns(old_model) if old_model is not None else None), model_columns(model)
     if old is not None and new is not None:
         comparison.previous_version = previous
         comparison.changes = column_changes(old, new)

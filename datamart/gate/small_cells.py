@@ -93,6 +93,20 @@ def counts_people(model: Any, people: set[str]) -> str | None:
     return None
 
 
+def _upstream(models: dict[str, Any], fqn: str) -> list[str]:
+    """The models ``fqn`` reads, directly or not (from each model's ``depends_on``: the gate also checks sets of
+    models taken from snapshots, which have no DAG of their own)."""
+    found: list[str] = []
+    stack = list(models[fqn].depends_on)
+    while stack:
+        parent = stack.pop()
+        if parent in found or parent not in models:
+            continue
+        found.append(parent)
+        stack.extend(models[parent].depends_on)
+    return found
+
+
 def check_small_cells(gate: GateInput) -> list[Violation]:
     """Every published model counting people (itself or upstream) without the audit ``assert_no_small_cells``."""
     context = gate.context
@@ -109,7 +123,7 @@ def check_small_cells(gate: GateInput) -> list[Violation]:
     for model in published_models(context):
         if any(name == AUDIT for name, _ in model.audits):
             continue
-        upstream = [model.fqn, *context.dag.upstream(model.fqn)]
+        upstream = [model.fqn, *_upstream(context.models, model.fqn)]
         where = next((counting[fqn] for fqn in upstream if fqn in counting), None)
         if where is None:
             continue
@@ -137,7 +151,7 @@ def describe_small_cells(gate: GateInput) -> str:
     people = person_sources(index)
     rows = []
     for model in published_models(context):
-        upstream = [model, *(context.get_model(f) for f in context.dag.upstream(model.fqn))]
+        upstream = [model, *(context.models[f] for f in _upstream(context.models, model.fqn))]
         candidates = [m for m in upstream if m is not None and short_name(m.fqn) not in people]
         found = next((f for m in candidates if (f := counts_people(m, people))), None)
         if found:

@@ -395,6 +395,27 @@ def _with_references(
     return pa.concat_tables(parts, promote_options="permissive") if parts else gone
 
 
+def record_replaced_rows(pipeline: PipelineDecl, names: list[str], source_url: str, warehouse: Warehouse) -> None:
+    """Before tables are replaced whole (``--full-refresh``, the reload of a table whose source changed): record in
+    ``ops.deleted_rows`` the keys of the warehouse that the source no longer has, which the replace removes.
+
+    A replace writes every row it keeps with its own load id (an incremental mart recomputes them) but leaves no
+    trace of the rows it drops: a key deleted in the source since the last run, or kept by design in a table without
+    hard-delete detection, would stay in the marts. The keys are compared as a key-set delete does
+    (:func:`gone_keys`), for SQL tables with a primary key; soft-deleted rows are recorded as they are read
+    (:func:`record_soft_deletes`).
+    """
+    if pipeline.kind != "sql_database":
+        return
+    for table in (pipeline.table(n) for n in names):
+        if (
+            table.primary_key
+            and not table.personal
+            and warehouse.columns(warehouse_name(pipeline.dataset), warehouse_name(table.name))
+        ):
+            record_deleted_rows(pipeline, table, gone_keys(pipeline, table, source_url, warehouse), warehouse)
+
+
 def record_soft_deletes(pipeline: PipelineDecl, resources: list[DltResource], warehouse: Warehouse) -> None:
     """Make each resource of a table declaring ``deletes: {soft: <column>}`` record, as it is extracted, the rows
     whose marker is set (dlt's merge then removes them) in ``ops.deleted_rows``, with the references the source's

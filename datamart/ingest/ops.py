@@ -26,7 +26,9 @@ process killed meanwhile leaves ``running``: the next run of that pipeline, whic
 knows the other is gone, marks it ``failed`` with ``interrupted``. The published view ``marts.data_freshness_v1``
 (models/marts/) reads these tables; Metabase's role reads the view, never ``ops`` itself.
 
-Tables are created with ``CREATE … IF NOT EXISTS``; other tables of schema ``ops`` are left alone.
+Tables are created with ``CREATE … IF NOT EXISTS``; other tables of schema ``ops`` are left alone (among them
+``ops.published_contract``, the published views' columns at the last good promotion, written by SQLMesh's after_all
+hook: datamart/gate/published.py).
 """
 
 from __future__ import annotations

@@ -13,9 +13,13 @@ pipeline's lock:
 3. reads the source rows of those key ranges with the table's own resource (``sources.build_resources`` with a
    ``restrict`` condition: same SELECT, same backend, same personal-data treatment — hash, drop, year — as any
    run) and upserts them with dlt's merge on the declared primary key (``delete-insert``, also for append and
-   replace tables, whose own strategy would skip or not key the rows). The resources are read without their
-   cursor: dlt's incremental state is neither read nor written, so the next run continues where the last one
-   stopped. A table that lacks a source column (never loaded) is reloaded whole the same way, the column with it;
+   replace tables, whose own strategy would skip or not key the rows). A row read with its soft-delete marker set
+   (deleted below the cursor) is removed by the merge and recorded in ``ops.deleted_rows`` first, like the keys of
+   step 2 and like a run's deletions: the incremental marts recompute what they find there, and the rewritten rows
+   carry the repair's load id, which they read as touched (``macros/incremental.py``). The resources are read
+   without their cursor: dlt's incremental state is neither read nor written, so the next run continues where the
+   last one stopped. A table that lacks a source column (never loaded) is reloaded whole the same way, the column
+   with it;
 4. records the repair in ``ops.pipeline_runs`` like a run (the scheduled refresh restates what it changed), then
    verifies again: exit 0 when every table is equal, 1 with the remaining drift.
 
@@ -152,7 +156,7 @@ def _reload(
     """Deletions first (a key that comes back meanwhile is then inserted again by the upsert), then the upsert."""
     import time
 
-    from datamart.ingest.deletes import deletion_marker, deletion_resource, record_deleted_rows
+    from datamart.ingest.deletes import deletion_marker, deletion_resource, record_deleted_rows, record_soft_deletes
     from datamart.ingest.loading import TableLoad, count_rows, loader_file_format, make_pipeline
     from datamart.ingest.sources import build_resources
 
@@ -177,6 +181,8 @@ def _reload(
     }
     held_back: dict[str, list[str]] = {}
     resources = build_resources(decl, names, known_columns=known, held_back=held_back, restrict=restrict)
+    # a soft-deleted row read again (deleted below the cursor) is removed by dlt's merge: recorded as a run does
+    record_soft_deletes(decl, resources, warehouse)
     for resource in resources:
         if decl.table(resource.name).write_disposition != "merge":
             # an append table's insert-only merge would skip the keys it holds, a replace would empty the table

@@ -13,7 +13,7 @@ from dlt.common import logger
 from datamart.environments import check_environment
 from datamart.errors import is_transient, refused_credentials, root_cause
 from datamart.ingest.declarations import VALID_FROM, VALID_TO, PipelineDecl, warehouse_name
-from datamart.ingest.deletes import record_soft_deletes
+from datamart.ingest.deletes import record_replaced_rows, record_soft_deletes
 from datamart.ingest.dropped import TablesStopped, dropped_columns
 from datamart.ingest.evolution import RetypeRefused, SchemaChange, retype_columns, source_changes
 from datamart.ingest.loading import (
@@ -29,7 +29,7 @@ from datamart.ingest.loading import (
 )
 from datamart.ingest.lock import pipeline_lock
 from datamart.ingest.ops import recorded_run
-from datamart.ingest.sources import build_deletions, check_secrets
+from datamart.ingest.sources import build_deletions, check_secrets, source_credentials
 from datamart.settings import Warehouse
 
 
@@ -154,6 +154,8 @@ def _run_pipeline(
     schema = pipeline.default_schema if pipeline.default_schema_name else None
     changes = {} if full_refresh else source_changes(decl, resources, columns_before, schema)
     reloads: list[TableLoad] = []
+    if decl.kind == "sql_database" and (full_refresh or changes):  # a whole replace: what it drops, for the marts
+        record_replaced_rows(decl, names if full_refresh else list(changes), source_credentials(decl), warehouse)
     if changes:
         by_name = {r.name: r for r in resources}
         for name, change in changes.items():

@@ -285,6 +285,11 @@ def _data_diffs(context: Any, environment: str, views: list[str]) -> list[DataDi
     """SQLMesh's table_diff, prod against ``environment``, for each changed published view."""
     diffs = []
     for view in views:
+        if not context.engine_adapter.table_exists(view):
+            # taken away from Metabase: prod had published it past the gate (datamart/gate/published.py)
+            note = "Not compared: prod's view was taken away (published past the review gate); promoting restores it."
+            diffs.append(DataDiff(view, note=note))
+            continue
         with _quiet_table_diff():
             found = context.table_diff(
                 "prod",
