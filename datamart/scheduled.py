@@ -269,12 +269,18 @@ def replication_slots(run: ScheduledRun) -> list[StepResult]:
     """Each replication pipeline's slot measured on its source (``datamart/ingest/slots.py``): a slot retaining more
     WAL than the pipeline's ``source.max_retained_wal`` fails the step, so the run alerts before the source's disk
     fills. Last, so that a slot over the threshold never holds back the refresh of the published views."""
+    from datamart.ingest.recopy import slot_warnings
     from datamart.ingest.replication import connect_source, is_replication, object_name
     from datamart.ingest.slots import max_retained_wal, measure, over_threshold_hint
 
     declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
     results = []
     for decl in (d for d in declared if is_replication(d)):
+        # a slot this run's pipelines step found lost and recreated (every table copied again): alerted once
+        for warning in (w for load in run.loads if load.pipeline == decl.name for w in slot_warnings(load)):
+            command = f"nothing to recover (the run did); `dlt pipeline {decl.name} verify` confirms it"
+            error = warning.removeprefix("WARNING: ")
+            results.append(StepResult("replication_slots", False, pipeline=decl.name, error=error, command=command))
         try:
             conn = connect_source(decl)
             try:
