@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -238,6 +239,16 @@ def test_one_table_copied_again_while_the_slot_serves_the_others(shop: Shop) -> 
     change_everything(shop.source, 4)
     shop.run()
     shop.assert_equal()
+
+    # verify names a dropped table with the command that loads it again: that command, exactly as printed
+    change_everything(shop.source, 5)
+    shop.command("-y", "pipeline", "shop", "drop", "events")
+    report = shop.command("pipeline", "shop", "verify", expect=1)
+    fix = re.search(r"table events: fix with `(dlt pipeline shop run --table events)`", report)
+    assert fix, report
+    again = shop.command(*fix.group(1).split()[1:])
+    assert "events: copied whole from the source (not in the warehouse)" in again, again
+    shop.assert_equal()
     shop.command("pipeline", "shop", "verify")
 
 
@@ -258,6 +269,13 @@ def test_classified_columns_load_on_the_next_run(shop: Shop) -> None:
     shop.assert_equal("phone", "vip", "segment")
     change_everything(shop.source, 1)
     shop.run()
+    shop.assert_equal("phone", "vip", "segment")
+
+    # --full-refresh without --table: every table copied again, within the batch
+    change_everything(shop.source, 2)
+    refreshed = shop.run("--full-refresh")
+    for table in ("accounts", "ledger", "events"):
+        assert f"{table}: copied whole from the source (--full-refresh)" in refreshed, refreshed
     shop.assert_equal("phone", "vip", "segment")
     shop.command("pipeline", "shop", "verify")
 
