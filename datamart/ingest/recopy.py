@@ -120,10 +120,11 @@ def tables_to_copy(
     """Per table of ``names`` to copy whole in this run, why: ``requested`` (table -> reason), then those the
     warehouse lacks, then those with a classified column the warehouse lacks (see the module's docstring)."""
     reasons = dict(requested)
+    loaded = _warehouse_columns(pipeline, [n for n in names if n not in reasons])
     for name in names:
         if name in reasons:
             continue
-        columns = _warehouse_columns(pipeline, name)
+        columns = loaded.get(warehouse_name(name), set())
         if not columns:
             reasons[name] = "not in the warehouse"
             continue
@@ -133,14 +134,21 @@ def tables_to_copy(
     return reasons
 
 
-def _warehouse_columns(pipeline: Any, table: str) -> set[str]:
+def _warehouse_columns(pipeline: Any, tables: list[str]) -> dict[str, set[str]]:
+    """Per warehouse table name (of ``tables``, declared names), its columns in the warehouse: one query."""
+    found: dict[str, set[str]] = {}
+    if not tables:
+        return found
     with pipeline.sql_client() as client:
         rows = client.execute_sql(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = %s",
             client.dataset_name,
-            warehouse_name(table),
         )
-    return {str(name) for (name, *_) in rows or []}
+    wanted = {warehouse_name(t) for t in tables}
+    for table, column, *_ in rows or []:
+        if table in wanted:
+            found.setdefault(str(table), set()).add(str(column))
+    return found
 
 
 def _classified_not_loaded(conn: Any, schema: str, table: TableDecl, loaded: set[str]) -> list[str]:
@@ -188,7 +196,8 @@ def copy_resources(
         batch.truncated.discard(name)
     internal = ("_dlt", "_datamart")
     # a table with personal data keeps holding back its unclassified columns: the known ones are the warehouse's
-    known = {n: [c for c in _warehouse_columns(pipeline, n) if not c.startswith(internal)] for n in reasons}
+    loaded = _warehouse_columns(pipeline, list(reasons))
+    known = {n: [c for c in loaded.get(warehouse_name(n), ()) if not c.startswith(internal)] for n in reasons}
     failed: dict[str, BaseException] = {}
     resources = _build_each(decl, list(reasons), known, held_back, failed, notes)
     if failed:
