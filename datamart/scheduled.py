@@ -271,7 +271,7 @@ def replication_slots(run: ScheduledRun) -> list[StepResult]:
     fills. Last, so that a slot over the threshold never holds back the refresh of the published views."""
     from datamart.ingest.recopy import slot_warnings
     from datamart.ingest.replication import connect_source, is_replication, object_name
-    from datamart.ingest.slots import max_retained_wal, measure, over_threshold_hint
+    from datamart.ingest.slots import max_retained_wal, measure, over_threshold_hint, wal_status
 
     declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
     results = []
@@ -285,6 +285,7 @@ def replication_slots(run: ScheduledRun) -> list[StepResult]:
             conn = connect_source(decl)
             try:
                 status = measure(conn, object_name(decl, "slot"), max_retained_wal(decl))
+                lost = wal_status(conn, object_name(decl, "slot")) == "lost"
             finally:
                 conn.close()
         except (SettingsError, DeclarationError):
@@ -295,7 +296,14 @@ def replication_slots(run: ScheduledRun) -> list[StepResult]:
                 StepResult("replication_slots", False, pipeline=decl.name, error=root_cause(exc), command=command)
             )
             continue
-        if status is None:
+        if lost:  # no run since the source invalidated it (a run recreates it and copies every table again)
+            error = (
+                f"slot {object_name(decl, 'slot')!r} was invalidated by the source (wal_status lost: it kept more WAL "
+                "than max_slot_wal_keep_size allows): the changes since the last run are gone"
+            )
+            command = f"`dlt pipeline {decl.name} run`: it creates a new slot and copies every table whole again"
+            results.append(StepResult("replication_slots", False, pipeline=decl.name, error=error, command=command))
+        elif status is None:
             detail = f"no slot {object_name(decl, 'slot')!r} on the source (the next run creates it)"
             results.append(StepResult("replication_slots", True, detail, pipeline=decl.name))
         elif status.over:

@@ -348,6 +348,12 @@ def test_lost_or_vanished_slot_is_recovered_and_alerted(shop: Shop, webhook: tup
 
     change_everything(shop.source, 2)  # changes the lost slot will never deliver, deletes among them
     invalidate(shop)
+    # the slot check alone (no run since the source invalidated the slot) names it and the command that recovers
+    checked = shop.command(
+        "datamart", "scheduled", "--only", "replication_slots", expect=1, DATAMART__ALERT_WEBHOOK_URL=url
+    )
+    assert f"slot '{shop.slot}' was invalidated by the source (wal_status lost" in checked, checked
+    assert "`dlt pipeline shop run`: it creates a new slot and copies every table whole again" in posted[-1]
     before = len(posted)
     scheduled = shop.command(
         "datamart", "scheduled", "--only", "pipelines", "--only", "replication_slots",

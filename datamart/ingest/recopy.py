@@ -64,15 +64,15 @@ def recover_slot(decl: PipelineDecl, conn: Any, slot: str, state: dict[str, Any]
     """Before a run uses its slot: drop it when the source invalidated it; the warning line when the slot is lost
     or vanished although tables were copied after it (``state``: the pipeline's replication state), else None.
     The run then creates a slot and copies every table whole (see the module's docstring)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-        row = cur.fetchone()
+    from datamart.ingest.slots import wal_status
+
+    status = wal_status(conn, slot)
     then = (
         f"{SLOT_RECREATED} from the source with a new slot: the warehouse equals the source after this run. "
         f"Run `dlt pipeline {decl.name} run` more often than the source's max_slot_wal_keep_size fills, or have a "
         "DBA raise it, to keep it from happening again"
     )
-    if row is not None and row[0] == "lost":
+    if status == "lost":
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
@@ -88,7 +88,7 @@ def recover_slot(decl: PipelineDecl, conn: Any, slot: str, state: dict[str, Any]
             f"WARNING: slot {slot!r} was invalidated by the source (wal_status lost: it kept more WAL than "
             f"max_slot_wal_keep_size allows, and the changes it held are gone); dropped, and {then}"
         )
-    if row is None and state.get("slot") and state.get("copied"):
+    if status is None and state.get("slot") and state.get("copied"):
         return (
             f"WARNING: slot {slot!r} was not on the source (dropped by hand, or the source was restored or failed "
             f"over to a server without it): the changes since the last run were lost; {then}"
