@@ -279,16 +279,23 @@ def replication_slots(run: ScheduledRun) -> list[StepResult]:
     """Each replication pipeline's slot measured on its source (``datamart/ingest/slots.py``): a slot retaining more
     WAL than the pipeline's ``source.max_retained_wal`` fails the step, so the run alerts before the source's disk
     fills. Last, so that a slot over the threshold never holds back the refresh of the published views."""
+    from datamart.ingest.recopy import slot_warnings
     from datamart.ingest.replication import connect_source, is_replication, object_name
-    from datamart.ingest.slots import max_retained_wal, measure, over_threshold_hint
+    from datamart.ingest.slots import max_retained_wal, measure, over_threshold_hint, wal_status
 
     declared = [load_named(n) for n in run.pipeline_names] if run.pipeline_names else load_all()
     results = []
     for decl in (d for d in declared if is_replication(d)):
+        # a slot this run's pipelines step found lost and recreated (every table copied again): alerted once
+        for warning in (w for load in run.loads if load.pipeline == decl.name for w in slot_warnings(load)):
+            command = f"nothing to recover (the run did); `dlt pipeline {decl.name} verify` confirms it"
+            error = warning.removeprefix("WARNING: ")
+            results.append(StepResult("replication_slots", False, pipeline=decl.name, error=error, command=command))
         try:
             conn = connect_source(decl)
             try:
                 status = measure(conn, object_name(decl, "slot"), max_retained_wal(decl))
+                lost = wal_status(conn, object_name(decl, "slot")) == "lost"
             finally:
                 conn.close()
         except (SettingsError, DeclarationError):
@@ -299,7 +306,14 @@ def replication_slots(run: ScheduledRun) -> list[StepResult]:
                 StepResult("replication_slots", False, pipeline=decl.name, error=root_cause(exc), command=command)
             )
             continue
-        if status is None:
+        if lost:  # no run since the source invalidated it (a run recreates it and copies every table again)
+            error = (
+                f"slot {object_name(decl, 'slot')!r} was invalidated by the source (wal_status lost: it kept more WAL "
+                "than max_slot_wal_keep_size allows): the changes since the last run are gone"
+            )
+            command = f"`dlt pipeline {decl.name} run`: it creates a new slot and copies every table whole again"
+            results.append(StepResult("replication_slots", False, pipeline=decl.name, error=error, command=command))
+        elif status is None:
             detail = f"no slot {object_name(decl, 'slot')!r} on the source (the next run creates it)"
             results.append(StepResult("replication_slots", True, detail, pipeline=decl.name))
         elif status.over:

@@ -13,6 +13,7 @@ from datamart.ingest.declarations import DeclarationError, PipelineDecl, load_al
 from datamart.ingest.dropped import TablesStopped
 from datamart.ingest.evolution import RetypeRefused
 from datamart.ingest.lock import PipelineLocked
+from datamart.ingest.recopy import SlotLost
 from datamart.ingest.runner import Carried, PipelineRun, TablesFailed, format_loads, make_pipeline, run_pipeline
 from datamart.redact import redact
 from datamart.settings import SettingsError, Warehouse, configure_environment, env_name, resolve_warehouse
@@ -152,6 +153,9 @@ def failure_message(decl: PipelineDecl, exc: BaseException) -> str:
     stopped = in_chain(exc, TablesStopped)
     if isinstance(stopped, TablesStopped):
         return redact(f"error: {stopped}\nwhat to do: {stopped.hint}")
+    lost = in_chain(exc, SlotLost)  # the replication slot invalidated or dropped during the run
+    if isinstance(lost, SlotLost):
+        return redact(f"error: {lost}\nwhat to do: {lost.hint}")
     retype = in_chain(exc, RetypeRefused)  # a source type change the warehouse's views cannot follow
     if isinstance(retype, RetypeRefused):
         return redact(f"error: pipeline '{decl.name}', table {retype.table}: {retype}\nwhat to do: {retype.hint}")

@@ -90,6 +90,8 @@ def personal_data_map(pipeline: str, table: str, policy: dict[str, str]) -> Call
                 row[column] = pseudonym(key, value)
             elif treatment == YEAR:
                 row[year_column(column)] = None if value is None else int(str(value)[:4])
+            elif treatment == KEEP:  # classified as not personal: loaded as it is (a replication change's row)
+                row[column] = value
         return row
 
     apply.__name__ = f"personal_data_{table}"

@@ -38,6 +38,7 @@ from typing import Any
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl, warehouse_name
 from datamart.ingest.lock import pipeline_lock
+from datamart.ingest.replication import is_replication
 from datamart.ingest.verify import DEFAULT_CHUNK, INTERNAL_PREFIXES, Key, TableCheck, VerifyReport, verify_pipeline
 from datamart.settings import Warehouse
 
@@ -115,6 +116,8 @@ def repair_pipeline(
         drifted = [t for t in before.tables if t.drift]
         if not drifted:
             return report
+        if is_replication(decl):  # each drifted table copied whole again while the slot serves the others
+            return _copy_again(decl, warehouse, report, [c.table for c in drifted], tables, chunk_size, pipelines_dir)
         repairable = []
         for check in drifted:
             why = _not_repairable(decl, check)
@@ -132,6 +135,38 @@ def repair_pipeline(
             record.succeeded(run)
         report.after = verify_pipeline(decl, warehouse, tables, chunk_size, lock=False)
         report.after.title = "verify after repair"
+    return report
+
+
+def _copy_again(
+    decl: PipelineDecl,
+    warehouse: Warehouse,
+    report: RepairReport,
+    names: list[str],
+    tables: list[str] | None,
+    chunk_size: int,
+    pipelines_dir: Path | None,
+) -> RepairReport:
+    """The repair of a replication pipeline, under its lock: a replication run that copies the drifted tables whole
+    again (``datamart/ingest/recopy.py``: whatever the drift, a missing table or column, types the key ranges
+    could not load), then verify again. Key ranges are not reloaded: the copy also clears what a range repair
+    cannot (a table dropped from the warehouse, columns classified after being held back)."""
+    from datamart.environments import check_environment
+    from datamart.ingest.ops import recorded_run
+    from datamart.ingest.replication import run_replication
+    from datamart.ingest.runner import _reload
+
+    check_environment(warehouse)  # it writes: never into another environment's warehouse
+    with recorded_run(warehouse, decl.name, decl.dataset, names, True) as record:
+        run = run_replication(decl, warehouse, names, pipelines_dir, True, reload=_reload)
+        record.succeeded(run)
+    copied = {t.table: t for t in run.tables if t.table in names}
+    for name in names:
+        load = copied.get(name)
+        rewritten, deleted = (load.rows_in_warehouse, load.rows_deleted) if load else (0, 0)
+        report.tables.append(TableRepair(name, whole=True, rewritten=rewritten, deleted=deleted))
+    report.after = verify_pipeline(decl, warehouse, tables, chunk_size, lock=False)
+    report.after.title = "verify after repair"
     return report
 
 

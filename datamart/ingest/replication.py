@@ -30,11 +30,16 @@ the others load (``stream_schema.py``, which says why that converges); a change 
 ``ALTER`` keeps the reloaded value of what it lacks (``_apply``). A table whose source dropped a loaded column is
 stopped as in cursor mode (``dropped.py``) and copied whole again once it can be loaded.
 
+One table is copied whole again inside a run's batch, while the slot serves the others (``--table t
+--full-refresh``, ``verify --repair``, a table missing from the warehouse, a column classified after being held
+back), and a slot the source invalidated or that vanished is recreated with a copy of every table: ``recopy.py``.
+
 Not done yet (issue 16): history tables.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -52,7 +57,8 @@ from datamart.settings import Warehouse, quote_identifier
 
 #: The state key (under the pipeline's source state) recording which tables were copied after which slot.
 STATE_KEY = "replication"
-#: Injected failure for tests: set to ``after-load`` to stop after dlt's load, before the slot is advanced.
+#: Injected failure for tests: set to ``after-load`` to stop after dlt's load, before the slot is advanced;
+#: ``drop-slot`` drops the slot just before the run reads it.
 FAIL_ENV = "DATAMART_TEST_REPLICATION_FAIL"
 
 
@@ -293,6 +299,8 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
     xids: set[int] = set()
     end = _lsn_int(upto)
     with conn.cursor() as cur:
+        if os.environ.get(FAIL_ENV) == "drop-slot":  # tests: the slot dropped while the run reads it
+            cur.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         try:
             cur.execute(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s, NULL, 'proto_version', '1', "
@@ -301,6 +309,13 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
             )
         except psycopg2.errors.InsufficientPrivilege as exc:
             raise _privilege(decl, conn, exc) from exc
+        except psycopg2.Error as exc:  # invalidated or dropped since the run began: say so (recopy.py)
+            from datamart.ingest.recopy import slot_lost_while_reading
+
+            lost = slot_lost_while_reading(decl, slot, exc)
+            if lost is None:
+                raise
+            raise lost from exc
         rows = cur.fetchall()
         current = definitions(cur, schema, list(declared))  # read after the peek: see _apply
         for (data,) in rows:
@@ -441,7 +456,6 @@ def run_replication(
 
     ``reload``: the runner's reload of one table whose source changed (``runner._reload``: migrate its retyped
     columns, replace its rows through staging), passed in because the runner imports this module."""
-    import os
 
     from datamart.ingest.dropped import dropped_columns
     from datamart.ingest.evolution import RetypeRefused
@@ -455,14 +469,15 @@ def run_replication(
         loader_file_format,
         make_pipeline,
     )
+    from datamart.ingest.recopy import copy_resources, recover_slot, tables_to_copy
 
     started = time.monotonic()
     profile: dict[str, float] = {}  # seconds per part of the run, printed as "<name> profile: …" (make bench)
     lap = _Lap(profile)
-    if tables:
-        raise _fail(decl, "--table", "a replication pipeline reads its slot for all its tables: run it whole")
     selected = list(decl.tables)
     names = [t.name for t in selected]
+    # --full-refresh copies the tables named (all without --table) again, while the slot serves the others
+    requested = dict.fromkeys((tables or names) if full_refresh else [], "--full-refresh")
     conn = connect_source(decl)
     try:
         pipeline = make_pipeline(decl, warehouse, pipelines_dir)
@@ -475,9 +490,14 @@ def run_replication(
         check_tables(decl, conn, selected)
         ensure_publication(decl, conn, selected)
         slot = object_name(decl, "slot")
-        created = ensure_slot(decl, conn)
         state = pipeline.state.get("sources", {}).get(decl.name, {}).get(STATE_KEY, {})
-        copied = {} if created or full_refresh else dict(state.get("copied", {}))
+        lost = recover_slot(decl, conn, slot, state)  # an invalidated slot is dropped: created again below
+        if lost:
+            notes.append(lost)
+        if tables and not full_refresh:
+            notes.append(f"--table {', '.join(tables)}: the slot holds the changes of every table: all were applied")
+        created = ensure_slot(decl, conn)
+        copied = {} if created else dict(state.get("copied", {}))
         slot_id = str(_one(conn, "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", slot))
         if created:
             state_slot = slot_id
@@ -485,8 +505,12 @@ def run_replication(
             state_slot = state.get("slot") or slot_id
         to_copy = [t for t in selected if copied.get(t.name) != state_slot]
         # a table whose source dropped a loaded column is neither copied nor changed (as in cursor mode): dropped.py
-        stopped = {} if full_refresh else dropped_columns(decl, warehouse, names, pipeline.state)
+        stopped = dropped_columns(decl, warehouse, names, pipeline.state)
+        stopped = {n: why for n, why in stopped.items() if n not in requested}
         to_copy = [t for t in to_copy if t.name not in stopped]
+        if not created:  # copied in the batch below, while the slot serves the other tables (recopy.py)
+            requested.update({t.name: "not copied since the slot was created" for t in to_copy})
+            to_copy = []
         file_format = loader_file_format(decl, warehouse)
         lap("start")
         loads: list[TableLoad] = []
@@ -522,18 +546,24 @@ def run_replication(
             # but its deletes (an erased person's rows leave the warehouse whatever stops their table)
             batch.changes[name] = {k: c for k, c in batch.changes[name].items() if c[0] == "delete"}
             batch.truncated.discard(name)
+        live = [n for n in names if n not in stopped]
+        recopy = tables_to_copy(pipeline, decl, conn, _schema(decl, conn), live, requested)
+        held: dict[str, list[str]] = {}
+        copies = copy_resources(pipeline, decl, conn, batch, recopy, held, notes)
+        lap("copies")
         reloads, failed = apply_schema_changes(
-            pipeline, decl, conn, batch, [n for n in names if n not in stopped], reload, file_format
+            pipeline, decl, conn, batch, [n for n in live if n not in recopy], reload, file_format
         )
         # copied whole again by the next run: a table stopped, or whose reload failed after it may have changed the
         # warehouse (a refused retype changed nothing: the next run finds the change again and reloads it)
         forget = [*stopped, *(n for n, e in failed.items() if not isinstance(e, RetypeRefused))]
         lap("schema changes")
-        held: dict[str, list[str]] = {}
         resources, deleted = change_resources(pipeline, decl, batch, held)
+        resources += copies
         lap("changes to rows")
-        if forget:
-            resources.append(_mark_copied(decl, {n: s for n, s in copied.items() if n not in forget}, state_slot))
+        if forget or recopy:
+            kept = {n: s for n, s in copied.items() if n not in forget}
+            resources.append(_mark_copied(decl, {**kept, **dict.fromkeys(recopy, state_slot)}, state_slot))
         written: dict[str, int] = {}
         if resources:
             info = pipeline.run(resources, loader_file_format=file_format)
@@ -548,7 +578,15 @@ def run_replication(
         after = count_rows(pipeline, names)[0]
         lap("counts")
         loads += reloads
-        for name in [n for n in names if n not in stopped and n not in failed and n not in {r.table for r in reloads}]:
+        for n in recopy:  # copied whole: every row read; the warehouse's rows before were replaced
+            grown = after[n] - before.get(n, 0)
+            loads.append(
+                TableLoad(
+                    n, after[n], after[n], max(-grown, 0), held_back=tuple(held.get(n, [])), inserted=max(grown, 0)
+                )
+            )
+        done = {*stopped, *failed, *recopy, *(r.table for r in reloads)}
+        for name in [n for n in names if n not in done]:
             gone = deleted.get(name, 0)
             inserted = max(after[name] - before[name] + gone, 0) if name not in batch.truncated else after[name]
             loads.append(

@@ -117,6 +117,15 @@ def measure(conn: Any, slot: str, threshold: int) -> SlotStatus | None:
     )
 
 
+def wal_status(conn: Any, slot: str) -> str | None:
+    """The slot's ``wal_status`` (``reserved``, ``extended``, ``unreserved``, or ``lost`` once the source invalidated
+    it for keeping more WAL than ``max_slot_wal_keep_size``); None when there is no such slot."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
 def over_threshold_hint(pipeline: str, status: SlotStatus) -> str:
     """What to do when a slot retains more than its threshold."""
     return (
