@@ -224,3 +224,99 @@ def test_every_version_of_the_stream_is_kept(board: Any) -> None:
     # the same history columns as cursor mode (models read them in both modes)
     columns = {c for c in warehouse.columns("raw_board", "missions")}
     assert {"_dlt_valid_from", "_dlt_valid_to", "_datamart_row_version", "_dlt_load_id"} <= columns
+    verified = subprocess.run(
+        [DLT, "pipeline", "board", "verify"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr  # the current versions equal the source
+
+    # history declared on a table loaded without it: refused before anything is read, as in cursor mode
+    path = Path(env["DATAMART_DECLARATIONS_DIR"]) / "board.yaml"
+    declaration = yaml.safe_load(path.read_text())
+    declaration["tables"]["notes"]["history"] = "scd2"
+    path.write_text(yaml.safe_dump(declaration), encoding="utf-8")
+    refused = run(env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "tables.notes.history: raw_board.notes was loaded without history" in refused.stderr
+
+
+# --- the demo's whole flow on its replication variant -------------------------------------------------------------
+
+VARIANT = PROJECT_ROOT / "datamart/demo/pipelines/replication"
+
+
+def _marts_differences(warehouse: Warehouse) -> dict[str, tuple[int, int, list[Any]]]:
+    """Per published view that differs from a from-scratch build of the same raw tables: (missing, stale, e.g.)."""
+    from datamart.testing.marts import differences_from_scratch
+    from datamart.transform import published_views, sqlmesh_context
+
+    context = sqlmesh_context(warehouse)
+    found = {}
+    try:
+        for view in published_views(context):
+            missing, extra = differences_from_scratch(context, warehouse, view)
+            if missing or extra:
+                found[view] = (len(missing), len(extra), [*missing[:2], *extra[:2]])
+    finally:
+        context.close()  # DuckDB: one writer at a time, the next command needs the file
+    return found
+
+
+@pytest.mark.parametrize("target", ["duckdb", "postgres"])
+def test_the_demo_flow_runs_in_replication_mode(logical: ThrowawayPostgres, tmp_path: Path, target: str) -> None:
+    """`python -m datamart run`, then demo days and `python -m datamart scheduled`, on the demo generated into
+    PostgreSQL and read by the documented replication variant: exit 0, every published view equal to a from-scratch
+    build of the raw tables, the missions' history readable by the same models as in cursor mode."""
+    from datamart.testing.commands import ALL_CALLER_SETTINGS, PYTHON, dlt_project, environment
+    from datamart.testing.commands import run as command
+
+    url = create_database(logical.url(), f"demo_{uuid.uuid4().hex[:8]}")
+    if target == "duckdb":
+        warehouse = Warehouse(target="duckdb", duckdb_path=tmp_path / "warehouse.duckdb")
+    else:
+        warehouse = postgres_warehouse(create_database(logical.url(), f"wh_{uuid.uuid4().hex[:8]}"))
+    slot = f"datamart_demo_flow_{target}"  # slots are the cluster's, not a database's
+    declarations = tmp_path / "declarations"
+    declarations.mkdir()
+    variant = yaml.safe_load((VARIANT / "app_db.yaml").read_text())
+    variant["source"]["slot"] = slot
+    (declarations / "app_db.yaml").write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
+    (declarations / "bucket.yaml").write_text((VARIANT / "bucket.yaml").read_text(), encoding="utf-8")
+    env = environment(
+        ALL_CALLER_SETTINGS,
+        DLT_PROJECT_DIR=str(dlt_project(tmp_path)),
+        SOURCES__APP_DB__CREDENTIALS=url,
+        SOURCES__BUCKET__BUCKET_URL=str(tmp_path / "bucket"),
+        DATAMART__PII_HMAC_KEY="replication-demo-key",
+        DATAMART_PIPELINES_DIR=str(tmp_path / "pipelines"),
+        DATAMART_DECLARATIONS_DIR=str(declarations),
+        **warehouse.environment_variables(),
+    )
+    demo = [PYTHON, "-m", "datamart.demo", "--source-url", url, "--bucket", str(tmp_path / "bucket")]
+    source = Source(url)
+    try:
+        command([*demo, "--scale", "0.05"], env, expect=0)
+        command([PYTHON, "-m", "datamart", "run"], env, expect=0)
+        assert _marts_differences(warehouse) == {}, "first build"
+        for day in (1, 2):
+            command([*demo, "--advance-day"], env, expect=0)
+            # a mission changed twice between runs, a withdrawn application (its mission's counts change)
+            source.execute("UPDATE missions SET places = places + 1 WHERE id = (SELECT min(id) FROM missions)")
+            source.execute(
+                "UPDATE missions SET status = CASE status WHEN 'closed' THEN 'published' ELSE 'closed' END "
+                "WHERE id = (SELECT min(id) FROM missions)"
+            )
+            source.execute("DELETE FROM applications WHERE id = (SELECT min(id) FROM applications)")
+            scheduled = command([PYTHON, "-m", "datamart", "scheduled", "--no-alert"], env)
+            assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
+            assert _marts_differences(warehouse) == {}, f"day {day}"
+        first = source.query("SELECT min(id) FROM missions")[0][0]
+        versions = warehouse.query(f"SELECT count(*) FROM raw_app_db.missions WHERE id = {first}")[0][0]
+        assert versions >= 5, versions  # the copy, then two versions a day
+        history = warehouse.query(f"SELECT count(*) FROM marts.mission_status_history_v1 WHERE mission_id = {first}")[
+            0
+        ][0]
+        assert history >= 3, history  # its status changed each day
+    finally:
+        Source(logical.url()).execute(
+            f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        )

@@ -285,9 +285,8 @@ class Batch:
     read: dict[str, int]  # change messages read per table
     end_lsn: str  # where the slot goes once loaded
     xids: set[int] = field(default_factory=set)  # the transactions read (see _wait_until_visible)
-    # history tables: per key, its state after each transaction, and when a table was truncated (stream_history.py)
+    # history tables: per key, its state after each transaction (stream_history.py)
     versions: dict[str, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
-    truncated_at: dict[str, Any] = field(default_factory=dict)
 
 
 def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batch:
@@ -303,7 +302,6 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
     truncated: set[str] = set()
     xids: set[int] = set()
     versions: dict[str, dict[tuple[Any, ...], list[Any]]] = {t.name: {} for t in tables if t.history}
-    truncated_at: dict[str, Any] = {}
     xid, committed = 0, None
     end = _lsn_int(upto)
     with conn.cursor() as cur:
@@ -333,7 +331,6 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
                         truncated.add(rel.name)
                         changes[rel.name].clear()  # what came before the truncate is gone
                         versions.get(rel.name, {}).clear()
-                        truncated_at[rel.name] = committed
                         read[rel.name] += 1
                 continue
             rel = relations[payload.relation]
@@ -344,7 +341,7 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
             keys = _apply(table, rel, payload, changes[table.name], cur, current.get(table.name))
             if table.history:
                 note_versions(versions[table.name], keys, changes[table.name], committed, xid)
-    return Batch(changes, truncated, read, _lsn_text(end), xids, versions, truncated_at)
+    return Batch(changes, truncated, read, _lsn_text(end), xids, versions)
 
 
 def _apply(
@@ -478,6 +475,7 @@ def run_replication(
         loader_file_format,
         make_pipeline,
     )
+    from datamart.ingest.runner import refuse_history_on_plain_table
 
     started = time.monotonic()
     profile: dict[str, float] = {}  # seconds per part of the run, printed as "<name> profile: …" (make bench)
@@ -490,6 +488,7 @@ def run_replication(
     try:
         pipeline = make_pipeline(decl, warehouse, pipelines_dir)
         pipeline.sync_destination()
+        refuse_history_on_plain_table(pipeline, decl, names)  # its rows have no validity to retire
         notes: list[str] = []
         before = count_rows(pipeline, names)[0]  # before a pending load is finished: its rows are this run's
         if pipeline.has_pending_data:  # a killed run's load: finish it (the slot was not advanced: re-read after)
@@ -517,14 +516,13 @@ def run_replication(
             # the initial copy: a whole read of each table, after the slot exists (see the module's docstring)
             failed: dict[str, BaseException] = {}
             held_back: dict[str, list[str]] = {}
-            boundary = _one(conn, "SELECT clock_timestamp()")  # a history table's copy is valid from then
             resources = _build_each(decl, [t.name for t in to_copy], {}, held_back, failed, notes)
             if failed:
                 name, error = next(iter(failed.items()))
                 raise RuntimeError(f"pipeline '{decl.name}': table {name} could not be copied: {error}") from error
             for resource in resources:
                 if decl.table(resource.name).history:  # its versions stay: merged, never replaced
-                    copy_hints(resource, decl.table(resource.name), boundary)
+                    copy_hints(resource, decl.table(resource.name))
                 else:
                     resource.apply_hints(write_disposition="replace")
             resources.append(_mark_copied(decl, {**copied, **{t.name: state_slot for t in to_copy}}, state_slot))

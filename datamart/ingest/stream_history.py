@@ -19,13 +19,17 @@ version in the warehouse is written again with its ``_dlt_valid_to`` set (retire
 written with their validity. Replaying a batch (a run killed before the slot moved) writes the same rows again:
 changes committed before the current version's ``_dlt_valid_from`` are already in the warehouse and are skipped.
 
-The copy (first run, or a table copied whole again) goes through dlt's ``scd2`` with its ``boundary_timestamp`` set
-to the source's clock read before the copy: every copied row is a version valid from then, a key the copy no longer
-has is retired then, and an unchanged row keeps its current version (a history is never replaced). A change the
-stream replays from before that time is in the copy already (skipped, by the rule above); one committed during the
-copy may be in it too: written again as a version, it is skipped when its values equal the copy's (same hash).
+The copy (first run, or a table copied whole again) goes through dlt's ``scd2``, dated as dlt dates it: by the
+creation of the load package, before the copy reads the source. Every copied row is a version valid from then, a key
+the copy no longer has is retired then, and an unchanged row keeps its current version (a history is never
+replaced). A change the stream replays from before that time is in the copy already (skipped, by the rule above);
+one committed while the copy ran may be in it too: written again as a version, it is skipped when its values equal
+the copy's (same hash). The comparison mixes the warehouse host's clock (the copy) with the source's (commits): keep
+both synchronised (NTP). A source column added or retyped reloads the table as cursor mode does (``runner._reload``,
+dlt's ``scd2`` keyed by the declared key): the rows that differ become versions dated by that load.
 
-A truncate retires every current version (dlt's ``scd2`` over the rows inserted after it, dated by its commit).
+A truncate retires every current version (dlt's ``scd2`` over the rows inserted after it, dated by the load; a
+truncate with no row inserted after it in the batch gives dlt no rows, and retires nothing).
 """
 
 from __future__ import annotations
@@ -82,11 +86,10 @@ def note_versions(
             entries.append(entry)
 
 
-def copy_hints(resource: Any, table: TableDecl, boundary: datetime) -> None:
-    """Load a copy of a history table through dlt's ``scd2`` dated ``boundary`` (see the module's docstring): no
-    merge key, so a key the copy lacks is retired."""
-    disposition = {**history_disposition(table, None), "boundary_timestamp": boundary}
-    resource.apply_hints(write_disposition=disposition)
+def copy_hints(resource: Any, table: TableDecl) -> None:
+    """Load a copy of a history table through dlt's ``scd2`` (see the module's docstring): no merge key, so a key
+    the copy lacks is retired."""
+    resource.apply_hints(write_disposition=history_disposition(table, None), merge_key=[])
     add_row_version(resource)
 
 
@@ -102,7 +105,7 @@ def history_resources(pipeline: dlt.Pipeline, decl: PipelineDecl, batch: Batch) 
             continue
         last = batch.changes.get(table.name, {})
         if table.name in batch.truncated:
-            resources.append(_after_truncate(pipeline, table, last, batch.truncated_at.get(table.name)))
+            resources.append(_after_truncate(pipeline, table, last))
             deleted[table.name] = 0
             continue
         versions = batch.versions.get(table.name, {})
@@ -118,7 +121,8 @@ def history_resources(pipeline: dlt.Pipeline, decl: PipelineDecl, batch: Batch) 
         }
         columns[VALID_FROM] = {"name": VALID_FROM, "data_type": "timestamp", "nullable": False, "primary_key": True}
         columns[VALID_TO] = {"name": VALID_TO, "data_type": "timestamp", "nullable": True}
-        columns[ROW_VERSION] = {"name": ROW_VERSION, "data_type": "bigint", "nullable": True}
+        # not dlt's row version here: only its scd2 reads one (it warns otherwise); the copy's scd2 sets it again
+        columns[ROW_VERSION] = {"name": ROW_VERSION, "data_type": "bigint", "nullable": True, "x-row-version": False}
         resources.append(
             dlt.resource(
                 [_arrow(pipeline, table, rows)],
@@ -223,11 +227,9 @@ def _current_versions(pipeline: dlt.Pipeline, table: TableDecl, keys: list[Key])
     return found
 
 
-def _after_truncate(
-    pipeline: dlt.Pipeline, table: TableDecl, last: dict[Key, tuple[str, dict[str, Any]]], when: datetime | None
-) -> Any:
-    """A truncated history table: dlt's ``scd2`` over the rows inserted after the truncate (none: every current
-    version is retired), dated by the truncate's commit."""
+def _after_truncate(pipeline: dlt.Pipeline, table: TableDecl, last: dict[Key, tuple[str, dict[str, Any]]]) -> Any:
+    """A truncated history table: dlt's ``scd2`` over the rows inserted after the truncate, dated by the load (see
+    the module's docstring)."""
     from datamart.ingest.stream_rows import _arrow
 
     rows = [row for kind, row in last.values() if kind == "upsert"]
@@ -236,7 +238,7 @@ def _after_truncate(
         name=table.name,
         primary_key=list(table.primary_key),
     )
-    copy_hints(resource, table, when or datetime.now(UTC))
+    copy_hints(resource, table)
     return resource
 
 
