@@ -46,6 +46,7 @@ import dlt
 import psycopg2
 
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
+from datamart.ingest.history import refuse_history_on_plain_table
 from datamart.ingest.pgoutput import UNCHANGED, Change, Relation, decode
 from datamart.ingest.stream_history import (
     commit_time,
@@ -475,7 +476,6 @@ def run_replication(
         loader_file_format,
         make_pipeline,
     )
-    from datamart.ingest.runner import refuse_history_on_plain_table
 
     started = time.monotonic()
     profile: dict[str, float] = {}  # seconds per part of the run, printed as "<name> profile: …" (make bench)
