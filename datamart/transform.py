@@ -476,10 +476,17 @@ def _external_columns(context: Any, model_fqn: str, column: str, seen: set[tuple
 
 
 def _tables_with_deletes() -> set[str]:
-    """``dataset.table`` of every declared table whose pipeline removes rows (soft or hard deletes)."""
+    """``dataset.table`` of every declared table whose pipeline removes rows (soft or hard deletes, or every table of
+    a replication pipeline: the stream carries its deletes)."""
     from datamart.ingest.declarations import load_all
+    from datamart.ingest.replication import is_replication
 
-    return {f"{decl.dataset}.{table.name}" for decl in load_all() for table in decl.tables if table.deletes}
+    return {
+        f"{decl.dataset}.{table.name}"
+        for decl in load_all()
+        for table in decl.tables
+        if table.deletes or is_replication(decl)
+    }
 
 
 def _newer_load(since_ms: int) -> str:

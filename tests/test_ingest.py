@@ -195,11 +195,6 @@ def test_missing_pseudonymisation_key_stops_before_extraction(
             "tables.t.write_disposition: changes: replication applies each change by key",
         ),
         (
-            "name: bad\nsource: {kind: sql_database, changes: replication}\ndataset: raw\n"
-            "tables: {t: {write_disposition: merge, primary_key: id, history: scd2}}\n",
-            "tables.t.history: history is not available with changes: replication yet",
-        ),
-        (
             "name: bad\nsource: {kind: sql_database, slot: s}\ndataset: raw\ntables: {t: {}}\n",
             "source.slot: belongs to changes: replication (its slot and publication)",
         ),

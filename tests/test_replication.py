@@ -578,7 +578,8 @@ def test_demo_runs_in_replication_mode(logical: ThrowawayPostgres, tmp_path: Pat
     def assert_demo_equal() -> None:
         for table, columns in DEMO_TABLES.items():
             wanted = naive(source_rows(url, f"SELECT {columns} FROM {table}"))
-            assert naive(warehouse.query(f"SELECT {columns} FROM raw_app_db.{table}")) == wanted, table
+            current = " WHERE _dlt_valid_to IS NULL" if table == "missions" else ""  # history: scd2
+            assert naive(warehouse.query(f"SELECT {columns} FROM raw_app_db.{table}{current}")) == wanted, table
         people = source_rows(url, "SELECT id, email, extract(year FROM birth_date)::int, department FROM volunteers")
         wanted = [(i, pseudonym(KEY.encode(), e), y, d) for i, e, y, d in people]
         got = warehouse.query("SELECT id, email, birth_year, department FROM raw_app_db.volunteers")

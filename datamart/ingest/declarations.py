@@ -396,12 +396,6 @@ def _check_changes(path: Path, source: dict[str, Any], tables_raw: dict[str, Any
                 f"tables.{name}.write_disposition",
                 "changes: replication applies each change by key: declare write_disposition: merge and a primary_key",
             )
-        if "history" in decl:  # not built yet: replication.py loads the last change per key, without versions
-            raise _fail(
-                path,
-                f"tables.{name}.history",
-                "history is not available with changes: replication yet: remove it, or read the table by cursor",
-            )
 
 
 def _check_deletes(

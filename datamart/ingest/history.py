@@ -24,10 +24,11 @@ import hashlib
 import json
 from typing import Any
 
+import dlt
 import pyarrow as pa
 from dlt.extract.resource import DltResource
 
-from datamart.ingest.declarations import TableDecl, warehouse_name
+from datamart.ingest.declarations import VALID_TO, PipelineDecl, TableDecl, warehouse_name
 
 #: The column holding each version's hash of the row (dlt's ``row_version_column_name``).
 ROW_VERSION = "_datamart_row_version"
@@ -109,3 +110,22 @@ def _add_marker(resource: DltResource, column: str) -> None:
         return item
 
     resource.add_map(with_marker)
+
+
+def refuse_history_on_plain_table(pipeline: dlt.Pipeline, decl: PipelineDecl, names: list[str]) -> None:
+    """Stop before anything is read when a table declared ``history: scd2`` was loaded without it: its rows have
+    no validity nor row version, so dlt's scd2 would leave each as a second current version of its key."""
+    from datamart.ingest.declarations import DeclarationError
+
+    if not pipeline.default_schema_name:
+        return
+    schema_tables = pipeline.default_schema.tables
+    for name in names:
+        columns = schema_tables.get(warehouse_name(name), {}).get("columns", {})
+        if decl.table(name).history and columns and VALID_TO not in columns:
+            raise DeclarationError(
+                f"{decl.path.name}: tables.{name}.history: {decl.dataset}.{warehouse_name(name)} was loaded "
+                "without history (its rows have no validity dates); drop the table and its state "
+                f"(`dlt pipeline {decl.name} drop {name}`, after removing what reads it on PostgreSQL), then run "
+                "again: the history starts with that load"
+            )

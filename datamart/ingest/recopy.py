@@ -43,6 +43,7 @@ import psycopg2
 
 from datamart.ingest.declarations import PipelineDecl, TableDecl, warehouse_name
 from datamart.ingest.personal import loaded_column
+from datamart.ingest.stream_history import copy_hints
 from datamart.settings import quote_identifier
 
 if TYPE_CHECKING:
@@ -204,7 +205,10 @@ def copy_resources(
         name, error = next(iter(failed.items()))
         raise RuntimeError(f"pipeline '{decl.name}': table {name} could not be copied: {error}") from error
     for resource in resources:
-        resource.apply_hints(write_disposition="replace")  # through staging, in one transaction: views kept
+        if decl.table(resource.name).history:  # its versions stay: merged through dlt's scd2, never replaced
+            copy_hints(resource, decl.table(resource.name))
+        else:
+            resource.apply_hints(write_disposition="replace")  # through staging, in one transaction: views kept
     for name, why in reasons.items():
         notes.append(f"{name}: copied whole from the source ({why}) while the slot served the other tables")
     return resources

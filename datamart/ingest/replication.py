@@ -34,7 +34,8 @@ One table is copied whole again inside a run's batch, while the slot serves the 
 --full-refresh``, ``verify --repair``, a table missing from the warehouse, a column classified after being held
 back), and a slot the source invalidated or that vanished is recreated with a copy of every table: ``recopy.py``.
 
-Not done yet (issue 16): history tables.
+History tables (``history: scd2``) keep every version the stream carries, dated by each change's commit
+(``stream_history.py``, which says why dlt's own scd2 merge serves the copy but not the stream).
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ import dlt
 import psycopg2
 
 from datamart.ingest.declarations import DeclarationError, PipelineDecl, TableDecl
+from datamart.ingest.history import refuse_history_on_plain_table
 from datamart.ingest.pgoutput import UNCHANGED, Change, Relation, decode
+from datamart.ingest.stream_history import (
+    commit_time,
+    copy_hints,
+    history_resources,
+    note_versions,
+    record_stream_deletions,
+)
 from datamart.ingest.stream_rows import change_resources
 from datamart.ingest.stream_schema import apply_schema_changes, definitions
 from datamart.settings import Warehouse, quote_identifier
@@ -283,6 +292,8 @@ class Batch:
     read: dict[str, int]  # change messages read per table
     end_lsn: str  # where the slot goes once loaded
     xids: set[int] = field(default_factory=set)  # the transactions read (see _wait_until_visible)
+    # history tables: per key, its state after each transaction (stream_history.py)
+    versions: dict[str, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
 
 
 def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batch:
@@ -297,6 +308,8 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
     read = dict.fromkeys(declared, 0)
     truncated: set[str] = set()
     xids: set[int] = set()
+    versions: dict[str, dict[tuple[Any, ...], list[Any]]] = {t.name: {} for t in tables if t.history}
+    xid, committed = 0, None
     end = _lsn_int(upto)
     with conn.cursor() as cur:
         if os.environ.get(FAIL_ENV) == "drop-slot":  # tests: the slot dropped while the run reads it
@@ -322,6 +335,7 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
             kind, payload = decode(bytes(data), relations)
             if kind == "begin":
                 xids.add(payload)
+                xid, committed = payload, commit_time(bytes(data))
             if kind == "commit":
                 end = max(end, payload)
             if kind != "change":
@@ -332,6 +346,7 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
                     if rel is not None and rel.schema == schema and rel.name in declared:
                         truncated.add(rel.name)
                         changes[rel.name].clear()  # what came before the truncate is gone
+                        versions.get(rel.name, {}).clear()
                         read[rel.name] += 1
                 continue
             rel = relations[payload.relation]
@@ -339,8 +354,10 @@ def read_changes(decl: PipelineDecl, conn: Any, tables: list[TableDecl]) -> Batc
             if table is None:
                 continue
             read[table.name] += 1
-            _apply(table, rel, payload, changes[table.name], cur, current.get(table.name))
-    return Batch(changes, truncated, read, _lsn_text(end), xids)
+            keys = _apply(table, rel, payload, changes[table.name], cur, current.get(table.name))
+            if table.history:
+                note_versions(versions[table.name], keys, changes[table.name], committed, xid)
+    return Batch(changes, truncated, read, _lsn_text(end), xids, versions)
 
 
 def _apply(
@@ -350,9 +367,10 @@ def _apply(
     last: dict[tuple[Any, ...], tuple[str, dict[str, Any]]],
     cur: Any,
     current: dict[str, tuple[int, int]] | None = None,
-) -> None:
+) -> list[tuple[Any, ...]]:
     """Fold one change into ``last`` (key -> (upsert|delete, row)): the last change per key wins; an unchanged
-    TOASTed value takes the value of an earlier change of the same key in this batch, when there is one.
+    TOASTed value takes the value of an earlier change of the same key in this batch, when there is one. Returns
+    the keys the change touched.
 
     ``current``: the table's columns as the source has them now. A change made before a schema change the warehouse
     already took (the table was reloaded after it, see ``stream_schema.py``) lacks an added column, or
@@ -385,19 +403,22 @@ def _apply(
     if change.kind == "delete":
         old = typed(change.old or [])
         last[key_of(old)] = ("delete", {k: old[k] for k in table.primary_key})
-        return
+        return [key_of(old)]
     row = as_now(typed(change.new or []))
+    touched = []
     if change.kind == "update" and change.old is not None:
         old_key = key_of(typed(change.old))
         if old_key != key_of(row):  # the key itself changed: the old key is gone
             previous = last.get(old_key)
             last[old_key] = ("delete", dict(zip(table.primary_key, old_key, strict=True)))
+            touched.append(old_key)
             if previous and previous[0] == "upsert":
                 _fill_unchanged(row, previous[1])
     previous = last.get(key_of(row))
     if previous and previous[0] == "upsert":
         _fill_unchanged(row, previous[1])
     last[key_of(row)] = ("upsert", row)
+    return [*touched, key_of(row)]
 
 
 def _fill_unchanged(row: dict[str, Any], earlier: dict[str, Any]) -> None:
@@ -482,6 +503,7 @@ def run_replication(
     try:
         pipeline = make_pipeline(decl, warehouse, pipelines_dir)
         pipeline.sync_destination()
+        refuse_history_on_plain_table(pipeline, decl, names)  # its rows have no validity to retire
         notes: list[str] = []
         before = count_rows(pipeline, names)[0]  # before a pending load is finished: its rows are this run's
         if pipeline.has_pending_data:  # a killed run's load: finish it (the slot was not advanced: re-read after)
@@ -523,7 +545,10 @@ def run_replication(
                 name, error = next(iter(failed.items()))
                 raise RuntimeError(f"pipeline '{decl.name}': table {name} could not be copied: {error}") from error
             for resource in resources:
-                resource.apply_hints(write_disposition="replace")
+                if decl.table(resource.name).history:  # its versions stay: merged, never replaced
+                    copy_hints(resource, decl.table(resource.name))
+                else:
+                    resource.apply_hints(write_disposition="replace")
             resources.append(_mark_copied(decl, {**copied, **{t.name: state_slot for t in to_copy}}, state_slot))
             info = pipeline.run(resources, loader_file_format=file_format)
             info.raise_on_failed_jobs()
@@ -559,13 +584,15 @@ def run_replication(
         forget = [*stopped, *(n for n, e in failed.items() if not isinstance(e, RetypeRefused))]
         lap("schema changes")
         resources, deleted = change_resources(pipeline, decl, batch, held)
-        resources += copies
+        versions, retired = history_resources(pipeline, decl, batch)
+        resources, deleted = [*resources, *versions, *copies], {**deleted, **retired}
         lap("changes to rows")
         if forget or recopy:
             kept = {n: s for n, s in copied.items() if n not in forget}
             resources.append(_mark_copied(decl, {**kept, **dict.fromkeys(recopy, state_slot)}, state_slot))
         written: dict[str, int] = {}
         if resources:
+            record_stream_deletions(decl, batch, warehouse)  # for the incremental marts, before the load
             info = pipeline.run(resources, loader_file_format=file_format)
             info.raise_on_failed_jobs()
             lap("load")

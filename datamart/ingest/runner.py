@@ -16,6 +16,7 @@ from datamart.ingest.declarations import VALID_FROM, VALID_TO, PipelineDecl, war
 from datamart.ingest.deletes import record_replaced_rows, record_soft_deletes
 from datamart.ingest.dropped import TablesStopped, dropped_columns
 from datamart.ingest.evolution import RetypeRefused, SchemaChange, retype_columns, source_changes
+from datamart.ingest.history import refuse_history_on_plain_table
 from datamart.ingest.loading import (
     PipelineRun,
     TableLoad,
@@ -533,25 +534,6 @@ def new_versions(pipeline: dlt.Pipeline, decl: PipelineDecl, tables: list[str], 
             with client.execute_query(statement) as cursor:
                 counts[table] = int(cursor.fetchone()[0])
     return counts
-
-
-def refuse_history_on_plain_table(pipeline: dlt.Pipeline, decl: PipelineDecl, names: list[str]) -> None:
-    """Stop before anything is read when a table declared ``history: scd2`` was loaded without it: its rows have
-    no validity nor row version, so dlt's scd2 would leave each as a second current version of its key."""
-    from datamart.ingest.declarations import DeclarationError
-
-    if not pipeline.default_schema_name:
-        return
-    schema_tables = pipeline.default_schema.tables
-    for name in names:
-        columns = schema_tables.get(warehouse_name(name), {}).get("columns", {})
-        if decl.table(name).history and columns and VALID_TO not in columns:
-            raise DeclarationError(
-                f"{decl.path.name}: tables.{name}.history: {decl.dataset}.{warehouse_name(name)} was loaded "
-                "without history (its rows have no validity dates); drop the table and its state "
-                f"(`dlt pipeline {decl.name} drop {name}`, after removing what reads it on PostgreSQL), then run "
-                "again: the history starts with that load"
-            )
 
 
 def _columns(pipeline: dlt.Pipeline, tables: list[str]) -> dict[str, list[str]]:

@@ -152,7 +152,7 @@ def change_resources(
     for table in decl.tables:
         last = batch.changes.get(table.name, {})
         truncated = table.name in batch.truncated
-        if not last and not truncated:
+        if (not last and not truncated) or table.history:  # history tables: stream_history.py
             continue
         known: set[str] = set()
         if pipeline.default_schema_name:
