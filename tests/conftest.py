@@ -197,3 +197,46 @@ def built_once(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltOnce]:
         yield states
     finally:
         states.close()
+
+
+@pytest.fixture(scope="module")
+def logical() -> Iterator[ThrowawayPostgres]:
+    """A cluster started with wal_level=logical, for the whole module (replication tests: a slot is the cluster's,
+    so each module has its own)."""
+    try:
+        server = ThrowawayPostgres(wal_level="logical")
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and PostgreSQL tests cannot run: {exc}")
+        pytest.skip(str(exc))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def webhook() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server standing for Mattermost: (its URL, the bodies posted to it). A module may define its own."""
+    import http.server
+    import threading
+
+    posted: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            posted.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/Tok{uuid.uuid4().hex}", posted
+    finally:
+        server.shutdown()
+        server.server_close()

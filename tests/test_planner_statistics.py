@@ -9,11 +9,10 @@ mode), on throwaway PostgreSQL databases. ``pg_stat_user_tables.last_analyze`` i
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import yaml
 
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
 from datamart.testing.commands import DLT, demo_settings, environment, run, sqlite_path
-from datamart.testing.postgres import PostgresUnavailable, ThrowawayPostgres, create_database
+from datamart.testing.postgres import ThrowawayPostgres, create_database
 
 pytestmark = pytest.mark.postgres
 
@@ -107,22 +106,6 @@ def test_every_cursor_mode_load_analyses_the_tables_it_changed(
     dlt_ok(env, "pipeline", "app_db", "verify", "--repair", "--table", "volunteers")
     fourth = analysed(warehouse, *raw)
     assert fourth["raw_app_db.volunteers"] > third["raw_app_db.volunteers"]
-
-
-@pytest.fixture(scope="module")
-def logical() -> Iterator[ThrowawayPostgres]:
-    """A cluster started with wal_level=logical: the replication source and the warehouse."""
-    try:
-        server = ThrowawayPostgres(wal_level="logical")
-    except PostgresUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and PostgreSQL tests cannot run: {exc}")
-        pytest.skip(str(exc))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_every_replication_load_analyses_the_tables_it_changed(logical: ThrowawayPostgres, tmp_path: Path) -> None:

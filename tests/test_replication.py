@@ -26,7 +26,7 @@ import yaml
 
 from datamart.ingest.personal import pseudonym
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
-from datamart.testing.postgres import PostgresUnavailable, ThrowawayPostgres, create_database
+from datamart.testing.postgres import ThrowawayPostgres, create_database
 from datamart.testing.sources import Source, source_rows
 
 DLT = str(Path(sys.executable).parent / "dlt")
@@ -66,22 +66,6 @@ SCHEMA = [
 def big_text() -> str:
     """About 20 kB that compression cannot bring under 2 kB: stored out of line (TOASTed)."""
     return secrets.token_hex(10_000)
-
-
-@pytest.fixture(scope="module")
-def logical() -> Iterator[ThrowawayPostgres]:
-    """A cluster started with wal_level=logical, for the whole module."""
-    try:
-        server = ThrowawayPostgres(wal_level="logical")
-    except PostgresUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and PostgreSQL tests cannot run: {exc}")
-        pytest.skip(str(exc))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def declare(folder: Path, **changes: Any) -> None:
@@ -263,32 +247,6 @@ def scheduled_slots(env: dict[str, str], webhook: str) -> subprocess.CompletedPr
         text=True,
         timeout=300,
     )
-
-
-@pytest.fixture(scope="module")
-def webhook() -> Iterator[tuple[str, list[str]]]:
-    """A local HTTP server standing for Mattermost: (its URL, the bodies posted to it)."""
-    import http.server
-    import threading
-
-    posted: list[str] = []
-
-    class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            posted.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/Tok{uuid.uuid4().hex}", posted
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_slot_is_measured_alerted_and_dropped(

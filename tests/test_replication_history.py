@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
-from datamart.testing.postgres import PostgresUnavailable, ThrowawayPostgres, create_database
+from datamart.testing.postgres import ThrowawayPostgres, create_database
 from datamart.testing.sources import Source, source_rows
 
 DLT = str(Path(sys.executable).parent / "dlt")
@@ -39,22 +39,6 @@ DECLARATION = {
     },
 }
 COLUMNS = "id, status, places, starts"
-
-
-@pytest.fixture(scope="module")
-def logical() -> Iterator[ThrowawayPostgres]:
-    """A cluster started with wal_level=logical, for the whole module."""
-    try:
-        server = ThrowawayPostgres(wal_level="logical")
-    except PostgresUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and PostgreSQL tests cannot run: {exc}")
-        pytest.skip(str(exc))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Recorder:

@@ -25,7 +25,7 @@ import yaml
 
 from datamart.ingest.personal import pseudonym
 from datamart.settings import PROJECT_ROOT, Warehouse, postgres_warehouse
-from datamart.testing.postgres import PostgresUnavailable, ThrowawayPostgres, create_database
+from datamart.testing.postgres import ThrowawayPostgres, create_database
 from datamart.testing.sources import Source, source_rows
 
 DLT = str(Path(sys.executable).parent / "dlt")
@@ -69,22 +69,6 @@ def declaration(slot: str, **personal: str) -> dict[str, Any]:
             "events": {"write_disposition": "merge", "primary_key": ["id", "day"]},  # partitioned by day
         },
     }
-
-
-@pytest.fixture(scope="module")
-def logical() -> Iterator[ThrowawayPostgres]:
-    """A cluster started with wal_level=logical, for the whole module."""
-    try:
-        server = ThrowawayPostgres(wal_level="logical")
-    except PostgresUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and PostgreSQL tests cannot run: {exc}")
-        pytest.skip(str(exc))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Shop:
@@ -278,32 +262,6 @@ def test_classified_columns_load_on_the_next_run(shop: Shop) -> None:
         assert f"{table}: copied whole from the source (--full-refresh)" in refreshed, refreshed
     shop.assert_equal("phone", "vip", "segment")
     shop.command("pipeline", "shop", "verify")
-
-
-@pytest.fixture(scope="module")
-def webhook() -> Iterator[tuple[str, list[str]]]:
-    """A local HTTP server standing for Mattermost: (its URL, the bodies posted to it)."""
-    import http.server
-    import threading
-
-    posted: list[str] = []
-
-    class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            posted.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/Tok{uuid.uuid4().hex}", posted
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def autocommit(source: Source, *statements: str) -> None:
