@@ -21,14 +21,14 @@ MODEL (
     )),
     assert_no_personal_columns
   ),
-  description 'The statuses each mission went through, one row per mission and status period: from when to when the datamart saw the mission in that status (deleted missions keep their past periods, the last one closed when the deletion was loaded). Answers: how long do missions stay in draft before being published? How many missions were published on a given day in the past? Which missions were closed then published again? How many status changes happen per week?',
+  description 'The statuses each mission went through, one row per mission and status period: from when to when the mission was in that status, as the datamart knows it: when a load saw the change (or, for an application database read by replication, when the application made it). Deleted missions keep their past periods, the last one closed by the deletion. Answers: how long do missions stay in draft before being published? How many missions were published on a given day in the past? Which missions were closed then published again? How many status changes happen per week?',
   column_descriptions (
     mission_id = 'Number of the mission in the platform.',
     period_number = 'Order of the period among the mission''s periods: 1 for the first status seen.',
     mission_status = 'Status during the period: draft (not visible yet), published (open to volunteers) or closed.',
     status_changed_at = 'When the mission took this status in the platform (UTC).',
-    valid_from = 'When the datamart first saw the mission in this status (UTC): start of the period.',
-    valid_to = 'When the datamart saw the status change or the mission deleted (UTC): end of the period; empty while it lasts.',
+    valid_from = 'When the mission entered this status (UTC): when a load first saw it, or the time the application made the change (replication): start of the period.',
+    valid_to = 'When the status changed or the mission was deleted (UTC), seen the same way: end of the period; empty while it lasts.',
     is_current = 'True for the status the mission has today (false for past periods and deleted missions).'
   )
 );

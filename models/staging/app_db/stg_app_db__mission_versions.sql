@@ -7,14 +7,14 @@ MODEL (
     unique_combination_of_columns(columns := (mission_id, valid_from)),
     accepted_values("column" := mission_status, is_in := ('draft', 'published', 'closed'))
   ),
-  description 'Every version of every mission the warehouse has seen (raw_app_db.missions is declared with history: scd2): one row per mission and version, with when the version was loaded and when a later load replaced or deleted it.',
+  description 'Every version of every mission the warehouse has seen (raw_app_db.missions is declared with history: scd2): one row per mission and version, with when it started (the load that saw it, or its commit in the application when the source is read by replication) and when a later version or the deletion ended it.',
   column_descriptions (
     mission_id = 'Identifier of the mission in the application database.',
     mission_status = 'Status of the mission in this version: draft, published or closed.',
     places = 'Number of volunteers sought in this version.',
     updated_at = 'When the application changed the mission to this version (UTC).',
-    valid_from = 'When the datamart loaded this version (UTC).',
-    valid_to = 'When a later load replaced the version or found the mission deleted (UTC); empty for the current version.'
+    valid_from = 'When this version started (UTC): the load that saw it, or its commit in the application (replication).',
+    valid_to = 'When a later version replaced it or the mission was deleted (UTC), seen the same way; empty for the current version.'
   )
 );
 
