@@ -130,8 +130,61 @@ def setup(command: str, verbose: bool = False) -> Path:
     dlt_logger.addFilter(_ArrowHints())
     level = os.environ.setdefault("RUNTIME__LOG_LEVEL", "INFO")  # for dlt's later set-ups (a new pipeline)
     dlt_logger.setLevel(level)
+    if sys.stderr.isatty() and sys.stdout.isatty():
+        _terminal_progress_for_sqlmesh()
     _current = path
     return path
+
+
+def _terminal_progress_for_sqlmesh() -> None:
+    """SQLMesh's own progress bars (models built and audited, views promoted) on a terminal: its terminal console
+    less what it prints to stay (the tree of differences before applying a plan, a line per model built, the unit
+    tests' report when they pass, status lines): our summary says what was built, and the log file has the rest. A
+    library user of SQLMesh gets its silent console otherwise, which cron, CI and Airflow keep. The methods are
+    SQLMesh 0.236's (pinned in pyproject.toml)."""
+    from sqlmesh.core.console import TerminalConsole, set_console
+
+    class ProgressConsole(TerminalConsole):
+        def plan(self, plan_builder: Any, auto_apply: bool, *args: Any, **kwargs: Any) -> None:
+            if auto_apply:
+                plan_builder.apply()
+
+        def update_snapshot_evaluation_progress(
+            self,
+            snapshot: Any,
+            interval: Any,
+            batch_idx: int,
+            duration_ms: int | None,
+            num_audits_passed: int,
+            num_audits_failed: int,
+            audit_only: bool = False,
+            execution_stats: Any = None,
+            auto_restatement_triggers: Any = None,
+        ) -> None:
+            # no duration: the bars advance, no line stays for the model
+            super().update_snapshot_evaluation_progress(
+                snapshot,
+                interval,
+                batch_idx,
+                None,
+                num_audits_passed,
+                num_audits_failed,
+                audit_only,
+                execution_stats,
+                auto_restatement_triggers,
+            )
+
+        def log_test_results(self, result: Any, target_dialect: str) -> None:
+            if not result.wasSuccessful():
+                super().log_test_results(result, target_dialect)
+
+        def log_status_update(self, message: str) -> None:
+            pass
+
+        def log_success(self, message: str) -> None:
+            pass
+
+    set_console(ProgressConsole())
 
 
 def _console(verbose: bool) -> logging.Handler:
