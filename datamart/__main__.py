@@ -227,8 +227,8 @@ def _scheduled(args: argparse.Namespace) -> int:
         run.alert = "alert not posted (--no-alert)" if run.failures else ""
     else:
         scheduled.send_alert(run)
-    print(scheduled.summary(run))
     print(logs.log_line())
+    print(scheduled.summary(run))  # its last line is the result, which cron mail and scripts read
     return 1 if run.failures else 0
 
 
