@@ -23,13 +23,14 @@ from typing import Any
 import yaml
 
 from datamart.gate.base import GateInput, Violation, is_published, short_name
+from datamart.ingest.ops import OPS_SCHEMA
 from datamart.settings import PUBLISHED_SCHEMA, SettingsError
 
 TITLE = "Contract of the published views"
 RETIRED_FILE = "retired_views.yaml"
 
 # The contract recorded by the last good promotion (written by datamart/gate/published.py)
-CONTRACT_SCHEMA = "ops"
+CONTRACT_SCHEMA = OPS_SCHEMA
 CONTRACT_TABLE = "published_contract"
 CONTRACT_COLUMNS: dict[str, tuple[str, str]] = {
     "view_name": ("TEXT", "Published view (marts.<name>) as the last good promotion left it."),

@@ -107,9 +107,9 @@ def _upstream(models: dict[str, Any], fqn: str) -> list[str]:
     return found
 
 
-def check_small_cells(gate: GateInput) -> list[Violation]:
-    """Every published model counting people (itself or upstream) without the audit ``assert_no_small_cells``."""
-    context = gate.context
+def published_counts(context: Any) -> list[tuple[Any, str, str]]:
+    """Each published model that counts people (itself or upstream): the model, where the count is (a model's short
+    name) and what it counts (``COUNT(…) over <table>``). Each model's query is read once."""
     index = LineageIndex(context)
     people = person_sources(index)
     counting = {}
@@ -119,21 +119,32 @@ def check_small_cells(gate: GateInput) -> list[Violation]:
             found = counts_people(model, people)
             if found:
                 counting[model.fqn] = (name, found)
-    violations = []
+    found_in = []
     for model in published_models(context):
-        if any(name == AUDIT for name, _ in model.audits):
-            continue
         upstream = [model.fqn, *_upstream(context.models, model.fqn)]
         where = next((counting[fqn] for fqn in upstream if fqn in counting), None)
-        if where is None:
+        if where is not None:
+            found_in.append((model, *where))
+    return found_in
+
+
+def _audited(model: Any) -> bool:
+    return any(name == AUDIT for name, _ in model.audits)
+
+
+def check_small_cells(gate: GateInput) -> list[Violation]:
+    """Every published model counting people (itself or upstream) without the audit ``assert_no_small_cells``."""
+    violations = []
+    for model, where, what in published_counts(gate.context):
+        if _audited(model):
             continue
         name = short_name(model.fqn)
-        origin = "" if where[0] == name else f" (in {where[0]}, which it reads)"
+        origin = "" if where == name else f" (in {where}, which it reads)"
         violations.append(
             Violation(
                 model=name,
                 message=(
-                    f"{name} counts people: {where[1]}{origin}, and Metabase would show groups of any size (a "
+                    f"{name} counts people: {what}{origin}, and Metabase would show groups of any size (a "
                     'group of 1 or 2 identifies them). Send the groups under the threshold to one "other" group '
                     "with @merge_small_cell and keep HAVING SUM(<people>) >= @small_cell_threshold() (macros/"
                     f"privacy.py, as models/marts/volunteer_activity_v1.sql does), and audit the model with "
@@ -146,17 +157,10 @@ def check_small_cells(gate: GateInput) -> list[Violation]:
 
 def describe_small_cells(gate: GateInput) -> str:
     """Markdown for the review report: the published models counting people, and their audit."""
-    context = gate.context
-    index = LineageIndex(context)
-    people = person_sources(index)
-    rows = []
-    for model in published_models(context):
-        upstream = [model, *(context.models[f] for f in _upstream(context.models, model.fqn))]
-        candidates = [m for m in upstream if m is not None and short_name(m.fqn) not in people]
-        found = next((f for m in candidates if (f := counts_people(m, people))), None)
-        if found:
-            audited = any(name == AUDIT for name, _ in model.audits)
-            rows.append(f"| `{short_name(model.fqn)}` | {found} | {'audited' if audited else '**refused**'} |")
+    rows = [
+        f"| `{short_name(model.fqn)}` | {what} | {'audited' if _audited(model) else '**refused**'} |"
+        for model, _, what in published_counts(gate.context)
+    ]
     if not rows:
         return "No published model counts people."
     return "\n".join(["| published model | counts people | small cells |", "|---|---|---|", *rows])
