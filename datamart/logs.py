@@ -5,7 +5,7 @@ Each command of ours (``python -m datamart …``, ``dlt pipeline <name> run|veri
 - the console (stderr) shows warnings and errors only; with ``-v`` (or ``DATAMART_VERBOSE=1``) it shows SQLMesh's
   and dlt's INFO logs too;
 - a log file under ``data/logs/`` gets every INFO record of every library (SQLMesh's executed SQL, dlt's steps,
-  the load progress), whatever the console shows; the summaries name it (:func:`current_file`), the last
+  the load progress), whatever the console shows; the summaries name it (:func:`log_line`), the last
   :data:`KEEP` files are kept.
 
 Why this module is needed at all: SQLMesh's analytics module calls ``logging.info`` on the root logger at import,
@@ -198,11 +198,6 @@ def _console(verbose: bool) -> logging.Handler:
 def _prune(folder: Path) -> None:
     for old in sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP - 1 :]:
         old.unlink(missing_ok=True)
-
-
-def current_file() -> Path | None:
-    """This process's log file (None before :func:`setup`)."""
-    return _current
 
 
 def log_line() -> str:
